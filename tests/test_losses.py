@@ -1,0 +1,293 @@
+import math
+
+import pytest
+import torch
+
+from at2po.losses import AGGS, LEVELS, aggregate, kl_penalty, policy_loss, turn_ids_from_mask
+
+
+# ---------------------------------------------------------------- naive reference (loops)
+def naive_turn_ids(mask_row):
+    ids, k, prev = [], -1, 0
+    for m in mask_row:
+        if m and not prev:
+            k += 1
+        ids.append(k if m else -1)
+        prev = m
+    return ids
+
+
+def naive_policy_loss(logp, old, adv, mask, level, clip_low, clip_high, turn_ids=None, agg="seq-mean-token-mean", lr_max=10.0):
+    """Row by row, turn by turn, token by token; returns (loss, per-token ratio values, metrics)."""
+    B, T = logp.shape
+    row_losses, tok_losses, n_tok = [], [], 0
+    clipped, kl_sum, hturn = 0, 0.0, []
+    for i in range(B):
+        m = [int(x) for x in mask[i].tolist()]
+        tids = turn_ids[i].tolist() if turn_ids is not None else naive_turn_ids(m)
+        idx = [t for t in range(T) if m[t]]
+        groups = {}
+        for t in idx:
+            groups.setdefault(tids[t], []).append(t)
+        losses = []
+        for t in idx:
+            if level == "token":
+                s = torch.exp(torch.clamp(logp[i, t] - old[i, t], max=lr_max))
+            else:
+                members = idx if level == "sequence" else groups[tids[t]]
+                lr = sum((logp[i, u] - old[i, u]) for u in members) / len(members)
+                s = torch.exp(torch.clamp(lr.detach(), max=lr_max)) * torch.exp(logp[i, t] - logp[i, t].detach())
+            l1 = -adv[i, t] * s
+            l2 = -adv[i, t] * torch.clamp(s, 1 - clip_low, 1 + clip_high)
+            losses.append(torch.maximum(l1, l2))
+            clipped += int(l2.item() > l1.item())
+            kl_sum += float(old[i, t] - logp[i, t].detach())
+        n_tok += len(idx)
+        tok_losses += losses
+        if agg == "seq-mean-token-mean":
+            row_losses.append(sum(losses) / len(losses) if losses else torch.zeros(()))
+        else:
+            row_losses.append(sum(losses) if losses else torch.zeros(()))
+        # H_turn, Eq. 13
+        if groups:
+            kls = [sum(float(logp[i, u].detach() - old[i, u]) for u in g) for g in groups.values()]
+            kseq = sum(float(logp[i, u].detach() - old[i, u]) for u in idx)
+            if abs(kseq) <= 1e-8:
+                kseq = -1e-8 if kseq < 0 else 1e-8
+            if len(kls) == 1:
+                hturn.append(0.0)
+            else:
+                xs = [k / kseq for k in kls]
+                mx = max(xs)
+                ex = [math.exp(x - mx) for x in xs]
+                p = [e / sum(ex) for e in ex]
+                hturn.append(-sum(q * math.log(q) for q in p if q > 0) / math.log(len(kls)))
+    if agg == "token-mean":
+        loss = sum(tok_losses) / max(n_tok, 1) if tok_losses else torch.zeros(())
+    else:
+        loss = sum(row_losses) / B
+    metrics = {
+        "clipfrac": clipped / max(n_tok, 1),
+        "ppo_kl": kl_sum / max(n_tok, 1),
+        "turn_kl_entropy": sum(hturn) / len(hturn) if hturn else 0.0,
+    }
+    return loss, metrics
+
+
+def random_batch(seed, B, T, p_mask=0.3, scale=0.05, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    old = -torch.rand(B, T, generator=g, dtype=dtype) * 3
+    logp = (old + scale * torch.randn(B, T, generator=g, dtype=dtype))
+    adv = torch.randn(B, T, generator=g, dtype=dtype)
+    mask = (torch.rand(B, T, generator=g) > p_mask).long()
+    return logp, old, adv, mask
+
+
+CLIPS = {"token": (0.2, 0.28), "sequence": (3e-4, 4e-4), "turn": (3e-3, 4e-3)}
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 5), (6, 33), (4, 64)])
+def test_loss_and_grad_match_naive(level, agg, shape):
+    B, T = shape
+    for seed in range(3):
+        logp, old, adv, mask = random_batch(seed, B, T, scale=0.01 if level != "token" else 0.3)
+        lo, hi = CLIPS[level]
+        x = logp.clone().requires_grad_(True)
+        loss, metrics = policy_loss(x, old, adv, mask, level=level, clip_low=lo, clip_high=hi, agg=agg)
+        loss.backward()
+        y = logp.clone().float().requires_grad_(True)
+        ref, ref_metrics = naive_policy_loss(y, old.float(), adv.float(), mask, level, lo, hi, agg=agg)
+        if isinstance(ref, torch.Tensor) and ref.requires_grad:
+            ref.backward()
+            ref_grad = y.grad
+        else:
+            ref_grad = torch.zeros_like(y)
+        torch.testing.assert_close(loss, torch.as_tensor(ref, dtype=torch.float32), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad.float(), ref_grad, rtol=1e-5, atol=1e-6)
+        for k in ref_metrics:
+            assert metrics[k] == pytest.approx(ref_metrics[k], rel=1e-4, abs=1e-5), k
+
+
+def test_turn_grad_has_the_spec_stop_gradient_structure():
+    # One row, two turns [0,1] and [3,4] (token 2 masked), no clipping (wide clip range).
+    old = torch.tensor([[-1.0, -2.0, -0.5, -1.5, -0.7]])
+    delta = torch.tensor([[0.1, 0.3, 9.0, -0.2, 0.0]])
+    adv = torch.tensor([[2.0, 2.0, 0.0, -1.0, -1.0]])
+    mask = torch.tensor([[1, 1, 0, 1, 1]])
+    x = (old + delta).requires_grad_(True)
+    loss, _ = policy_loss(x, old, adv, mask, level="turn", clip_low=10.0, clip_high=10.0)
+    loss.backward()
+    s1, s2 = math.exp(0.2), math.exp(-0.1)  # geometric-mean ratios of the two turns
+    # L = −(1/1)(1/4) Σ A_t s_turn(t); dL/dlogπ_t = −A_t s_turn(t) / 4 (only the token's own path)
+    expected_loss = -(2 * s1 * 2 + (-1) * s2 * 2) / 4
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-6)
+    torch.testing.assert_close(x.grad, torch.tensor([[-2 * s1 / 4, -2 * s1 / 4, 0.0, s2 / 4, s2 / 4]]))
+    # Sequence level: one ratio exp(mean of all 4 log-ratios) = exp(0.05)
+    x.grad = None
+    loss, _ = policy_loss(x, old, adv, mask, level="sequence", clip_low=10.0, clip_high=10.0)
+    loss.backward()
+    s = math.exp(0.05)
+    torch.testing.assert_close(x.grad, torch.tensor([[-2 * s / 4, -2 * s / 4, 0.0, s / 4, s / 4]]))
+
+
+def test_ratio_far_from_one_is_clipped():
+    old = torch.zeros(1, 4)
+    mask = torch.ones(1, 4)
+    # Turn ratio e^1 (>1+ε_high) with A>0: clipped to 1+ε_high, no gradient.
+    x = torch.ones(1, 4, requires_grad=True)
+    loss, m = policy_loss(x, old, torch.ones(1, 4), mask, level="turn")
+    loss.backward()
+    assert loss.item() == pytest.approx(-(1 + 4e-3))
+    assert m["clipfrac"] == 1.0
+    assert torch.count_nonzero(x.grad) == 0
+    # Ratio e^−1 (<1−ε_low) with A>0: the unclipped (smaller) objective wins, gradient flows.
+    x = (-torch.ones(1, 4)).requires_grad_(True)
+    loss, m = policy_loss(x, old, torch.ones(1, 4), mask, level="turn")
+    loss.backward()
+    assert loss.item() == pytest.approx(-math.exp(-1), rel=1e-6)
+    assert m["clipfrac"] == 0.0
+    torch.testing.assert_close(x.grad, torch.full((1, 4), -math.exp(-1) / 4))
+    # Log-ratio beyond log_ratio_max is clamped before exp: finite even for +1000.
+    x = torch.full((1, 4), 1000.0, requires_grad=True)
+    loss, m = policy_loss(x, old, -torch.ones(1, 4), mask, level="token")
+    assert math.isfinite(loss.item()) and loss.item() == pytest.approx(math.exp(10.0), rel=1e-5)
+
+
+def test_rows_without_trained_tokens_add_zero_and_no_nan():
+    logp, old, adv, mask = random_batch(0, 4, 6, dtype=torch.float32)
+    mask[1] = 0
+    logp[1] = float("nan")  # garbage where nothing is trained must not leak
+    adv[1] = float("inf")
+    for level in LEVELS:
+        for agg in AGGS:
+            x = logp.clone().requires_grad_(True)
+            loss, metrics = policy_loss(x, old, adv, mask, level=level, agg=agg)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+            assert all(math.isfinite(v) for v in metrics.values())
+            assert torch.count_nonzero(x.grad[1]) == 0
+    # The empty row counts in the 1/G of seq-mean: loss equals the 3-row sum divided by 4.
+    keep = [0, 2, 3]
+    x = logp.clone()
+    full, _ = policy_loss(x, old, adv, mask, level="turn")
+    part, _ = policy_loss(x[keep], old[keep], adv[keep], mask[keep], level="turn")
+    assert full.item() == pytest.approx(part.item() * 3 / 4, rel=1e-6)
+    # All rows empty: loss 0.
+    loss, metrics = policy_loss(x, old, adv, torch.zeros_like(mask), level="turn")
+    assert loss.item() == 0.0 and metrics["turn_kl_entropy"] == 0.0
+
+
+def test_single_token_turns_and_masked_splits():
+    logp, old, adv, _ = random_batch(3, 1, 6, scale=0.002, dtype=torch.float32)
+    mask = torch.tensor([[1, 0, 1, 0, 1, 1]])
+    # turn_ids None: three turns [0], [2], [4,5]
+    assert turn_ids_from_mask(mask).tolist() == [[0, -1, 1, -1, 2, 2]]
+    a, _ = policy_loss(logp, old, adv, mask, level="turn", clip_low=1, clip_high=1)
+    explicit = torch.tensor([[0, -1, 1, -1, 2, 2]])
+    b, _ = policy_loss(logp, old, adv, mask, level="turn", turn_ids=explicit, clip_low=1, clip_high=1)
+    assert a.item() == pytest.approx(b.item())
+    # Single-token turns make turn-level equal token-level (when nothing clips).
+    single = torch.tensor([[0, -1, 1, -1, 2, 3]])
+    c, _ = policy_loss(logp, old, adv, mask, level="turn", turn_ids=single, clip_low=1, clip_high=1)
+    d, _ = policy_loss(logp, old, adv, mask, level="token", clip_low=1, clip_high=1)
+    assert c.item() == pytest.approx(d.item(), rel=1e-6)
+    # One turn id across a masked gap groups both pieces (tree turn ids are authoritative).
+    joined = torch.tensor([[0, -1, 0, -1, 0, 0]])
+    e, _ = policy_loss(logp, old, adv, mask, level="turn", turn_ids=joined, clip_low=1, clip_high=1)
+    f, _ = policy_loss(logp, old, adv, mask, level="sequence", clip_low=1, clip_high=1)
+    assert e.item() == pytest.approx(f.item(), rel=1e-6)
+
+
+def test_large_turn_ids_take_the_compacting_path():
+    logp, old, adv, mask = random_batch(5, 3, 8, scale=0.01)
+    tids = turn_ids_from_mask(mask)
+    big = torch.where(tids >= 0, tids * 1000 + 7, tids)  # e.g. tree node ids, larger than T
+    a, ma = policy_loss(logp, old, adv, mask, level="turn", turn_ids=tids)
+    b, mb = policy_loss(logp, old, adv, mask, level="turn", turn_ids=big)
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+    assert ma["turn_kl_entropy"] == pytest.approx(mb["turn_kl_entropy"], rel=1e-5)
+
+
+def test_bf16_inputs_are_computed_in_fp32():
+    logp, old, adv, mask = random_batch(7, 4, 16, scale=0.01, dtype=torch.float32)
+    x = logp.to(torch.bfloat16).requires_grad_(True)
+    loss, _ = policy_loss(x, old.to(torch.bfloat16), adv.to(torch.bfloat16), mask, level="turn")
+    assert loss.dtype == torch.float32
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16
+    ref, _ = policy_loss(x.detach().float(), old.to(torch.bfloat16).float(), adv.to(torch.bfloat16).float(), mask, level="turn")
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+
+
+def test_hturn_is_one_for_equal_turn_kls_and_zero_for_single_turn():
+    old = torch.zeros(2, 6)
+    x = torch.full((2, 6), 0.01)
+    mask = torch.tensor([[1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 0, 0]])
+    _, m = policy_loss(x[:1], old[:1], torch.ones(1, 6), mask[:1], level="turn")
+    assert m["turn_kl_entropy"] == pytest.approx(1.0)
+    _, m = policy_loss(x[1:], old[1:], torch.ones(1, 6), mask[1:], level="turn")
+    assert m["turn_kl_entropy"] == 0.0
+    _, m = policy_loss(x, old, torch.ones(2, 6), mask, level="turn")
+    assert m["turn_kl_entropy"] == pytest.approx(0.5)
+    # Exactly on-policy (KL_seq = 0): uniform over turns, finite.
+    _, m = policy_loss(old[:1], old[:1], torch.ones(1, 6), mask[:1], level="turn")
+    assert m["turn_kl_entropy"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(level="step"), "level='step'"),
+        (dict(agg="mean"), "agg='mean'"),
+        (dict(clip_low=-1.0), "clip_low"),
+        (dict(turn_ids=torch.zeros(2, 3, dtype=torch.long)), "turn_ids has shape"),
+        (dict(turn_ids=torch.zeros(2, 4)), "integer"),
+        (dict(turn_ids=-torch.ones(2, 4, dtype=torch.long)), "turn_ids is −1"),
+    ],
+)
+def test_bad_arguments(kwargs, message):
+    z = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match=message):
+        policy_loss(z, z, z, torch.ones(2, 4), **kwargs)
+
+
+def test_shape_mismatch_names_the_argument():
+    z = torch.zeros(2, 4)
+    with pytest.raises(ValueError, match="advantages has shape"):
+        policy_loss(z, z, torch.zeros(2, 5), z)
+    with pytest.raises(ValueError, match="log_prob must be"):
+        policy_loss(torch.zeros(4), torch.zeros(4), torch.zeros(4), torch.zeros(4))
+
+
+def test_kl_penalty_estimators():
+    lp = torch.tensor([[-1.0, -2.0]])
+    ref = torch.tensor([[-1.5, -1.0]])
+    d = lp - ref
+    torch.testing.assert_close(kl_penalty(lp, ref, "k1"), d)
+    torch.testing.assert_close(kl_penalty(lp, ref, "k2"), 0.5 * d**2)
+    torch.testing.assert_close(kl_penalty(lp, ref, "low_var_kl"), torch.exp(-d) + d - 1)
+    assert torch.all(kl_penalty(lp, ref) >= 0)
+    assert kl_penalty(torch.zeros(1, 1), torch.full((1, 1), 50.0)).item() == 10.0
+    with pytest.raises(ValueError, match="kind='k9'"):
+        kl_penalty(lp, ref, "k9")
+    with pytest.raises(ValueError, match="ref_log_prob has shape"):
+        kl_penalty(lp, ref[:, :1])
+
+
+def test_aggregate_modes():
+    v = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    assert aggregate(v, m, "token-mean").item() == pytest.approx(7 / 3)
+    assert aggregate(v, m, "seq-mean-token-mean").item() == pytest.approx((1.5 + 4) / 2)
+    assert aggregate(v, m, "seq-mean-token-sum").item() == pytest.approx((3 + 4) / 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    logp, old, adv, mask = random_batch(11, 8, 128, scale=0.01, dtype=torch.float32)
+    a, ma = policy_loss(logp, old, adv, mask, level="turn")
+    b, mb = policy_loss(logp.cuda(), old.cuda(), adv.cuda(), mask.cuda(), level="turn")
+    assert a.item() == pytest.approx(b.item(), rel=1e-5)
+    assert ma["turn_kl_entropy"] == pytest.approx(mb["turn_kl_entropy"], rel=1e-4)
