@@ -1,0 +1,365 @@
+"""Token-in-token-out generation backends for the rollout engine.
+
+The rollout engine hands a batch of token-id contexts to a :class:`Generator` and gets back, per
+context, the sampled ids, the log-prob of each sampled token and why generation ended. Nothing
+is re-tokenised: the ids are exactly what was sampled, and the log-probs are what a trainer's
+fresh forward pass over ``context + token_ids`` computes (the "old" log-probs of the ratio).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+FINISH_STOP = "stop"  # a stop string appeared in the generated text
+FINISH_EOS = "eos"  # an EOS token was sampled (it is included in token_ids)
+FINISH_LENGTH = "length"  # the per-context max_new_tokens was reached
+
+
+@dataclass
+class Generation:
+    """One context's continuation. ``logprobs[i]`` is the log-prob of ``token_ids[i]``."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # FINISH_STOP, FINISH_EOS or FINISH_LENGTH
+    stop_string: str | None = None  # the stop string that ended generation (finish_reason "stop")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample.
+
+    ``greedy`` takes the argmax and ignores ``temperature``/``top_p``; its log-probs are then at
+    temperature 1. Otherwise tokens are drawn from softmax(logits / temperature) restricted to
+    the top-p nucleus, while the reported log-prob is log_softmax(logits / temperature) at the
+    sampled token WITHOUT top-p renormalisation (what the trainer recomputes).
+    ``stop``: generation ends once any of these strings appears in the generated text; the token
+    that completed it is kept (and may carry text past the stop string).
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.greedy and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 unless greedy, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if isinstance(self.stop, str):
+            raise ValueError("stop must be a sequence of strings, not a single string")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A batched, token-in-token-out sampler.
+
+    ``generate(contexts, params, max_new_tokens)`` continues every context (a non-empty list of
+    token ids) and returns one :class:`Generation` per context, in order. ``max_new_tokens``, when
+    given, holds one limit per context (e.g. the remaining response budget) that replaces
+    ``params.max_new_tokens`` for that context; a limit of 0 yields an empty "length" generation.
+
+    Backends must report the log-prob of every sampled token as defined in
+    :class:`SamplingParams`. A vLLM backend maps onto this without touching callers:
+    ``vllm.SamplingParams(temperature=p.temperature, top_p=p.top_p, max_tokens=limit,
+    stop=list(p.stop), include_stop_str_in_output=True, logprobs=0, skip_special_tokens=False)``
+    (``temperature=0`` when greedy), one request per context passed as token ids
+    (``TokensPrompt(prompt_token_ids=ctx)``) so that per-context limits work; ``logprobs=0``
+    returns the sampled token's log-prob, which must be taken from the temperature-scaled,
+    un-truncated distribution (vLLM's ``logprobs_mode="processed_logprobs"`` with top-p off, or
+    recomputed) to match this contract. vLLM's ``finish_reason`` "stop" covers both EOS and stop
+    strings: it is "eos" when ``stop_reason`` is None (an EOS id), else "stop" with
+    ``stop_string = stop_reason``. vLLM keeps the token ids it sampled even when it trims stop
+    text, so ``token_ids`` stay token-in-token-out.
+    """
+
+    eos_token_id: int
+
+    def generate(
+        self,
+        contexts: list[list[int]],
+        params: SamplingParams,
+        max_new_tokens: list[int] | None = None,
+    ) -> list[Generation]: ...
+
+
+class _StopChecker:
+    """Finds stop strings in a growing token sequence by decoding only its tail.
+
+    A stop string of B UTF-8 bytes spans at most B tokens (every token decodes to >= 1 byte), and
+    the sequence is checked after every token, so a new occurrence always lies in the last B + 1
+    tokens; the extra token absorbs decoders that alter the first token of a slice (e.g. dropping
+    a SentencePiece leading space).
+    """
+
+    def __init__(self, tokenizer, stops: Sequence[str]) -> None:
+        self._tokenizer = tokenizer
+        self._stops = tuple(stops)
+        self._window = max((len(s.encode("utf-8")) for s in self._stops), default=0) + 1
+
+    def find(self, tails: list[list[int]]) -> list[str | None]:
+        """For each generated sequence, the stop string it contains (earliest in the text), if any."""
+        if not self._stops:
+            return [None] * len(tails)
+        texts = self._tokenizer.batch_decode(
+            [ids[-self._window :] for ids in tails],
+            skip_special_tokens=False,
+            clean_up_tokenization_spaces=False,
+        )
+        found: list[str | None] = []
+        for text in texts:
+            hits = [(text.find(s), i) for i, s in enumerate(self._stops) if s in text]
+            found.append(self._stops[min(hits)[1]] if hits else None)
+        return found
+
+
+def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Boolean mask of the tokens outside the top-p nucleus (per row of ``probs``).
+
+    The nucleus is the smallest set of most likely tokens whose mass reaches ``top_p``; a token is
+    inside iff the mass of the tokens ranked above it is < top_p (so the top token always is).
+    """
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    mass_above = sorted_probs.cumsum(dim=-1) - sorted_probs
+    outside_sorted = mass_above >= top_p
+    return outside_sorted.scatter(-1, order, outside_sorted)
+
+
+def _forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
+    """The model's KV-cache argument name and whether it accepts ``logits_to_keep``.
+
+    transformers 5 renamed ``past_key_values`` to ``cache`` (input and output; the old input name
+    is deprecated until 5.40); 4.x uses ``past_key_values``. Wrappers such as DDP hide the
+    signature, so it is read from the wrapped module.
+    """
+    params = inspect.signature(getattr(model, "module", model).forward).parameters
+    cache_arg = "cache" if "cache" in params else "past_key_values"
+    return cache_arg, "logits_to_keep" in params
+
+
+class HFGenerator:
+    """A :class:`Generator` over a Hugging Face causal LM on its own device (CPU or one GPU).
+
+    Contexts are batched with left padding (explicit position ids, so padding does not shift
+    positions) and decoded step by step with a KV cache; finished rows are dropped from the batch.
+    Sampling draws from one ``torch.Generator`` seeded at construction, so the same sequence of
+    calls with the same inputs reproduces the same outputs (the draws depend on batch
+    composition, so chunking with another ``max_batch_size`` changes sampled, not greedy, output).
+
+    EOS ids: ``tokenizer.eos_token_id`` plus the model's ``generation_config.eos_token_id``
+    (e.g. Qwen instruct models end turns with ``<|im_end|>``), unless ``eos_token_ids`` is given.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer,
+        *,
+        seed: int = 0,
+        max_batch_size: int | None = None,
+        eos_token_ids: Iterable[int] | None = None,
+    ) -> None:
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos_token_id")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.eos_token_id: int = tokenizer.eos_token_id
+        if eos_token_ids is None:
+            eos_token_ids = {self.eos_token_id}
+            config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+            if config_eos is not None:
+                eos_token_ids |= {config_eos} if isinstance(config_eos, int) else set(config_eos)
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
+        self.device = next(model.parameters()).device
+        self._rng = torch.Generator(device=self.device)
+        self._rng.manual_seed(seed)
+        self._cache_arg, self._has_logits_to_keep = _forward_kwargs(model)
+
+    def get_rng_state(self) -> torch.Tensor:
+        """The sampling RNG state (a CPU byte tensor), e.g. for checkpoints."""
+        return self._rng.get_state()
+
+    def set_rng_state(self, state: torch.Tensor) -> None:
+        self._rng.set_state(state)
+
+    def generate(
+        self,
+        contexts: list[list[int]],
+        params: SamplingParams,
+        max_new_tokens: list[int] | None = None,
+    ) -> list[Generation]:
+        if max_new_tokens is None:
+            limits = [params.max_new_tokens] * len(contexts)
+        else:
+            if len(max_new_tokens) != len(contexts):
+                raise ValueError(
+                    f"max_new_tokens has {len(max_new_tokens)} entries for {len(contexts)} contexts"
+                )
+            if any(m < 0 for m in max_new_tokens):
+                raise ValueError("max_new_tokens entries must be >= 0")
+            limits = list(max_new_tokens)
+        if any(len(c) == 0 for c in contexts):
+            raise ValueError("every context must contain at least one token")
+
+        results: list[Generation | None] = [None] * len(contexts)
+        todo = []
+        for i, limit in enumerate(limits):
+            if limit == 0:
+                results[i] = Generation([], [], FINISH_LENGTH)
+            else:
+                todo.append(i)
+        # Similar lengths share a chunk, which keeps left padding small.
+        todo.sort(key=lambda i: len(contexts[i]))
+        chunk = self.max_batch_size or max(len(todo), 1)
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                for start in range(0, len(todo), chunk):
+                    idx = todo[start : start + chunk]
+                    outs = self._generate_batch([contexts[i] for i in idx], [limits[i] for i in idx], params)
+                    for i, out in zip(idx, outs):
+                        results[i] = out
+        finally:
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
+
+    def _forward(self, cache, **inputs):
+        if self._has_logits_to_keep:
+            inputs["logits_to_keep"] = 1
+        out = self.model(**inputs, **{self._cache_arg: cache}, use_cache=True)
+        return out.logits[:, -1, :].float(), getattr(out, self._cache_arg)
+
+    def _sample(self, logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        """Next tokens and their log-probs (fp32, temperature-scaled, no top-p renormalisation)."""
+        if params.greedy:
+            tokens = logits.argmax(dim=-1)
+            logprobs = F.log_softmax(logits, dim=-1)
+        else:
+            logprobs = F.log_softmax(logits / params.temperature, dim=-1)
+            probs = logprobs.exp()
+            if params.top_p < 1:
+                probs = probs.masked_fill(_top_p_mask(probs, params.top_p), 0.0)
+            tokens = torch.multinomial(probs, 1, generator=self._rng).squeeze(1)
+        return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+    def _generate_batch(
+        self, contexts: list[list[int]], limits: list[int], params: SamplingParams
+    ) -> list[Generation]:
+        n, width = len(contexts), max(len(c) for c in contexts)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        for row, ctx in enumerate(contexts):
+            input_ids[row, width - len(ctx) :] = torch.tensor(ctx, dtype=torch.long)
+            attention_mask[row, width - len(ctx) :] = 1
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        # Each row's positions start at 0 at its first real token; pads get a harmless 0.
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+
+        logits, cache = self._forward(
+            None, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        )
+        next_positions = position_ids[:, -1:] + 1
+
+        stop_checker = _StopChecker(self.tokenizer, params.stop)
+        token_ids: list[list[int]] = [[] for _ in range(n)]
+        logprobs: list[list[float]] = [[] for _ in range(n)]
+        results: list[Generation | None] = [None] * n
+        active = list(range(n))  # original row of each row of the current batch tensors
+        while True:
+            tokens, token_logprobs = self._sample(logits, params)
+            for row, tok, lp in zip(active, tokens.tolist(), token_logprobs.tolist()):
+                token_ids[row].append(tok)
+                logprobs[row].append(lp)
+            stops = stop_checker.find([token_ids[row] for row in active])
+
+            keep = []
+            for k, row in enumerate(active):
+                if token_ids[row][-1] in self.eos_token_ids:
+                    results[row] = Generation(token_ids[row], logprobs[row], FINISH_EOS)
+                elif stops[k] is not None:
+                    results[row] = Generation(token_ids[row], logprobs[row], FINISH_STOP, stops[k])
+                elif len(token_ids[row]) >= limits[row]:
+                    results[row] = Generation(token_ids[row], logprobs[row], FINISH_LENGTH)
+                else:
+                    keep.append(k)
+            if not keep:
+                return results  # type: ignore[return-value]
+
+            if len(keep) < len(active):
+                keep_t = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(keep_t)
+                tokens, attention_mask, next_positions = tokens[keep_t], attention_mask[keep_t], next_positions[keep_t]
+                active = [active[k] for k in keep]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones((len(active), 1))], dim=1)
+            logits, cache = self._forward(
+                cache, input_ids=tokens.unsqueeze(1), attention_mask=attention_mask, position_ids=next_positions
+            )
+            next_positions = next_positions + 1
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    sequences: Sequence[Sequence[int]],
+    response_starts: Sequence[int],
+    temperature: float = 1.0,
+    max_batch_size: int | None = None,
+) -> list[torch.Tensor]:
+    """Per-token log-probs of the responses of ``sequences`` from a fresh, batched forward pass.
+
+    Returns, for each sequence ``s`` with response start ``r`` (1 <= r <= len(s)), an fp32 tensor
+    of length ``len(s) - r`` whose entry ``t - r`` is log_softmax(logits / temperature) of
+    ``s[t]`` given ``s[:t]``. Sequences are right-padded (padding after the tokens cannot change
+    them under causal attention). Runs under the caller's grad mode, so a trainer can
+    backpropagate through it; the model's train/eval mode is left as it is.
+    """
+    if len(sequences) != len(response_starts):
+        raise ValueError(f"{len(sequences)} sequences but {len(response_starts)} response starts")
+    for seq, start in zip(sequences, response_starts):
+        if not 1 <= start <= len(seq):
+            raise ValueError(f"response start {start} outside [1, {len(seq)}]")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    device = next(model.parameters()).device
+    _, has_logits_to_keep = _forward_kwargs(model)
+    chunk = max_batch_size or max(len(sequences), 1)
+
+    results: list[torch.Tensor] = []
+    for begin in range(0, len(sequences), chunk):
+        seqs, starts = sequences[begin : begin + chunk], response_starts[begin : begin + chunk]
+        width = max(len(s) for s in seqs)
+        input_ids = torch.zeros((len(seqs), width), dtype=torch.long)
+        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for row, seq in enumerate(seqs):
+            input_ids[row, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+            attention_mask[row, : len(seq)] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        # Logits are only needed from the position before the earliest response token.
+        first = min(starts) - 1
+        kwargs = {"logits_to_keep": width - first} if has_logits_to_keep else {}
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs).logits
+        logits = logits[:, -(width - first) :]
+        for row, (seq, start) in enumerate(zip(seqs, starts)):
+            # Logits at position p - 1 score token p; row offsets are relative to `first`.
+            row_logits = logits[row, start - 1 - first : len(seq) - 1 - first].float() / temperature
+            targets = input_ids[row, start : len(seq)]
+            results.append(F.log_softmax(row_logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1))
+    return results
