@@ -1,0 +1,136 @@
+"""The tool interface, concurrent execution of one round's tool calls, and the tool registry.
+
+Contract (spec §1): a tool failure must never crash a rollout. Every tool therefore turns its
+own failures into a ``ToolResult(ok=False)`` whose text tells the model what went wrong, and
+``run_tool_calls`` additionally guards against tools that raise or hang.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, cast
+
+
+@dataclass
+class ToolResult:
+    """Outcome of one tool call.
+
+    ``text`` is the observation body shown to the model, without the ``<result>`` wrapper.
+    ``error`` is a short machine-readable failure kind (e.g. "timeout", "connection",
+    "http_status", "bad_response", "empty_query", "exit_code", "exception"); None when ok.
+    """
+
+    text: str
+    ok: bool
+    error: str | None = None
+
+
+class Tool(ABC):
+    """A callable tool. Subclasses implement ``run``; calling the tool never raises."""
+
+    name: str
+
+    def __call__(self, query: str) -> ToolResult:
+        try:
+            return self.run(query)
+        except Exception as exc:  # the never-raise contract: report, don't propagate
+            return exception_result(self.name, exc)
+
+    @abstractmethod
+    def run(self, query: str) -> ToolResult:
+        """Execute the tool; may raise (``__call__`` converts exceptions)."""
+
+
+def exception_result(tool_name: str, exc: BaseException) -> ToolResult:
+    return ToolResult(
+        text=f"{tool_name} failed: {type(exc).__name__}: {exc}", ok=False, error="exception"
+    )
+
+
+def _tool_name(tool: Callable[[str], ToolResult]) -> str:
+    # Tools have a name; plain functions passed as tools have a __name__.
+    return getattr(tool, "name", None) or getattr(tool, "__name__", type(tool).__name__)
+
+
+def _safe_call(tool: Callable[[str], ToolResult], query: str) -> ToolResult:
+    try:
+        result = tool(query)
+    except Exception as exc:
+        return exception_result(_tool_name(tool), exc)
+    if not isinstance(result, ToolResult):
+        return ToolResult(
+            text=f"{_tool_name(tool)} failed: returned {type(result).__name__}, not ToolResult",
+            ok=False,
+            error="exception",
+        )
+    return result
+
+
+def run_tool_calls(
+    calls: list[tuple[Tool, str]], max_workers: int = 8, timeout: float = 30.0
+) -> list[ToolResult]:
+    """Run one generation round's tool calls concurrently; results come back in input order.
+
+    At most ``max_workers`` calls run at once and each gets ``timeout`` seconds of wall clock
+    from its start. A call that overruns is reported as timed out and abandoned: Python
+    cannot kill a thread, so it keeps running in a daemon thread and its late result is
+    dropped. Abandoned calls free their slot, so a stuck tool delays the round by at most
+    ``timeout`` and never blocks the process from exiting. (A ThreadPoolExecutor would do
+    neither: its workers stay occupied and are joined at interpreter exit.)
+    """
+    if max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    results: list[ToolResult | None] = [None] * len(calls)
+    finished: queue.Queue[tuple[int, ToolResult]] = queue.Queue()  # private to this round
+    deadlines: dict[int, float] = {}  # running call index -> monotonic deadline
+    next_call = 0
+
+    def worker(index: int, tool: Tool, query: str) -> None:
+        finished.put((index, _safe_call(tool, query)))
+
+    while next_call < len(calls) or deadlines:
+        while next_call < len(calls) and len(deadlines) < max_workers:
+            tool, query = calls[next_call]
+            deadlines[next_call] = time.monotonic() + timeout
+            threading.Thread(
+                target=worker, args=(next_call, tool, query), daemon=True,
+                name=f"tool-{_tool_name(tool)}-{next_call}",
+            ).start()
+            next_call += 1
+        try:
+            wait = max(0.0, min(deadlines.values()) - time.monotonic())
+            index, result = finished.get(timeout=wait)
+            if index in deadlines:  # otherwise it already timed out; drop the late result
+                del deadlines[index]
+                results[index] = result
+        except queue.Empty:
+            pass
+        now = time.monotonic()
+        for index, deadline in list(deadlines.items()):
+            if deadline <= now:
+                del deadlines[index]
+                name = _tool_name(calls[index][0])
+                results[index] = ToolResult(
+                    text=f"tool '{name}' timed out after {timeout:g}s", ok=False, error="timeout"
+                )
+    return cast(list[ToolResult], results)  # every slot is filled by now
+
+
+def build_tool(name: str, **kwargs: Any) -> Tool:
+    """Construct a tool by registry name; kwargs go to the tool's constructor."""
+    # Imported here: the tool modules import this one.
+    from at2po.tools.python_sandbox import PythonTool
+    from at2po.tools.search import HTTPSearchTool, LocalSearchTool
+
+    registry: dict[str, Callable[..., Tool]] = {
+        "search_bm25": LocalSearchTool,
+        "search_http": HTTPSearchTool,
+        "python": PythonTool,
+    }
+    if name not in registry:
+        raise ValueError(f"unknown tool {name!r}; valid choices: {', '.join(sorted(registry))}")
+    return registry[name](**kwargs)

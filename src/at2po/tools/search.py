@@ -1,0 +1,354 @@
+"""The search tool: a local BM25 index, and a client of Search-R1's HTTP retriever (spec §1, §5).
+
+Both return the top-k passages formatted one per line as ``Page i: <text>``; the caller wraps
+that in ``<result>...</result>``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+from requests.adapters import HTTPAdapter
+
+from at2po.tools.base import Tool, ToolResult
+
+# Queries are cut to this many characters before searching, so that a runaway generation
+# (e.g. a 100 KB "query") cannot stall the retriever.
+MAX_QUERY_CHARS = 1000
+# How much of the query the "No results found" observation echoes back.
+_ECHO_CHARS = 200
+_DOCS_FILE = "docs.jsonl"
+
+
+def format_passages(passages: list[str], max_chars: int = 1000) -> str:
+    """``Page i: <text>`` lines (i from 1), each passage cut to ``max_chars`` characters.
+
+    Whitespace runs (including line breaks) collapse to one space so every page is one line.
+    """
+    lines = []
+    for i, passage in enumerate(passages, start=1):
+        text = " ".join(passage.split())[:max_chars]
+        lines.append(f"Page {i}: {text}")
+    return "\n".join(lines)
+
+
+def load_corpus(path: str | Path) -> list[dict[str, Any]]:
+    """Read a Search-R1/FlashRAG corpus: one JSON object ``{"id", "contents"}`` per line."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {lineno}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+            if "id" not in row:
+                raise ValueError(f"{where}: missing field 'id'")
+            if not isinstance(row["id"], (str, int)):
+                raise ValueError(f"{where}: field 'id' must be a string or integer")
+            if "contents" not in row:
+                raise ValueError(f"{where}: missing field 'contents'")
+            if not isinstance(row["contents"], str):
+                raise ValueError(
+                    f"{where}: field 'contents' must be a string, got {type(row['contents']).__name__}"
+                )
+            rows.append(row)
+    return rows
+
+
+def _tokenize(texts: list[str], return_ids: bool) -> Any:
+    import bm25s  # heavy import (scipy); only needed for the local index
+
+    # English stop words, no stemmer: no dependency beyond bm25s itself.
+    return bm25s.tokenize(texts, stopwords="en", return_ids=return_ids, show_progress=False)
+
+
+class BM25Index:
+    """A bm25s index over a list of passages."""
+
+    def __init__(self, docs: list[str]) -> None:
+        import bm25s
+
+        if not docs:
+            raise ValueError("cannot build a BM25 index from an empty corpus")
+        self.docs = list(docs)
+        self._retriever = bm25s.BM25()
+        self._retriever.index(_tokenize(self.docs, return_ids=True), show_progress=False)
+
+    def search(self, queries: list[str], topk: int) -> list[list[tuple[int, float]]]:
+        """For each query, up to ``topk`` (doc_index, score) pairs, best first, score > 0.
+
+        Queries with no indexed word (empty, only stop words, unknown words) get [].
+        """
+        if not queries:
+            return []
+        vocab = self._retriever.vocab_dict
+        token_lists = [
+            [token for token in tokens if token and token in vocab]
+            for tokens in _tokenize(queries, return_ids=False)
+        ]
+        hits: list[list[tuple[int, float]]] = [[] for _ in queries]
+        searchable = [i for i, tokens in enumerate(token_lists) if tokens]
+        k = min(topk, len(self.docs))
+        if not searchable or k < 1:
+            return hits
+        doc_ids, scores = self._retriever.retrieve(
+            [token_lists[i] for i in searchable], k=k, show_progress=False
+        )
+        for row, i in enumerate(searchable):
+            hits[i] = [
+                (int(doc), float(score))
+                for doc, score in zip(doc_ids[row], scores[row])
+                if score > 0  # bm25s pads with zero-score documents that match nothing
+            ]
+        return hits
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._retriever.save(str(directory), show_progress=False)
+        with open(directory / _DOCS_FILE, "w", encoding="utf-8") as f:
+            for i, doc in enumerate(self.docs):
+                f.write(json.dumps({"id": str(i), "contents": doc}, ensure_ascii=False) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> BM25Index:
+        import bm25s
+
+        directory = Path(directory)
+        index = cls.__new__(cls)
+        index.docs = [row["contents"] for row in load_corpus(directory / _DOCS_FILE)]
+        index._retriever = bm25s.BM25.load(str(directory), show_progress=False)
+        return index
+
+
+def _prepare_query(query: str) -> str | None:
+    """The query as searched: stripped and length-bounded; None when empty."""
+    query = query.strip()[:MAX_QUERY_CHARS]
+    return query or None
+
+
+def _empty_query_result() -> ToolResult:
+    return ToolResult(text="empty search query", ok=False, error="empty_query")
+
+
+def _passages_result(query: str, passages: list[str], max_chars: int) -> ToolResult:
+    if not passages:
+        shown = query if len(query) <= _ECHO_CHARS else query[:_ECHO_CHARS] + "..."
+        return ToolResult(text=f"No results found for query: {shown}", ok=True)
+    return ToolResult(text=format_passages(passages, max_chars), ok=True)
+
+
+class LocalSearchTool(Tool):
+    """Search over a local BM25 index (for tests, quickstarts and small corpora).
+
+    Give exactly one of: a built ``index``, ``index_dir`` (saved with ``BM25Index.save``) or
+    ``corpus_path`` (a jsonl corpus, indexed on construction).
+    """
+
+    name = "search"
+
+    def __init__(
+        self,
+        index: BM25Index | None = None,
+        *,
+        index_dir: str | Path | None = None,
+        corpus_path: str | Path | None = None,
+        topk: int = 3,
+        max_chars: int = 1000,
+    ) -> None:
+        sources = [s for s in (index, index_dir, corpus_path) if s is not None]
+        if len(sources) != 1:
+            raise ValueError("give exactly one of index, index_dir, corpus_path")
+        if index_dir is not None:
+            index = BM25Index.load(index_dir)
+        elif corpus_path is not None:
+            index = BM25Index([row["contents"] for row in load_corpus(corpus_path)])
+        assert index is not None
+        self.index = index
+        self.topk = topk
+        self.max_chars = max_chars
+
+    def run(self, query: str) -> ToolResult:
+        return self.batch_search([query])[0]
+
+    def batch_search(self, queries: list[str]) -> list[ToolResult]:
+        prepared = [_prepare_query(q) for q in queries]
+        to_search = [q for q in prepared if q is not None]
+        hits = iter(self.index.search(to_search, self.topk))
+        results = []
+        for query in prepared:
+            if query is None:
+                results.append(_empty_query_result())
+            else:
+                passages = [self.index.docs[doc] for doc, _ in next(hits)]
+                results.append(_passages_result(query, passages, self.max_chars))
+        return results
+
+
+class _RetrieverError(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _errno_reason(exc: Exception) -> str:
+    """'Connection refused' out of requests' long nested error message, or ''."""
+    match = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
+    return f" ({match.group(1).strip()})" if match else ""
+
+
+def _hit_contents(hit: Any) -> str | None:
+    # {"document": {"contents": ...}, "score": s} with return_scores, else the bare document.
+    document = hit.get("document", hit) if isinstance(hit, dict) else None
+    contents = document.get("contents") if isinstance(document, dict) else None
+    return contents if isinstance(contents, str) else None
+
+
+class HTTPSearchTool(Tool):
+    """Client of Search-R1's retriever server (``POST {url}/retrieve``).
+
+    Connection failures and 5xx answers are retried ``retries`` times with exponential
+    backoff; 4xx answers and timeouts are not (a retry would not help, or would multiply the
+    wait). Proxy settings from the environment are ignored by default (``trust_env``): the
+    retriever runs next to the trainer, and an internet proxy would only get in the way.
+    """
+
+    name = "search"
+
+    def __init__(
+        self,
+        url: str,
+        topk: int = 3,
+        max_chars: int = 1000,
+        timeout: float = 10.0,
+        retries: int = 2,
+        backoff: float = 0.5,
+        trust_env: bool = False,
+    ) -> None:
+        if retries < 0:
+            raise ValueError(f"retries must be >= 0, got {retries}")
+        url = url.rstrip("/")
+        self.endpoint = url if url.endswith("/retrieve") else url + "/retrieve"
+        self.topk = topk
+        self.max_chars = max_chars
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        # One session shared by the rollout's tool threads: urllib3's pool is thread-safe,
+        # and sized so that a round of concurrent calls reuses connections.
+        self._session = requests.Session()
+        self._session.trust_env = trust_env
+        adapter = HTTPAdapter(pool_connections=1, pool_maxsize=32)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+
+    def run(self, query: str) -> ToolResult:
+        return self.batch_search([query])[0]
+
+    def batch_search(self, queries: list[str]) -> list[ToolResult]:
+        """Search all queries with one request; empty queries are answered locally."""
+        prepared = [_prepare_query(q) for q in queries]
+        to_send = [q for q in prepared if q is not None]
+        failure: ToolResult | None = None
+        answers: list[list[str]] = []
+        if to_send:
+            try:
+                answers = self._retrieve(to_send)
+            except _RetrieverError as exc:
+                failure = ToolResult(text=str(exc), ok=False, error=exc.kind)
+        answer_iter = iter(answers)
+        results = []
+        for query in prepared:
+            if query is None:
+                results.append(_empty_query_result())
+            elif failure is not None:
+                results.append(failure)
+            else:
+                results.append(_passages_result(query, next(answer_iter), self.max_chars))
+        return results
+
+    def _retrieve(self, queries: list[str]) -> list[list[str]]:
+        payload = {"queries": queries, "topk": self.topk, "return_scores": True}
+        where = f"retriever at {self.endpoint}"
+        attempts = self.retries + 1
+        last_error: _RetrieverError | None = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                response = self._session.post(self.endpoint, json=payload, timeout=self.timeout)
+            except requests.ConnectionError as exc:  # includes connect timeouts: retry
+                last_error = _RetrieverError(
+                    "connection",
+                    f"search failed: could not connect to {where} "
+                    f"after {attempts} attempt(s){_errno_reason(exc)}",
+                )
+                continue
+            except requests.Timeout:
+                raise _RetrieverError(
+                    "timeout", f"search failed: {where} did not answer within {self.timeout:g}s"
+                ) from None
+            except requests.RequestException as exc:
+                raise _RetrieverError("request", f"search failed: request to {where} failed: {exc}") from None
+            if response.status_code >= 500:
+                last_error = _RetrieverError(
+                    "http_status",
+                    f"search failed: {where} returned HTTP {response.status_code} "
+                    f"after {attempts} attempt(s)",
+                )
+                continue
+            if response.status_code >= 400:
+                raise _RetrieverError(
+                    "http_status",
+                    f"search failed: {where} rejected the request with HTTP "
+                    f"{response.status_code}: {response.text[:200]}",
+                )
+            return self._parse(response, len(queries))
+        assert last_error is not None  # attempts >= 1
+        raise last_error
+
+    def _parse(self, response: requests.Response, n_queries: int) -> list[list[str]]:
+        where = f"retriever at {self.endpoint}"
+        try:
+            data = response.json()
+        except ValueError:
+            raise _RetrieverError(
+                "bad_response", f"search failed: {where} returned invalid JSON: {response.text[:100]!r}"
+            ) from None
+        result = data.get("result") if isinstance(data, dict) else None
+        if not isinstance(result, list) or len(result) != n_queries:
+            raise _RetrieverError(
+                "bad_response",
+                f"search failed: {where} returned an unexpected response shape "
+                f"(expected {{\"result\": [...]}} with one list per query, for {n_queries} queries)",
+            )
+        answers = []
+        for hits in result:
+            if not isinstance(hits, list):
+                raise _RetrieverError(
+                    "bad_response",
+                    f"search failed: {where} returned an unexpected response shape "
+                    f"(a query's result is {type(hits).__name__}, not a list)",
+                )
+            passages = []
+            for hit in hits[: self.topk]:
+                contents = _hit_contents(hit)
+                if contents is None:
+                    raise _RetrieverError(
+                        "bad_response",
+                        f"search failed: {where} returned an unexpected response shape "
+                        f"(a hit has no document contents)",
+                    )
+                passages.append(contents)
+            answers.append(passages)
+        return answers
