@@ -1,0 +1,309 @@
+"""Tree rollout engine (spec §1–2): grows one turn tree per prompt with a generator and tools.
+
+One phase = a set of trajectories advanced turn by turn until all of them end. Every generation
+call batches the next turn of every unfinished trajectory of every tree, and the tool calls of a
+turn run concurrently. Phases: M initial chains from each root, then L expansion rounds where K
+selected turns get a new sibling that re-samples the turn from exactly its state and continues
+to a leaf. A chain rollout (GRPO/GSPO baselines) is L = 0; validation is greedy with M = 1.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from at2po.agent import (
+    STOP_STRINGS,
+    TOOL_LIMIT_NOTICE,
+    decode_ids,
+    encode_observation,
+    format_error_observation,
+    format_observation,
+    parse_action,
+)
+from at2po.expansion import EXPANSION_MODES, select_from_tree
+from at2po.rewards import RewardOutput
+from at2po.rollout.generator import FINISH_STOP, Generator, SamplingParams
+from at2po.tools.base import Tool, ToolResult, run_tool_calls
+from at2po.tree import ACTIVE, FAILED, LEAF, LeafSequence, TurnTree
+
+
+@dataclass
+class RolloutConfig:
+    """Tree shape and limits. Defaults are the paper's (spec §2, §5)."""
+
+    n_initial: int = 10  # M: independent chains from each root
+    expansion_rounds: int = 2  # L: 0 gives a plain chain rollout
+    top_k: int = 6  # K: siblings added per tree and round
+    samples_per_tree: int = 22  # N: leaves returned per tree (0 keeps every leaf)
+    alpha: float = 0.05  # branching penalty of the expansion score
+    expansion_mode: str = "entropy"  # "entropy" or "random"
+    max_tool_calls: int = 6  # a further call gets the masked limit notice instead
+    max_turns: int = 10  # hard stop for a trajectory that never answers
+    max_turn_tokens: int = 512  # new tokens per generation call
+    max_response_tokens: int = 6192  # response budget of a whole trajectory (tokens after the prompt)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    tool_workers: int = 8  # threads running one turn's tool calls
+    tool_timeout: float = 30.0  # seconds per tool call
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_initial", "max_turns", "max_turn_tokens", "max_response_tokens", "tool_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("expansion_rounds", "top_k", "samples_per_tree", "max_tool_calls"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"rollout.{name} must be >= 0, got {getattr(self, name)}")
+        if self.expansion_mode not in EXPANSION_MODES:
+            raise ValueError(f"rollout.expansion_mode={self.expansion_mode!r} is not one of {', '.join(EXPANSION_MODES)}")
+        if self.tool_timeout <= 0:
+            raise ValueError(f"rollout.tool_timeout must be > 0, got {self.tool_timeout}")
+
+
+@dataclass
+class Prompt:
+    """A question to roll out: its rendered prompt ids and the gold answers for the reward."""
+
+    prompt_ids: list[int]
+    golds: list[str]
+    question: str = ""
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class LeafRow:
+    """One training row: a leaf's trajectory with its reward."""
+
+    tree: int
+    sequence: LeafSequence
+    reward: RewardOutput
+    duplicate: bool = False  # a copy that tops a tree up to N leaves
+
+
+@dataclass
+class TreeStats:
+    generated_tokens: int = 0  # sampled by the policy (all turns, including pruned branches)
+    prefill_tokens: int = 0  # context tokens sent with each generation request
+    tool_calls: int = 0
+    tool_failures: int = 0
+    limit_notices: int = 0
+    depth: int = 0  # turns of the longest trajectory
+    leaves: int = 0  # finished trajectories before trimming to N
+    nodes: int = 0
+
+
+@dataclass
+class RolloutResult:
+    trees: list[TurnTree]
+    rows: list[LeafRow]
+    stats: list[TreeStats]
+    phase_seconds: dict[str, float]
+    generation_calls: int = 0
+
+    def credit_arrays(self, tree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(parent, entropy, leaf_reward) of one tree for ``at2po.credit.turn_credit``."""
+        return self.trees[tree].to_arrays()
+
+    def totals(self) -> dict[str, float]:
+        keys = ("generated_tokens", "prefill_tokens", "tool_calls", "tool_failures", "limit_notices", "leaves")
+        out = {k: float(sum(getattr(s, k) for s in self.stats)) for k in keys}
+        out["depth_max"] = float(max((s.depth for s in self.stats), default=0))
+        out["rows"] = float(len(self.rows))
+        return out
+
+
+@dataclass
+class _Open:
+    """A trajectory waiting for its next turn: where the turn hangs and what it starts with."""
+
+    tree: int
+    parent: int  # node the new turn hangs under
+    obs_ids: list[int]  # observation shown before the new turn
+    tool_calls: int  # tool calls made on the path so far
+    turns: int  # turns on the path so far
+
+
+RewardFn = Callable[[str, Sequence[str]], RewardOutput]
+
+
+class TreeRolloutEngine:
+    """Grows turn trees with a :class:`Generator`, tools selected by action name, and a reward."""
+
+    def __init__(
+        self,
+        generator: Generator,
+        tokenizer: Any,
+        tools: dict[str, Tool],
+        reward_fn: RewardFn,
+        config: RolloutConfig | None = None,
+        progress: Callable[[str, int, int], None] | None = None,
+    ):
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.tools = dict(tools)
+        self.reward_fn = reward_fn
+        self.config = config or RolloutConfig()
+        self.rng = np.random.default_rng(self.config.seed)
+        self.progress = progress
+        self._limit_notice_ids = encode_observation(tokenizer, TOOL_LIMIT_NOTICE)
+
+    # -- public -------------------------------------------------------------------------------
+    def rollout(self, prompts: Sequence[Prompt], *, greedy: bool = False, config: RolloutConfig | None = None) -> RolloutResult:
+        cfg = config or self.config
+        params = SamplingParams(
+            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_turn_tokens,
+            stop=tuple(STOP_STRINGS), greedy=greedy,
+        )
+        trees = [TurnTree(p.prompt_ids, meta={"question": p.question, "golds": list(p.golds), **p.meta}) for p in prompts]
+        stats = [TreeStats() for _ in prompts]
+        phase_seconds: dict[str, float] = {}
+        self._calls = 0
+
+        t0 = time.perf_counter()
+        opened = [_Open(t, 0, [], 0, 0) for t in range(len(trees)) for _ in range(cfg.n_initial)]
+        self._run_phase(trees, stats, opened, params, cfg, "initial")
+        phase_seconds["initial"] = time.perf_counter() - t0
+
+        for r in range(cfg.expansion_rounds):
+            t0 = time.perf_counter()
+            opened = []
+            for t, tree in enumerate(trees):
+                for n in select_from_tree(tree, cfg.top_k, alpha=cfg.alpha, mode=cfg.expansion_mode, rng=self.rng):
+                    node = tree.nodes[n]
+                    # The sibling starts from exactly n's state: same parent, same observation,
+                    # same tool-call count (not the authors' count − 1, spec §2).
+                    opened.append(_Open(t, node.parent, list(node.obs_ids), node.tool_calls_at_start, tree.depth(n) - 1))
+            self._run_phase(trees, stats, opened, params, cfg, f"expand{r + 1}")
+            phase_seconds[f"expand{r + 1}"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        rows = self._collect(trees, stats, prompts, cfg)
+        phase_seconds["reward"] = time.perf_counter() - t0
+        return RolloutResult(trees, rows, stats, phase_seconds, self._calls)
+
+    def validate(self, prompts: Sequence[Prompt]) -> RolloutResult:
+        """Greedy, one chain per prompt (spec §5 evaluation)."""
+        cfg = self.config
+        val = RolloutConfig(**{**cfg.__dict__, "n_initial": 1, "expansion_rounds": 0, "samples_per_tree": 1})
+        return self.rollout(prompts, greedy=True, config=val)
+
+    # -- phases -------------------------------------------------------------------------------
+    def _run_phase(self, trees, stats, opened: list[_Open], params, cfg, name: str) -> None:
+        step = 0
+        while opened:
+            step += 1
+            if self.progress is not None:
+                self.progress(name, step, len(opened))
+            opened = self._advance(trees, stats, opened, params, cfg)
+
+    def _advance(self, trees, stats, opened: list[_Open], params, cfg) -> list[_Open]:
+        """Generate one turn for every open trajectory, run its tool calls, return what stays open."""
+        prompt_len = [len(trees[o.tree].prompt_ids) for o in opened]
+        contexts = [trees[o.tree].full_ids(o.parent) + o.obs_ids for o in opened]
+        budgets = [cfg.max_response_tokens - (len(c) - pl) for c, pl in zip(contexts, prompt_len)]
+
+        # A trajectory whose observation already used up the response budget cannot take a turn:
+        # it ends on its previous node, which becomes a failed leaf.
+        live = []
+        for o, b in zip(opened, budgets):
+            if b < 1 and o.parent > 0:
+                node = trees[o.tree].nodes[o.parent]
+                if not node.children:
+                    node.status = FAILED
+                    node.info["end"] = "response budget exhausted by the observation"
+                else:  # a re-sampled sibling: hang a failed empty turn so the attempt is still a leaf
+                    trees[o.tree].add_turn(o.parent, obs_ids=o.obs_ids, gen_ids=[], gen_logprobs=[],
+                                           tool_calls_at_start=o.tool_calls, status=FAILED,
+                                           info={"end": "response budget exhausted by the observation"})
+            else:
+                live.append((o, b))
+        if not live:
+            return []
+        opened = [o for o, _ in live]
+        contexts = [trees[o.tree].full_ids(o.parent) + o.obs_ids for o in opened]
+        limits = [min(cfg.max_turn_tokens, max(b, 1)) for _, b in live]
+
+        gens = self.generator.generate(contexts, params, max_new_tokens=limits)
+        self._calls += 1
+
+        next_open: list[_Open] = []
+        calls: list[tuple[Tool, str]] = []
+        call_slots: list[tuple[_Open, int]] = []  # (trajectory, new node) waiting for a tool result
+        for o, ctx, gen in zip(opened, contexts, gens):
+            tree, st = trees[o.tree], stats[o.tree]
+            st.generated_tokens += len(gen.token_ids)
+            st.prefill_tokens += len(ctx)
+            text = decode_ids(self.tokenizer, gen.token_ids)
+            action = parse_action(text)
+            turns = o.turns + 1
+            info = {"finish": gen.finish_reason, "action": action.kind}
+            is_call = gen.finish_reason == FINISH_STOP and action.kind in ("search", "python")
+            if not is_call:
+                status = LEAF
+                info["end"] = action.kind if action.kind == "answer" else gen.finish_reason
+            elif turns >= cfg.max_turns:
+                status = FAILED
+                info["end"] = f"turn limit ({cfg.max_turns}) reached"
+            else:
+                status = ACTIVE
+            node = tree.add_turn(o.parent, obs_ids=o.obs_ids, gen_ids=gen.token_ids, gen_logprobs=gen.logprobs,
+                                 tool_calls_at_start=o.tool_calls, status=status, info=info)
+            st.depth = max(st.depth, turns)
+            if status != ACTIVE:
+                continue
+            if o.tool_calls >= cfg.max_tool_calls:
+                st.limit_notices += 1
+                next_open.append(_Open(o.tree, node, list(self._limit_notice_ids), o.tool_calls, turns))
+                continue
+            st.tool_calls += 1
+            tool = self.tools.get(action.kind)
+            if action.error is not None or tool is None:
+                st.tool_failures += 1
+                msg = action.error if tool is not None else f"tool '{action.kind}' is not available"
+                obs = encode_observation(self.tokenizer, format_error_observation(msg))
+                next_open.append(_Open(o.tree, node, obs, o.tool_calls + 1, turns))
+                continue
+            calls.append((tool, action.query))
+            call_slots.append((o, node))
+
+        if calls:
+            results = run_tool_calls(calls, max_workers=cfg.tool_workers, timeout=cfg.tool_timeout)
+            for (o, node), res in zip(call_slots, results):
+                if not res.ok:
+                    stats[o.tree].tool_failures += 1
+                trees[o.tree].nodes[node].info["tool_ok"] = res.ok
+                obs = encode_observation(self.tokenizer, format_observation(res.text))
+                next_open.append(_Open(o.tree, node, obs, o.tool_calls + 1, o.turns + 1))
+        return next_open
+
+    # -- leaves -> rows -----------------------------------------------------------------------
+    def _collect(self, trees, stats, prompts, cfg) -> list[LeafRow]:
+        rows: list[LeafRow] = []
+        for t, (tree, prompt) in enumerate(zip(trees, prompts)):
+            st = stats[t]
+            st.leaves = len(tree.leaves())
+            st.nodes = len(tree) - 1
+            leaves = tree.leaves()
+            n = cfg.samples_per_tree
+            if n and len(leaves) > n:
+                # The authors prune extra leaves at random (spec §2); the pruned branches leave the tree.
+                keep = sorted(self.rng.choice(leaves, size=n, replace=False).tolist())
+                tree.prune_leaves(keep)
+                leaves = tree.leaves()
+            tree_rows = []
+            for leaf in leaves:
+                seq = tree.leaf_sequence(leaf)
+                reward = self.reward_fn(decode_ids(self.tokenizer, seq.response_ids), prompt.golds)
+                tree.nodes[leaf].reward = reward.reward
+                tree_rows.append(LeafRow(t, seq, reward))
+            if n and tree_rows and len(tree_rows) < n:
+                # Short trees repeat their last leaf so every tree yields N rows (spec §2). The copy
+                # is a training row only: credit still sees each trajectory once.
+                last = tree_rows[-1]
+                tree_rows += [LeafRow(t, last.sequence, last.reward, duplicate=True) for _ in range(n - len(tree_rows))]
+            rows += tree_rows
+        return rows

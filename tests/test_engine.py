@@ -1,0 +1,289 @@
+"""Tree rollout engine driven by a scripted generator (pins tree shapes exactly)."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+
+from at2po.agent import TOOL_LIMIT_MESSAGE, render_prompt
+from at2po.credit import turn_credit
+from at2po.rewards import qa_reward
+from at2po.rollout.engine import Prompt, RolloutConfig, TreeRolloutEngine
+from at2po.rollout.generator import Generation
+from at2po.tiny import synthetic_agent_texts, train_tokenizer
+from at2po.tools.base import Tool, ToolResult
+from at2po.tree import ACTIVE, FAILED, LEAF
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(synthetic_agent_texts(200), vocab_size=600)
+
+
+class ScriptedGenerator:
+    """Answers each context with script(context_text, n_results_seen, call_index) -> (text, logprob)."""
+
+    def __init__(self, tok, script):
+        self.tok, self.script = tok, script
+        self.eos_token_id = tok.eos_token_id
+        self.contexts: list[list[int]] = []
+        self.greedy_flags: list[bool] = []
+        self.n = 0
+
+    def generate(self, contexts, params, max_new_tokens=None):
+        self.greedy_flags.append(params.greedy)
+        out = []
+        for ctx, lim in zip(contexts, max_new_tokens or [params.max_new_tokens] * len(contexts)):
+            self.contexts.append(list(ctx))
+            text_ctx = self.tok.decode(ctx)
+            response = text_ctx.split("<|im_start|>assistant\n", 1)[-1]  # the system prompt names the tags too
+            text, lp = self.script(response, response.count("<result>"), self.n)
+            self.n += 1
+            ids = self.tok.encode(text, add_special_tokens=False) if isinstance(text, str) else list(text)
+            finish = "length"
+            stop = next((s for s in params.stop if isinstance(text, str) and text.endswith(s)), None)
+            if len(ids) > lim:
+                ids = ids[:lim]
+            elif stop:
+                finish = "stop"
+            elif ids and ids[-1] == self.eos_token_id:
+                finish = "eos"
+            out.append(Generation(ids, [lp] * len(ids), finish, stop if finish == "stop" else None))
+        return out
+
+
+class EchoSearch(Tool):
+    name = "search"
+
+    def __init__(self):
+        self.queries = []
+
+    def run(self, query):
+        self.queries.append(query)
+        return ToolResult(f"Page 1: facts about {query}", ok=True)
+
+
+def prompt(tok, q="Who?", golds=("paris",)):
+    return Prompt(render_prompt(tok, q), list(golds), q)
+
+
+SEARCH = "<think> look </think> <search> {q} </search>"
+ANSWER = "<think> ok </think> <answer> The final answer is \\[ \\boxed{{{a}}} \\] </answer>"
+
+
+def test_tree_shape_selection_and_sibling_state(tok):
+    # Initial chain i (call i = 0,1,2) searches with entropy H = 0.5, 2.0, 1.0, then answers.
+    entropies = {0: 0.5, 1: 2.0, 2: 1.0}
+
+    def script(ctx, n_results, call):
+        if n_results == 0:
+            h = entropies.get(call, 0.1)
+            return SEARCH.format(q=f"q{call}"), -h
+        return ANSWER.format(a="paris" if call % 2 else "rome"), -0.2
+
+    gen = ScriptedGenerator(tok, script)
+    tool = EchoSearch()
+    cfg = RolloutConfig(n_initial=3, expansion_rounds=1, top_k=2, samples_per_tree=0, alpha=0.05)
+    eng = TreeRolloutEngine(gen, tok, {"search": tool}, qa_reward, cfg)
+    p = prompt(tok)
+    res = eng.rollout([p])
+    tree = res.trees[0]
+    # Initial phase: turn 1 of three chains (nodes 1-3), then their answers (4-6).
+    assert [n.parent for n in tree.nodes[:7]] == [-1, 0, 0, 0, 1, 2, 3]
+    assert [n.status for n in tree.nodes[1:7]] == [ACTIVE] * 3 + [LEAF] * 3
+    # Expansion picks the two highest-entropy turns (all share the root: same penalty): 2 then 3.
+    assert [n.parent for n in tree.nodes[7:9]] == [0, 0]
+    # Siblings re-sample from exactly the selected node's state: the prompt, no observation.
+    sib_contexts = gen.contexts[6:8]
+    assert sib_contexts == [tree.context_ids(2), tree.context_ids(3)] == [p.prompt_ids, p.prompt_ids]
+    assert all(tree.nodes[i].tool_calls_at_start == 0 for i in (7, 8))
+    # Each sibling continues to a leaf: search turn, then answer.
+    assert len(tree.leaves()) == 5 and len(res.rows) == 5
+    assert tool.queries[:3] == ["q0", "q1", "q2"]
+    # Tool counts along a path.
+    assert tree.nodes[4].tool_calls_at_start == 1 and tree.nodes[1].tool_calls_at_start == 0
+    # Leaf row arrays: obs masked, turn ids 0/1, token_node points at the path.
+    row = next(r for r in res.rows if r.sequence.leaf == 4)
+    s = row.sequence
+    n1, n4 = tree.nodes[1], tree.nodes[4]
+    assert s.response_ids.tolist() == n1.gen_ids + n4.obs_ids + n4.gen_ids
+    assert s.loss_mask.tolist() == [1] * len(n1.gen_ids) + [0] * len(n4.obs_ids) + [1] * len(n4.gen_ids)
+    assert set(s.turn_ids[s.loss_mask == 1].tolist()) == {0, 1}
+    assert (s.turn_ids[s.loss_mask == 0] == -1).all()
+    assert tok.decode(n4.obs_ids) == " <result>\nPage 1: facts about q0\n</result>"
+    np.testing.assert_allclose(s.old_log_probs[s.loss_mask == 1][: len(n1.gen_ids)], -0.5)
+    # Rewards: chain from call 0 answered at call 3 (odd → paris → EM 1).
+    assert tree.nodes[4].reward == 1.0 and row.reward.em == 1.0
+    st = res.stats[0]
+    assert st.tool_calls == 5 and st.tool_failures == 0 and st.depth == 2 and st.leaves == 5
+    assert st.generated_tokens == sum(len(n.gen_ids) for n in tree.nodes)
+    parent, entropy, reward = res.credit_arrays(0)
+    v, a = turn_credit(parent, entropy, reward)
+    assert np.isfinite(a).all()
+    assert res.generation_calls == 4  # two turns per phase, every tree batched together
+
+
+def test_every_generation_call_batches_all_trees(tok):
+    gen = ScriptedGenerator(tok, lambda c, k, n: (SEARCH.format(q="x"), -1.0) if k < 2 else (ANSWER.format(a="x"), -1.0))
+    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+                            RolloutConfig(n_initial=2, expansion_rounds=2, top_k=3, samples_per_tree=0))
+    res = eng.rollout([prompt(tok, "a"), prompt(tok, "b"), prompt(tok, "c")])
+    # 3 turns per trajectory; initial phase 3 calls; each expansion 3 calls (siblings of turn-1
+    # or turn-2 nodes need <= 3 turns): at most 9 calls in all, each holding all trees' chains.
+    assert res.generation_calls <= 9
+    assert len(gen.contexts) == sum(len(t) - 1 for t in res.trees)
+    assert all(len(t.leaves()) == 2 + 2 * 3 for t in res.trees)
+
+
+def test_samples_per_tree_prunes_and_duplicates(tok):
+    gen = ScriptedGenerator(tok, lambda c, k, n: (SEARCH.format(q="x"), -1.0) if k < 1 else (ANSWER.format(a="x"), -1.0))
+    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+                            RolloutConfig(n_initial=4, expansion_rounds=1, top_k=3, samples_per_tree=5, seed=1))
+    res = eng.rollout([prompt(tok)])
+    tree = res.trees[0]
+    assert res.stats[0].leaves == 7 and len(tree.leaves()) == 5 and len(res.rows) == 5
+    parent, _, reward = tree.to_arrays()
+    assert (parent[1:] < np.arange(1, len(parent))).all()
+    # Too few leaves: the last one is repeated, flagged, and credit still sees 2 leaves.
+    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+                            RolloutConfig(n_initial=2, expansion_rounds=0, samples_per_tree=5))
+    res = eng.rollout([prompt(tok)])
+    assert len(res.rows) == 5 and [r.duplicate for r in res.rows] == [False, False, True, True, True]
+    assert len(res.trees[0].leaves()) == 2
+
+
+def test_tool_call_limit_gives_masked_notice(tok):
+    def script(ctx, k, n):
+        if TOOL_LIMIT_MESSAGE in ctx:
+            return ANSWER.format(a="x"), -1.0
+        return SEARCH.format(q=f"q{k}"), -1.0
+
+    gen = ScriptedGenerator(tok, script)
+    tool = EchoSearch()
+    eng = TreeRolloutEngine(gen, tok, {"search": tool}, qa_reward,
+                            RolloutConfig(n_initial=1, expansion_rounds=0, max_tool_calls=2, samples_per_tree=0))
+    res = eng.rollout([prompt(tok)])
+    tree = res.trees[0]
+    assert tool.queries == ["q0", "q1"]
+    assert res.stats[0].tool_calls == 2 and res.stats[0].limit_notices == 1
+    # Turns: search, search, search (limit), answer.
+    assert [n.tool_calls_at_start for n in tree.nodes[1:]] == [0, 1, 2, 2]
+    notice = tree.nodes[4].obs_ids
+    assert TOOL_LIMIT_MESSAGE in tok.decode(notice)
+    s = res.rows[0].sequence
+    assert res.rows[0].reward.format_ok, res.rows[0].reward.reason
+    assert s.loss_mask[-len(tree.nodes[4].gen_ids) - len(notice):-len(tree.nodes[4].gen_ids)].sum() == 0
+
+
+class RaisingTool(Tool):
+    name = "search"
+
+    def run(self, query):
+        raise RuntimeError("index exploded")
+
+
+class SlowTool(Tool):
+    name = "search"
+
+    def run(self, query):
+        time.sleep(5)
+        return ToolResult("late", ok=True)
+
+
+@pytest.mark.parametrize("tool, expect", [(RaisingTool(), "index exploded"), (SlowTool(), "timed out")])
+def test_failing_tools_become_observations(tok, tool, expect):
+    gen = ScriptedGenerator(tok, lambda c, k, n: (SEARCH.format(q="x"), -1.0) if k < 1 else (ANSWER.format(a="x"), -1.0))
+    eng = TreeRolloutEngine(gen, tok, {"search": tool}, qa_reward,
+                            RolloutConfig(n_initial=2, expansion_rounds=0, samples_per_tree=0, tool_timeout=0.3))
+    t0 = time.perf_counter()
+    res = eng.rollout([prompt(tok)])
+    assert time.perf_counter() - t0 < 3
+    assert res.stats[0].tool_failures == 2
+    obs = tok.decode(res.trees[0].nodes[3].obs_ids)
+    assert expect in obs and obs.startswith(" <result>")
+    assert all(r.reward.format_ok for r in res.rows)
+
+
+GARBAGE = [
+    "<search> unclosed query and then nothing",
+    "<search>   </search>",  # empty query -> error observation
+    "<search><search> nested </search>",
+    "<search> " + "x" * 100_000 + " </search>",
+    "</search>",
+    "<answer> no box </answer>",
+    "\ufffd\ufffd\x00\x01 binary",
+    "",
+]
+
+
+@pytest.mark.parametrize("text", GARBAGE)
+def test_malformed_output_never_crashes(tok, text):
+    def script(ctx, k, n):
+        return (text, -3.0) if k == 0 else (ANSWER.format(a="x"), -1.0)
+
+    tool = EchoSearch()
+    gen = ScriptedGenerator(tok, script)
+    eng = TreeRolloutEngine(gen, tok, {"search": tool}, qa_reward,
+                            RolloutConfig(n_initial=2, expansion_rounds=1, top_k=2, samples_per_tree=4, max_turn_tokens=64))
+    res = eng.rollout([prompt(tok)])
+    assert len(res.rows) == 4
+    for q in tool.queries:
+        assert len(q) <= 2000
+    for row in res.rows:
+        assert row.sequence.loss_mask.sum() > 0 or text == ""
+
+
+def test_invalid_utf8_token_ids(tok):
+    # Raw byte tokens that do not form valid UTF-8 on their own.
+    byte_ids = tok.convert_tokens_to_ids(["Ã", "Ĥ"])  # byte-level pieces of broken sequences
+    gen = ScriptedGenerator(tok, lambda c, k, n: (byte_ids * 5, -2.0))
+    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+                            RolloutConfig(n_initial=2, expansion_rounds=0, samples_per_tree=0))
+    res = eng.rollout([prompt(tok)])
+    assert all(r.reward.reward == -1.0 for r in res.rows)
+
+
+def test_missing_tool_and_python_call(tok):
+    gen = ScriptedGenerator(tok, lambda c, k, n: ("<python> print(1) </python>", -1.0) if k < 1 else (ANSWER.format(a="x"), -1.0))
+    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+                            RolloutConfig(n_initial=1, expansion_rounds=0, samples_per_tree=0))
+    res = eng.rollout([prompt(tok)])
+    assert "tool 'python' is not available" in tok.decode(res.trees[0].nodes[2].obs_ids)
+    assert res.stats[0].tool_failures == 1
+
+
+def test_budget_and_turn_limits(tok):
+    # Never answers: max_turns ends the trajectory as a failed leaf.
+    gen = ScriptedGenerator(tok, lambda c, k, n: (SEARCH.format(q="x"), -1.0))
+    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+                            RolloutConfig(n_initial=1, expansion_rounds=0, samples_per_tree=0, max_turns=3, max_tool_calls=10))
+    res = eng.rollout([prompt(tok)])
+    tree = res.trees[0]
+    assert len(tree) == 4 and tree.nodes[3].status == FAILED and res.rows[0].reward.reward == -1.0
+    # A tiny response budget: generation is cut ("length") and the trajectory ends.
+    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+                            RolloutConfig(n_initial=1, expansion_rounds=0, samples_per_tree=0, max_response_tokens=12))
+    res = eng.rollout([prompt(tok)])
+    for r in res.rows:
+        assert len(r.sequence.response_ids) <= 12 + 40  # the observation may overshoot, never a new turn
+    tree = res.trees[0]
+    assert all(n.is_terminal or n.children for n in tree.nodes[1:])
+
+
+def test_validate_is_greedy_single_chain(tok):
+    gen = ScriptedGenerator(tok, lambda c, k, n: (ANSWER.format(a="paris"), -0.1))
+    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward, RolloutConfig())
+    res = eng.validate([prompt(tok), prompt(tok, golds=("rome",))])
+    assert gen.greedy_flags == [True]
+    assert [r.reward.em for r in res.rows] == [1.0, 0.0]
+    assert len(res.rows) == 2
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="rollout.n_initial"):
+        RolloutConfig(n_initial=0)
+    with pytest.raises(ValueError, match="rollout.expansion_mode"):
+        RolloutConfig(expansion_mode="greedy")
+    with pytest.raises(ValueError, match="rollout.top_k"):
+        RolloutConfig(top_k=-1)
