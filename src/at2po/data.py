@@ -1,0 +1,55 @@
+"""QA data rows: FlashRAG jsonl ({"id", "question", "golden_answers"}), validated at the boundary."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class QARow:
+    id: str
+    question: str
+    golds: tuple[str, ...]
+
+
+def row_from_dict(d: dict, where: str) -> QARow:
+    """Validate one record; ``where`` ("file:line") is named in every error."""
+    if not isinstance(d, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    question = d.get("question")
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: field 'question' is missing or empty")
+    golds = d.get("golden_answers", d.get("golds", d.get("answer")))
+    if isinstance(golds, str):
+        golds = [golds]
+    if not isinstance(golds, (list, tuple)) or not golds or not all(isinstance(g, str) and g.strip() for g in golds):
+        raise ValueError(f"{where}: field 'golden_answers' must be a non-empty list of non-empty strings, got {golds!r}")
+    rid = d.get("id", where)
+    return QARow(id=str(rid), question=question.strip(), golds=tuple(g.strip() for g in golds))
+
+
+def load_qa_jsonl(path: str | Path) -> list[QARow]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"QA file {path} does not exist")
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+            rows.append(row_from_dict(d, f"{path}:{line_no}"))
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
+
+
+def write_qa_jsonl(rows: list[QARow], path: str | Path) -> None:
+    with Path(path).open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps({"id": r.id, "question": r.question, "golden_answers": list(r.golds)}) + "\n")

@@ -1,0 +1,567 @@
+"""The AT²PO trainer: one step = tree rollout → rewards → turn-wise credit → policy update.
+
+Built on Hugging Face Accelerate, so the same loop runs on CPU, one GPU or several processes
+(each process rolls out its own share of the step's prompts; gradients are averaged by DDP).
+Every objective and credit variant of the spec is a config setting (see at2po.config).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from at2po.agent import build_system_prompt, render_prompt
+from at2po.config import Config, config_to_dict, save_config
+from at2po.credit import token_advantages, turn_credit_batch
+from at2po.data import QARow, load_qa_jsonl
+from at2po.losses import aggregate, kl_penalty, policy_loss
+from at2po.rewards import get_reward_fn
+from at2po.rollout.engine import Prompt, RolloutResult, TreeRolloutEngine
+from at2po.rollout.generator import HFGenerator, sequence_logprobs
+
+CHECKPOINT_STATE = "trainer_state.pt"
+
+
+# -- data order ------------------------------------------------------------------------------------
+class PromptSampler:
+    """Seeded epoch-wise shuffling with an explicit position, so a resumed run sees the same prompts."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        if n < 1:
+            raise ValueError("the training set is empty")
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.pos = 0, 0
+
+    def _order(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, self.epoch]).permutation(self.n)
+
+    def take(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            order = self._order()
+            out.append(int(order[self.pos]))
+            self.pos += 1
+            if self.pos == self.n:
+                self.epoch, self.pos = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.epoch, self.pos = d["epoch"], d["pos"]
+
+
+# -- batches -----------------------------------------------------------------------------------------
+@dataclass
+class TrainBatch:
+    """Padded rows of one step. Response tensors are (B, T), right-padded."""
+
+    sequences: list[list[int]]  # prompt + response ids per row
+    response_starts: list[int]
+    tree_of_row: np.ndarray
+    response_mask: torch.Tensor
+    old_log_probs: torch.Tensor
+    advantages: torch.Tensor
+    turn_ids: torch.Tensor
+
+    def rows(self, idx: list[int]) -> "TrainBatch":
+        return TrainBatch(
+            [self.sequences[i] for i in idx], [self.response_starts[i] for i in idx], self.tree_of_row[idx],
+            self.response_mask[idx], self.old_log_probs[idx], self.advantages[idx], self.turn_ids[idx],
+        )
+
+
+def _pad(arrays: list[np.ndarray], value, dtype) -> torch.Tensor:
+    width = max((len(a) for a in arrays), default=0)
+    out = np.full((len(arrays), max(width, 1)), value, dtype=np.float64 if dtype.is_floating_point else np.int64)
+    for i, a in enumerate(arrays):
+        out[i, : len(a)] = a
+    return torch.as_tensor(out, dtype=dtype)
+
+
+def build_train_batch(result: RolloutResult, algo) -> tuple[TrainBatch, dict[str, float]]:
+    """Turn-wise credit over every tree, broadcast to the tokens of every leaf row (spec §3)."""
+    arrays = [t.to_arrays() for t in result.trees]
+    if algo.turn_credit:
+        _, node_adv = turn_credit_batch(
+            *zip(*arrays), value_mode=algo.value_mode, adv_mode=algo.adv_mode, normalize_leaves=algo.normalize_leaves
+        ) if arrays else ([], [])
+    else:
+        # GRPO-style: every turn of a trajectory carries its leaf's normalised reward. On a tree
+        # this is the leaf value with all turn credit switched off.
+        node_adv = []
+        for parent, _, reward in arrays:
+            is_leaf = ~np.isnan(reward)
+            r = reward[is_leaf]
+            r_hat = (r - r.mean()) / (r.std() + 1e-6) if algo.normalize_leaves else r
+            adv = np.zeros(len(parent))
+            adv[np.flatnonzero(is_leaf)] = r_hat
+            node_adv.append(adv)
+    seqs, starts, trees, masks, olds, advs, tids = [], [], [], [], [], [], []
+    for row in result.rows:
+        tree = result.trees[row.tree]
+        s = row.sequence
+        if algo.turn_credit:
+            adv = token_advantages(node_adv[row.tree], s.token_node)
+        else:  # the leaf's advantage on every trained token of its trajectory
+            adv = np.where(s.loss_mask > 0, node_adv[row.tree][row.sequence.leaf], 0.0)
+        seqs.append(tree.prompt_ids + s.response_ids.tolist())
+        starts.append(len(tree.prompt_ids))
+        trees.append(row.tree)
+        masks.append(s.loss_mask)
+        olds.append(s.old_log_probs)
+        advs.append(adv)
+        tids.append(s.turn_ids)
+    batch = TrainBatch(
+        seqs, starts, np.asarray(trees, dtype=np.int64), _pad(masks, 0, torch.long), _pad(olds, 0.0, torch.float32),
+        _pad(advs, 0.0, torch.float32), _pad(tids, -1, torch.long),
+    )
+    m = batch.response_mask.bool()
+    a = batch.advantages[m]
+    stats = {
+        "adv/mean": float(a.mean()) if a.numel() else 0.0,
+        "adv/std": float(a.std()) if a.numel() > 1 else 0.0,
+        "adv/abs_max": float(a.abs().max()) if a.numel() else 0.0,
+        "adv/zero_frac": float((a == 0).float().mean()) if a.numel() else 0.0,
+    }
+    return batch, stats
+
+
+def response_log_probs(model, batch: TrainBatch, temperature: float) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens under ``model`` (right-padded like the batch)."""
+    per_row = sequence_logprobs(model, batch.sequences, batch.response_starts, temperature=temperature)
+    out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=per_row[0].device)
+    for i, lp in enumerate(per_row):  # scatter rows into the padded layout
+        out[i, : lp.shape[0]] = lp
+    return out
+
+
+# -- logging -----------------------------------------------------------------------------------------
+class MetricsLogger:
+    """Console, JSONL, TensorBoard and (optionally) W&B, one call per step."""
+
+    def __init__(self, out_dir: Path, cfg: Config, enabled: bool = True):
+        self.enabled = enabled
+        self.path = out_dir / "metrics.jsonl"
+        self.tb = None
+        self.wandb = None
+        if not enabled:
+            return
+        if cfg.trainer.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out_dir / "tensorboard"))
+            except ImportError:
+                print("tensorboard is not installed: pip install tensorboard (metrics still go to metrics.jsonl)")
+        if cfg.trainer.wandb:
+            import wandb  # an explicit opt-in: fail loudly if missing
+
+            self.wandb = wandb.init(project=cfg.trainer.wandb_project, config=config_to_dict(cfg), dir=str(out_dir))
+
+    def log(self, step: int, metrics: dict[str, float], console: bool = True) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if console:
+            keys = [k for k in ("reward/mean", "reward/em", "val/em", "loss/policy", "loss/clipfrac",
+                                "loss/turn_kl_entropy", "rollout/leaves_per_tree", "rollout/tool_calls",
+                                "time/step") if k in metrics]
+            print(f"step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in keys), flush=True)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    p = Path(path)
+    if not p.exists():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(jsonl: str | Path, png: str | Path) -> Path:
+    """Training curves (reward, EM, validation EM, clip fraction, H_turn, tokens) as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(jsonl)
+    panels = [("reward/mean", "train reward"), ("reward/em", "train EM"), ("val/em", "held-out EM (greedy)"),
+              ("loss/clipfrac", "clip fraction"), ("loss/turn_kl_entropy", "H_turn"),
+              ("rollout/generated_tokens", "generated tokens / step")]
+    fig, axes = plt.subplots(2, 3, figsize=(12, 6))
+    for ax, (key, title) in zip(axes.flat, panels):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        if pts:
+            xs, ys = zip(*pts)
+            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return Path(png)
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------
+def _rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.glob("step_*") if (p / CHECKPOINT_STATE).is_file())
+    return done[-1] if done else None
+
+
+# -- the trainer ---------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: Config, *, tools: dict | None = None):
+        from accelerate import Accelerator
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.cfg = cfg
+        tc = cfg.trainer
+        self.out_dir = Path(tc.output_dir)
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        self.is_main = self.accelerator.is_main_process
+        rank = self.accelerator.process_index
+        random.seed(tc.seed + rank)
+        np.random.seed(tc.seed + rank)
+        torch.manual_seed(tc.seed + rank)
+
+        self.resume_from = None
+        model_path = cfg.model.path
+        if not model_path:
+            raise ValueError("model.path is empty: point it at a Hugging Face model directory (or hub id)")
+        dtype = getattr(torch, cfg.model.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path)
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        if cfg.model.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        self.ref_model = None
+        if cfg.algo.kl_coef > 0:
+            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+            self.ref_model.requires_grad_(False)
+            self.ref_model.to(self.accelerator.device)
+
+        oc = cfg.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / oc.warmup_steps) if oc.warmup_steps else 1.0)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+
+        self.train_rows = load_qa_jsonl(cfg.data.train_file) if cfg.data.train_file else []
+        if not self.train_rows:
+            raise ValueError("data.train_file is empty: give a FlashRAG-style jsonl of training questions")
+        self.val_rows = load_qa_jsonl(cfg.data.val_file) if cfg.data.val_file else []
+        if cfg.data.val_size:
+            self.val_rows = self.val_rows[: cfg.data.val_size]
+        self.system_prompt = build_system_prompt(python_tool=cfg.tools.python)
+        self.sampler = PromptSampler(len(self.train_rows), tc.seed, cfg.data.shuffle)
+        self.shuffle_rng = torch.Generator().manual_seed(tc.seed + 7919 * rank)
+
+        self.tools = tools if tools is not None else build_tools(cfg)
+        self.generator = HFGenerator(self.accelerator.unwrap_model(self.model), self.tokenizer, seed=tc.seed + rank)
+        self.engine = TreeRolloutEngine(
+            self.generator, self.tokenizer, self.tools, get_reward_fn(cfg.algo.reward_fn), cfg.rollout,
+            progress=self._rollout_progress,
+        )
+        self.step = 0
+        self._bar = None
+
+    # -- helpers -----------------------------------------------------------------------------
+    def _prompt(self, row: QARow) -> Prompt:
+        ids = render_prompt(self.tokenizer, row.question, system_prompt=self.system_prompt)
+        return Prompt(ids, list(row.golds), row.question, {"id": row.id})
+
+    def _rollout_progress(self, phase: str, turn: int, open_trajectories: int) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{phase} turn {turn}: {open_trajectories} generating")
+
+    def _my_share(self, items: list) -> list:
+        """This process's slice of a step's prompts (all of them on a single process)."""
+        n, r = self.accelerator.num_processes, self.accelerator.process_index
+        return items[r::n]
+
+    # -- state ---------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoints/step_XXXXXX atomically: a temp dir renamed into place when complete."""
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return None
+        root = self.out_dir / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        final = root / f"step_{self.step:06d}"
+        tmp = root / f".tmp_step_{self.step:06d}_{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        save_config(self.cfg, tmp / "config.yaml")
+        state = {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": _rng_state(),
+            "shuffle_rng": self.shuffle_rng.get_state(),
+            "engine_rng": self.engine.rng.bit_generator.state,
+            "generator_rng": self.generator.get_rng_state(),
+        }
+        torch.save(state, tmp / CHECKPOINT_STATE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted(p for p in root.glob("step_*") if (p / CHECKPOINT_STATE).is_file())
+        for old in done[: -self.cfg.trainer.keep_checkpoints] if self.cfg.trainer.keep_checkpoints > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        weights = {}
+        for f in sorted(path.glob("*.safetensors")):
+            weights.update(load_file(str(f)))
+        model = self.accelerator.unwrap_model(self.model)
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        # Tied embeddings are saved once; anything else missing means a wrong checkpoint.
+        missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        state = torch.load(path / CHECKPOINT_STATE, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        _set_rng_state(state["rng"])
+        self.shuffle_rng.set_state(state["shuffle_rng"])
+        self.engine.rng.bit_generator.state = state["engine_rng"]
+        self.generator.set_rng_state(state["generator_rng"])
+        self.step = state["step"]
+
+    # -- one step ------------------------------------------------------------------------------
+    def validate(self) -> dict[str, float]:
+        if not self.val_rows:
+            return {}
+        t0 = time.perf_counter()
+        result = self.engine.validate([self._prompt(r) for r in self._my_share(self.val_rows)])
+        rewards = [row.reward for row in result.rows]
+        turns = [len(row.sequence.path) - 1 for row in result.rows]
+        local = torch.tensor([[r.em, r.f1, float(r.format_ok), t] for r, t in zip(rewards, turns)], dtype=torch.float64)
+        calls = sum(s.tool_calls for s in result.stats)
+        allrows = self.accelerator.gather_for_metrics(local) if self.accelerator.num_processes > 1 else local
+        n = max(len(allrows), 1)
+        return {"val/em": float(allrows[:, 0].sum()) / n, "val/f1": float(allrows[:, 1].sum()) / n,
+                "val/format_ok": float(allrows[:, 2].sum()) / n, "val/turns": float(allrows[:, 3].sum()) / n,
+                "val/tool_calls": calls / max(len(rewards), 1), "time/val": time.perf_counter() - t0}
+
+    def train_step(self) -> dict[str, float]:
+        cfg, tc = self.cfg, self.cfg.trainer
+        t0 = time.perf_counter()
+        idx = self._my_share(self.sampler.take(tc.prompts_per_step))
+        prompts = [self._prompt(self.train_rows[i]) for i in idx]
+        result = self.engine.rollout(prompts)
+        t_rollout = time.perf_counter() - t0
+
+        batch, adv_stats = build_train_batch(result, cfg.algo)
+        update = self._update(batch, n_trees=len(prompts))
+        totals = result.totals()
+        rewards = [r.reward for r in result.rows if not r.duplicate]
+        n_rows = max(len(rewards), 1)
+        dt = time.perf_counter() - t0
+        metrics = {
+            "reward/mean": sum(r.reward for r in rewards) / n_rows,
+            "reward/em": sum(r.em for r in rewards) / n_rows,
+            "reward/f1": sum(r.f1 for r in rewards) / n_rows,
+            "reward/format_ok": sum(r.format_ok for r in rewards) / n_rows,
+            **adv_stats,
+            **update,
+            "rollout/generated_tokens": totals["generated_tokens"],
+            "rollout/prefill_tokens": totals["prefill_tokens"],
+            "rollout/tool_calls": totals["tool_calls"],
+            "rollout/tool_failures": totals["tool_failures"],
+            "rollout/leaves_per_tree": totals["leaves"] / max(len(prompts), 1),
+            "rollout/depth_max": totals["depth_max"],
+            "rollout/token_nll": _mean_nll(result),
+            "rollout/generation_calls": float(result.generation_calls),
+            "time/rollout": t_rollout,
+            "time/update": dt - t_rollout,
+            "time/step": dt,
+            "perf/gen_tokens_per_s": totals["generated_tokens"] / max(t_rollout, 1e-9),
+            **{f"time/phase_{k}": v for k, v in result.phase_seconds.items()},
+            "lr": self.scheduler.get_last_lr()[0],
+        }
+        self.step += 1
+        return metrics
+
+    def _update(self, batch: TrainBatch, n_trees: int) -> dict[str, float]:
+        """PPO epochs over mini-batches of whole trees, accumulating micro-batch gradients."""
+        cfg, tc, algo = self.cfg, self.cfg.trainer, self.cfg.algo
+        acc = self.accelerator
+        device = acc.device
+        model = self.model
+        model.train()
+        sums: dict[str, float] = {}
+        n_updates = 0
+        mb_trees = max(1, tc.mini_batch_prompts // acc.num_processes)
+        for _ in range(tc.ppo_epochs):
+            order = torch.randperm(n_trees, generator=self.shuffle_rng).tolist()
+            for start in range(0, n_trees, mb_trees):
+                trees = set(order[start:start + mb_trees])
+                rows = [i for i, t in enumerate(batch.tree_of_row) if t in trees]
+                if not rows:
+                    continue
+                mini = batch.rows(rows)
+                weight_den = float(len(rows)) if algo.loss_agg != "token-mean" else float(mini.response_mask.sum().clamp(min=1))
+                stats_mb: dict[str, float] = {}
+                for ms in range(0, len(rows), tc.micro_batch_rows):
+                    micro = mini.rows(list(range(ms, min(ms + tc.micro_batch_rows, len(rows)))))
+                    mask = micro.response_mask.to(device)
+                    logp = response_log_probs(model, micro, cfg.rollout.temperature)
+                    loss, m = policy_loss(
+                        logp, micro.old_log_probs.to(device), micro.advantages.to(device), mask,
+                        level=algo.loss_level, clip_low=algo.clip_low, clip_high=algo.clip_high,
+                        turn_ids=micro.turn_ids.to(device), agg=algo.loss_agg, log_ratio_max=algo.log_ratio_max,
+                    )
+                    if self.ref_model is not None:
+                        with torch.no_grad():
+                            ref = response_log_probs(self.ref_model, micro, cfg.rollout.temperature)
+                        kl = aggregate(kl_penalty(logp, ref, algo.kl_kind), mask, algo.loss_agg)
+                        loss = loss + algo.kl_coef * kl
+                        m["kl_ref"] = float(kl.detach())
+                    w = (len(micro.sequences) if algo.loss_agg != "token-mean" else float(mask.sum())) / weight_den
+                    acc.backward(loss * w)
+                    m["policy"] = float(loss.detach())
+                    for k, v in m.items():
+                        stats_mb[k] = stats_mb.get(k, 0.0) + w * v
+                grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                stats_mb["grad_norm"] = float(grad_norm)
+                for k, v in stats_mb.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_updates += 1
+        return {f"loss/{k}": v / max(n_updates, 1) for k, v in sums.items()} | {"loss/updates": float(n_updates)}
+
+    # -- loop ----------------------------------------------------------------------------------
+    def fit(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
+        """Train for trainer.steps (or until ``stop_after`` steps of this call, for tests)."""
+        from tqdm.auto import tqdm
+
+        cfg, tc = self.cfg, self.cfg.trainer
+        if resume:
+            ckpt = latest_checkpoint(self.out_dir)
+            if ckpt is not None:
+                self.load_checkpoint(ckpt)
+                if self.is_main:
+                    print(f"resumed from {ckpt} at step {self.step}")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if self.is_main:
+            save_config(cfg, self.out_dir / "config.yaml")
+        logger = MetricsLogger(self.out_dir, cfg, enabled=self.is_main)
+        history = []
+        try:
+            if self.step == 0 and tc.val_before_train and self.val_rows:
+                v = self.validate()
+                logger.log(0, v)
+                history.append({"step": 0, **v})
+            self._bar = tqdm(total=tc.steps, initial=self.step, desc="AT²PO", disable=not (tc.progress and self.is_main),
+                             dynamic_ncols=True)
+            done_here = 0
+            while self.step < tc.steps and (stop_after is None or done_here < stop_after):
+                metrics = self.train_step()
+                done_here += 1
+                if tc.val_every and self.step % tc.val_every == 0 and self.step < tc.steps:
+                    metrics.update(self.validate())
+                if self.step == tc.steps and self.val_rows:
+                    metrics.update(self.validate())
+                self._bar.update(1)
+                self._bar.set_postfix_str(f"reward {metrics['reward/mean']:.3f}")
+                if self.step % tc.log_every == 0 or "val/em" in metrics:
+                    logger.log(self.step, metrics, console=tc.progress)
+                history.append({"step": self.step, **metrics})
+                if (tc.save_every and self.step % tc.save_every == 0) or self.step == tc.steps:
+                    self.save_checkpoint()
+            self._bar.close()
+            self._bar = None
+        finally:
+            logger.close()
+        return {"history": history, "step": self.step}
+
+
+def _mean_nll(result: RolloutResult) -> float:
+    tot, n = 0.0, 0
+    for tree in result.trees:
+        for node in tree.nodes[1:]:
+            lp = [p for p, m in zip(node.gen_logprobs, node.gen_mask) if m]
+            tot -= sum(lp)
+            n += len(lp)
+    return tot / max(n, 1)
+
+
+def build_tools(cfg: Config) -> dict:
+    """The tools named in cfg.tools, keyed by the action that calls them."""
+    from at2po.tools.base import build_tool
+
+    tc = cfg.tools
+    tools = {}
+    if tc.search == "bm25":
+        if not (tc.corpus_file or tc.index_dir):
+            raise ValueError("tools.corpus_file (or tools.index_dir) is required for tools.search=bm25")
+        from at2po.tools.search import LocalSearchTool
+
+        source = {"index_dir": tc.index_dir} if tc.index_dir else {"corpus_path": tc.corpus_file}
+        tools["search"] = LocalSearchTool(**source, topk=tc.topk, max_chars=tc.max_passage_chars)
+    elif tc.search == "http":
+        tools["search"] = build_tool("search_http", url=tc.retriever_url, topk=tc.topk, max_chars=tc.max_passage_chars)
+    if tc.python:
+        tools["python"] = build_tool("python", timeout=tc.python_timeout)
+    return tools
+
+
+def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+    trainer = Trainer(cfg)
+    return trainer.fit(resume=resume)
