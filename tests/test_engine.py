@@ -287,3 +287,41 @@ def test_config_validation():
         RolloutConfig(expansion_mode="greedy")
     with pytest.raises(ValueError, match="rollout.top_k"):
         RolloutConfig(top_k=-1)
+
+
+def test_async_schedule_keeps_tree_semantics_and_fills_batches(tok):
+    # Tree "a": 3-turn chains, highest entropy on the first turn, so its expansions are long.
+    # Tree "b": 5-turn chains, highest entropy on the last search, so its expansions are short.
+    # With the barrier ("sync") every phase lasts as long as its slowest tree: 5 + 3 + 3 calls.
+    # "async" lets each tree run its own phases back to back: max(3+3+3, 5+2+2) = 9 calls.
+    def script(full, k):
+        a = "Question: a" in full
+        searches = 2 if a else 4
+        hot = 0 if a else searches - 1
+        if k < searches:
+            return SEARCH.format(q=f"q{k}"), -2.0 if k == hot else -0.5
+        return ANSWER.format(a="x"), -1.0
+
+    def run(schedule):
+        gen = ScriptedGenerator(tok, None)
+
+        def generate(contexts, params, max_new_tokens=None):
+            outs = []
+            for c, m in zip(contexts, max_new_tokens):
+                full = tok.decode(c)
+                gen.script = lambda resp, k, n: script(full, k)
+                outs += ScriptedGenerator.generate(gen, [c], params, [m])
+            return outs
+
+        gen.generate = generate
+        eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+                                RolloutConfig(n_initial=2, expansion_rounds=2, top_k=2, samples_per_tree=0,
+                                              max_tool_calls=10, schedule=schedule))
+        return eng.rollout([prompt(tok, "a"), prompt(tok, "b")])
+
+    sync, asyn = run("sync"), run("async")
+    for t in range(2):
+        assert [n.parent for n in sync.trees[t].nodes] == [n.parent for n in asyn.trees[t].nodes]
+        assert [n.gen_ids for n in sync.trees[t].nodes] == [n.gen_ids for n in asyn.trees[t].nodes]
+    assert (sync.generation_calls, asyn.generation_calls) == (11, 9)
+    assert len(asyn.stats[0].phase_end_seconds) == 3  # initial, expand 1, expand 2

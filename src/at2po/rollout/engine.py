@@ -1,10 +1,12 @@
 """Tree rollout engine (spec §1–2): grows one turn tree per prompt with a generator and tools.
 
-One phase = a set of trajectories advanced turn by turn until all of them end. Every generation
-call batches the next turn of every unfinished trajectory of every tree, and the tool calls of a
-turn run concurrently. Phases: M initial chains from each root, then L expansion rounds where K
+A tree goes through phases: M initial chains from its root, then L expansion rounds where K
 selected turns get a new sibling that re-samples the turn from exactly its state and continues
-to a leaf. A chain rollout (GRPO/GSPO baselines) is L = 0; validation is greedy with M = 1.
+to a leaf. Every generation call batches the next turn of every unfinished trajectory of every
+tree, whatever phase its tree is in, and the tool calls of a turn run concurrently. With the
+default "async" schedule a tree expands as soon as its own phase is over instead of waiting for
+the slowest trajectory of the batch (the authors' barrier, kept as schedule "sync").
+A chain rollout (GRPO/GSPO baselines) is L = 0; validation is greedy with M = 1.
 """
 
 from __future__ import annotations
@@ -49,9 +51,12 @@ class RolloutConfig:
     top_p: float = 1.0
     tool_workers: int = 8  # threads running one turn's tool calls
     tool_timeout: float = 30.0  # seconds per tool call
+    schedule: str = "async"  # "async": each tree starts its next phase as soon as its own is done; "sync": all wait
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.schedule not in ("async", "sync"):
+            raise ValueError(f"rollout.schedule={self.schedule!r} is not one of async, sync")
         for name in ("n_initial", "max_turns", "max_turn_tokens", "max_response_tokens", "tool_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
@@ -94,6 +99,7 @@ class TreeStats:
     depth: int = 0  # turns of the longest trajectory
     leaves: int = 0  # finished trajectories before trimming to N
     nodes: int = 0
+    phase_end_seconds: list[float] = field(default_factory=list)  # since rollout start, one per phase
 
 
 @dataclass
@@ -160,29 +166,38 @@ class TreeRolloutEngine:
         )
         trees = [TurnTree(p.prompt_ids, meta={"question": p.question, "golds": list(p.golds), **p.meta}) for p in prompts]
         stats = [TreeStats() for _ in prompts]
-        phase_seconds: dict[str, float] = {}
         self._calls = 0
+        self._seconds = {"generate": 0.0, "tools": 0.0}
+        start = time.perf_counter()
 
-        t0 = time.perf_counter()
+        phase = [0] * len(trees)  # 0 = initial chains, r = expansion round r
         opened = [_Open(t, 0, [], 0, 0) for t in range(len(trees)) for _ in range(cfg.n_initial)]
-        self._run_phase(trees, stats, opened, params, cfg, "initial")
-        phase_seconds["initial"] = time.perf_counter() - t0
-
-        for r in range(cfg.expansion_rounds):
-            t0 = time.perf_counter()
-            opened = []
-            for t, tree in enumerate(trees):
-                for n in select_from_tree(tree, cfg.top_k, alpha=cfg.alpha, mode=cfg.expansion_mode, rng=self.rng):
-                    node = tree.nodes[n]
-                    # The sibling starts from exactly n's state: same parent, same observation,
-                    # same tool-call count (not the authors' count − 1, spec §2).
-                    opened.append(_Open(t, node.parent, list(node.obs_ids), node.tool_calls_at_start, tree.depth(n) - 1))
-            self._run_phase(trees, stats, opened, params, cfg, f"expand{r + 1}")
-            phase_seconds[f"expand{r + 1}"] = time.perf_counter() - t0
+        while True:
+            # A tree whose current phase is over starts its next one right away (schedule
+            # "async"), or only once every tree is done with the phase (schedule "sync", the
+            # authors' barrier). Either way a tree's selection sees exactly its finished phase.
+            busy = {o.tree for o in opened}
+            ready = [t for t in range(len(trees)) if t not in busy and phase[t] < cfg.expansion_rounds]
+            if cfg.schedule == "sync" and busy:
+                ready = []
+            for t in ready:
+                stats[t].phase_end_seconds.append(time.perf_counter() - start)
+                opened += self._expand(trees[t], t, cfg)
+                phase[t] += 1
+            if not opened:
+                if any(p < cfg.expansion_rounds for p in phase):
+                    continue  # trees whose selection found no candidate move on to their next round
+                break
+            if self.progress is not None:
+                self.progress(f"phase {min(phase)}-{max(phase)}", self._calls + 1, len(opened))
+            opened = self._advance(trees, stats, opened, params, cfg)
+        end = time.perf_counter() - start
+        for st in stats:
+            st.phase_end_seconds.append(end)
 
         t0 = time.perf_counter()
         rows = self._collect(trees, stats, prompts, cfg)
-        phase_seconds["reward"] = time.perf_counter() - t0
+        phase_seconds = {"rollout": end, **self._seconds, "reward": time.perf_counter() - t0}
         return RolloutResult(trees, rows, stats, phase_seconds, self._calls)
 
     def validate(self, prompts: Sequence[Prompt]) -> RolloutResult:
@@ -192,13 +207,14 @@ class TreeRolloutEngine:
         return self.rollout(prompts, greedy=True, config=val)
 
     # -- phases -------------------------------------------------------------------------------
-    def _run_phase(self, trees, stats, opened: list[_Open], params, cfg, name: str) -> None:
-        step = 0
-        while opened:
-            step += 1
-            if self.progress is not None:
-                self.progress(name, step, len(opened))
-            opened = self._advance(trees, stats, opened, params, cfg)
+    def _expand(self, tree: TurnTree, t: int, cfg: RolloutConfig) -> list[_Open]:
+        """Siblings of the K selected turns (spec §2): each starts from exactly the turn's state."""
+        opened = []
+        for n in select_from_tree(tree, cfg.top_k, alpha=cfg.alpha, mode=cfg.expansion_mode, rng=self.rng):
+            node = tree.nodes[n]
+            # Same parent, same observation, same tool-call count (not the authors' count − 1).
+            opened.append(_Open(t, node.parent, list(node.obs_ids), node.tool_calls_at_start, tree.depth(n) - 1))
+        return opened
 
     def _advance(self, trees, stats, opened: list[_Open], params, cfg) -> list[_Open]:
         """Generate one turn for every open trajectory, run its tool calls, return what stays open."""
@@ -227,7 +243,9 @@ class TreeRolloutEngine:
         contexts = [trees[o.tree].full_ids(o.parent) + o.obs_ids for o in opened]
         limits = [min(cfg.max_turn_tokens, max(b, 1)) for _, b in live]
 
+        t0 = time.perf_counter()
         gens = self.generator.generate(contexts, params, max_new_tokens=limits)
+        self._seconds["generate"] += time.perf_counter() - t0
         self._calls += 1
 
         next_open: list[_Open] = []
@@ -271,7 +289,9 @@ class TreeRolloutEngine:
             call_slots.append((o, node))
 
         if calls:
+            t0 = time.perf_counter()
             results = run_tool_calls(calls, max_workers=cfg.tool_workers, timeout=cfg.tool_timeout)
+            self._seconds["tools"] += time.perf_counter() - t0
             for (o, node), res in zip(call_slots, results):
                 if not res.ok:
                     stats[o.tree].tool_failures += 1
