@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -12,6 +13,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="AT²PO: agentic turn-based policy optimisation via tree search (arXiv 2601.04767).",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    qs = sub.add_parser(
+        "quickstart",
+        help="build a synthetic multi-hop search task and a tiny model, warm-start it, train it with AT²PO on CPU",
+        description="Builds a synthetic multi-hop world with a BM25-searchable corpus, a locally trained "
+        "tokenizer and a tiny Qwen2 model, warm-starts the model on demonstrations, trains it with AT²PO "
+        "(the same trainer as `at2po train`), then prints held-out EM before/after RL and saves curves.",
+    )
+    qs.add_argument("--out", default="runs/quickstart", help="output directory (default runs/quickstart)")
+    qs.add_argument("--seed", type=int, default=0, help="seed of the world, the model and training (default 0)")
+    qs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a training config field, e.g. --set trainer.steps=20 (repeatable)")
+    qs.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    tr = sub.add_parser("train", help="train from a YAML config (see README: every field and its default)")
+    tr.add_argument("--config", help="YAML file whose sections mirror at2po.config.Config")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in trainer.output_dir")
+    tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rollout.top_k=4")
+
+    cfg = sub.add_parser("config", help="print the full default config (or a file merged with overrides) as YAML")
+    cfg.add_argument("--config", help="YAML file to merge")
+    cfg.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+
     demo = sub.add_parser("demo", help="show tree expansion, turn-wise credit and the ATPO loss on a toy tree")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--chains", type=int, default=4, help="initial chains M (default 4)")
@@ -26,10 +50,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "demo":
-        from at2po.demo import run_demo
+    try:
+        if args.command == "quickstart":
+            from at2po.quickstart import run_quickstart
 
-        run_demo(seed=args.seed, m=args.chains, rounds=args.rounds, k=args.top_k)
+            run_quickstart(args.out, seed=args.seed, overrides=args.overrides, progress=not args.no_progress)
+        elif args.command == "train":
+            from at2po.config import load_config
+            from at2po.trainer import train
+
+            train(load_config(args.config, args.overrides), resume=args.resume)
+        elif args.command == "config":
+            import yaml
+
+            from at2po.config import config_to_dict, load_config
+
+            print(yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+        elif args.command == "demo":
+            from at2po.demo import run_demo
+
+            run_demo(seed=args.seed, m=args.chains, rounds=args.rounds, k=args.top_k)
+    except (ValueError, FileNotFoundError) as e:
+        # Configuration and data problems: one clear line. AT2PO_DEBUG=1 shows the traceback.
+        if os.environ.get("AT2PO_DEBUG"):
+            raise
+        print(f"at2po {args.command}: error: {e}  (AT2PO_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -32,6 +32,7 @@ class DataConfig:
     val_file: str = ""  # held-out questions for greedy validation (optional)
     val_size: int = 0  # 0 = every validation question
     shuffle: bool = True
+    system_prompt: str = ""  # empty = the paper's system prompt (Figure 6), plus the python tool's line when enabled
 
 
 @dataclass

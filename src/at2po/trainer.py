@@ -296,7 +296,7 @@ class Trainer:
         self.val_rows = load_qa_jsonl(cfg.data.val_file) if cfg.data.val_file else []
         if cfg.data.val_size:
             self.val_rows = self.val_rows[: cfg.data.val_size]
-        self.system_prompt = build_system_prompt(python_tool=cfg.tools.python)
+        self.system_prompt = cfg.data.system_prompt or build_system_prompt(python_tool=cfg.tools.python)
         self.sampler = PromptSampler(len(self.train_rows), tc.seed, cfg.data.shuffle)
         self.shuffle_rng = torch.Generator().manual_seed(tc.seed + 7919 * rank)
 
