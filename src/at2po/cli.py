@@ -36,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("--config", help="YAML file to merge")
     cfg.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
+    from at2po.datasets import add_cli as add_data_cli
+    from at2po.retriever import add_cli as add_retriever_cli
+
+    add_retriever_cli(sub)
+    add_data_cli(sub)
+
     demo = sub.add_parser("demo", help="show tree expansion, turn-wise credit and the ATPO loss on a toy tree")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     demo.add_argument("--chains", type=int, default=4, help="initial chains M (default 4)")
@@ -66,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             from at2po.config import config_to_dict, load_config
 
             print(yaml.safe_dump(config_to_dict(load_config(args.config, args.overrides)), sort_keys=False), end="")
+        elif hasattr(args, "func"):  # subcommands registered by their own modules
+            return args.func(args)
         elif args.command == "demo":
             from at2po.demo import run_demo
 

@@ -23,7 +23,8 @@ import torch
 from at2po.agent import build_system_prompt, render_prompt
 from at2po.config import Config, config_to_dict, save_config
 from at2po.credit import token_advantages, turn_credit_batch
-from at2po.data import QARow, load_qa_jsonl
+from at2po.data import QARow
+from at2po.datasets import load_qa_file
 from at2po.losses import aggregate, kl_penalty, policy_loss
 from at2po.rewards import get_reward_fn
 from at2po.rollout.engine import Prompt, RolloutResult, TreeRolloutEngine
@@ -290,10 +291,10 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / oc.warmup_steps) if oc.warmup_steps else 1.0)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
-        self.train_rows = load_qa_jsonl(cfg.data.train_file) if cfg.data.train_file else []
+        self.train_rows = load_qa_file(cfg.data.train_file) if cfg.data.train_file else []
         if not self.train_rows:
             raise ValueError("data.train_file is empty: give a FlashRAG-style jsonl of training questions")
-        self.val_rows = load_qa_jsonl(cfg.data.val_file) if cfg.data.val_file else []
+        self.val_rows = load_qa_file(cfg.data.val_file) if cfg.data.val_file else []
         if cfg.data.val_size:
             self.val_rows = self.val_rows[: cfg.data.val_size]
         self.system_prompt = cfg.data.system_prompt or build_system_prompt(python_tool=cfg.tools.python)
