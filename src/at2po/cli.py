@@ -37,8 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     from at2po.datasets import add_cli as add_data_cli
+    from at2po.evaluate import add_cli as add_eval_cli
     from at2po.retriever import add_cli as add_retriever_cli
 
+    add_eval_cli(sub)
     add_retriever_cli(sub)
     add_data_cli(sub)
 

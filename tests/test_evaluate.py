@@ -1,0 +1,268 @@
+"""Greedy evaluation: a warm-started tiny model, real BM25 search, jsonl and parquet datasets.
+
+Every number of results.json / results.md is recomputed from the per-sample files; resuming an
+interrupted run must evaluate only the missing questions and end with a fresh run's numbers.
+"""
+
+import argparse
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from at2po.agent import render_prompt
+from at2po.config import load_config
+from at2po.data import QARow
+from at2po.datasets import write_qa_file
+from at2po.evaluate import _dataset_arg, add_cli, evaluate, load_eval_datasets
+from at2po.rewards import exact_match, extract_answer, f1_score
+from at2po.rollout.engine import TreeRolloutEngine
+from at2po.tasks.sft import SFTExample, sft_warm_start
+from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
+from at2po.tools.search import BM25Index, LocalSearchTool
+
+CORPUS = [
+    "Quovia is a city in Belmark.",
+    "Belmark is a country with many rivers.",
+    "Drelto is a river that flows through Quovia.",
+    "Zorbex was founded by Mila Tarn.",
+]
+
+
+def _rows(prefix, pairs):
+    return [QARow(f"{prefix}{i}", q, tuple(golds)) for i, (q, golds) in enumerate(pairs)]
+
+
+# Golds chosen so that the warm-started model (it answers "Belmark") scores a mix of EM 0/1 and partial F1.
+DATA = {
+    "nq": _rows("nq", [("Which country is Quovia in?", ["Belmark"]), ("Where is Quovia?", ["the Belmark"]),
+                       ("Who founded Zorbex?", ["Mila Tarn"]), ("What river is in Quovia?", ["Belmark river"]),
+                       ("Name a country.", ["Belmark", "X"])]),
+    "triviaqa": _rows("tq", [("Which country is Quovia in?", ["Belmark"]), ("What flows through Quovia?", ["Drelto"]),
+                             ("Is Belmark a country?", ["yes"])]),
+    "hotpotqa": _rows("hp", [("Which country has the city where Drelto flows?", ["Belmark"]),
+                             ("Who founded the company Zorbex?", ["Mila Tarn"]),
+                             ("Which country is Quovia in?", ["Belmark country"]),
+                             ("What is Belmark?", ["a country"])]),
+    "bamboogle": _rows("bb", [("Which country is Quovia in?", ["Belmark"]), ("Who is Mila Tarn?", ["a founder"])]),
+}
+SINGLE, MULTI = ("nq", "triviaqa"), ("hotpotqa", "bamboogle")
+LABELS = {"nq": "NQ", "triviaqa": "TriviaQA", "hotpotqa": "HotpotQA", "bamboogle": "Bamboogle"}
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval_assets")
+    tok = train_tokenizer(synthetic_agent_texts(200) + CORPUS * 5, vocab_size=600)
+    model = build_tiny_model(tok, hidden_size=48, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=96,
+                             seed=0)
+    # One demonstration teaches the protocol: greedy answers then search and answer "Belmark" on some questions.
+    obs = LocalSearchTool(BM25Index(CORPUS), topk=2)("Quovia").text
+    pieces = [("<think> find Quovia </think> <search> Quovia </search>", " <result>\n" + obs + "\n</result>"),
+              ("<think> done </think> <answer> The final answer is \\[ \\boxed{Belmark} \\] </answer>", "")]
+    sft_warm_start(model, tok, [SFTExample(render_prompt(tok, "Which country is Quovia in?"), pieces)],
+                   steps=60, batch_size=1, lr=1e-2, progress=False)
+    save_pretrained_dir(model, tok, root / "model")
+    with open(root / "corpus.jsonl", "w") as f:
+        for i, c in enumerate(CORPUS):
+            f.write(json.dumps({"id": str(i), "contents": c}) + "\n")
+    # FlashRAG jsonl named by its folder / stem, Search-R1 parquet by its path or an explicit name.
+    write_qa_file(DATA["nq"], root / "nq" / "test.jsonl")
+    write_qa_file(DATA["triviaqa"], root / "tq_small.parquet", data_source="triviaqa")
+    write_qa_file(DATA["hotpotqa"], root / "hotpotqa" / "dev.parquet")
+    write_qa_file(DATA["bamboogle"], root / "bamboogle.jsonl")
+    return root
+
+
+def datasets(root):
+    return [root / "nq" / "test.jsonl", ("triviaqa", root / "tq_small.parquet"), root / "hotpotqa" / "dev.parquet",
+            root / "bamboogle.jsonl"]
+
+
+def make_cfg(root, *extra):
+    return load_config(None, [
+        f"model.path={root / 'model'}", f"tools.corpus_file={root / 'corpus.jsonl'}", "tools.topk=2",
+        "rollout.max_turn_tokens=40", "rollout.max_response_tokens=200", "rollout.max_turns=4", *extra,
+    ])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def md_tables(text):
+    """Each markdown table of results.md as a list of rows (lists of cells), header first."""
+    tables, cur = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not set(cells[0]) <= {"-", ":"}:
+                cur.append(cells)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    return tables
+
+
+def recompute(records):
+    n = len(records)
+    return {"n": n, "em": 100 * sum(r["em"] for r in records) / n, "f1": 100 * sum(r["f1"] for r in records) / n,
+            "format_ok": 100 * sum(r["format_ok"] for r in records) / n,
+            "turns": sum(r["turns"] for r in records) / n, "tool_calls": sum(r["tool_calls"] for r in records) / n}
+
+
+def check_results(out, data):
+    """results.json and results.md against the per-sample files; returns the per-sample records."""
+    records = {d: read_jsonl(out / f"{d}.jsonl") for d in data}
+    results = json.loads((out / "results.json").read_text())
+    for d, rows in data.items():
+        assert [r["id"] for r in records[d]] == [row.id for row in rows]
+        for rec, row in zip(records[d], rows):
+            assert rec["question"] == row.question and rec["golds"] == list(row.golds)
+            # The record belongs to its question: scores follow from its own response and golds.
+            assert rec["prediction"] == extract_answer(rec["response"])
+            pred = rec["prediction"]
+            assert rec["em"] == (exact_match(pred, row.golds) if pred is not None else 0.0)
+            assert rec["f1"] == pytest.approx(f1_score(pred, row.golds) if pred is not None else 0.0)
+            assert rec["turns"] >= 1 and rec["tool_calls"] <= rec["turns"]
+    expect = {d: recompute(records[d]) for d in data}
+    for group, members in (("single_hop", SINGLE), ("multi_hop", MULTI)):
+        # Weighted by sample count: Σ over all the group's samples / their number.
+        expect[group] = recompute([r for d in members for r in records[d]])
+    assert list(results["datasets"]) == ["nq", "triviaqa", "hotpotqa", "bamboogle"]  # the paper's order
+    for key, want in expect.items():
+        got = results["averages"][key] if key in ("single_hop", "multi_hop") else results["datasets"][key]
+        assert got["n"] == want["n"]
+        for m in ("em", "f1", "format_ok", "turns", "tool_calls"):
+            assert got[m] == pytest.approx(want[m], abs=1e-9), (key, m)
+
+    em_table, details = md_tables((out / "results.md").read_text())
+    labels = {**LABELS, "single_hop": "Single-hop Avg.", "multi_hop": "Multi-hop Avg."}
+    order = ["nq", "triviaqa", "single_hop", "hotpotqa", "bamboogle", "multi_hop"]
+    assert em_table[0] == ["Method"] + [labels[k] for k in order]
+    assert em_table[1] == [results["name"]] + [f"{expect[k]['em']:.2f}" for k in order]
+    assert len(em_table) == 2
+    assert details[1:] == [
+        [results["name"], labels[k], str(expect[k]["n"]), *(f"{expect[k][m]:.2f}" for m in
+                                                             ("em", "f1", "format_ok", "turns", "tool_calls"))]
+        for k in order
+    ]
+    return records, results
+
+
+@pytest.fixture(scope="module")
+def full_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    results = evaluate(make_cfg(assets), datasets(assets), out, name="tiny", batch_size=3, progress=False)
+    return out, results
+
+
+def test_results_match_per_sample_files(assets, full_run):
+    out, results = full_run
+    records, on_disk = check_results(out, DATA)
+    assert on_disk == results
+    assert results["name"] == "tiny" and results["datasets"]["nq"]["paper_n"] == 3610
+    em = [r["em"] for recs in records.values() for r in recs]
+    assert 0 < sum(em) < len(em), "the warm-started model should get some, not all, questions right"
+    assert any(r["tool_calls"] > 0 for recs in records.values() for r in recs)
+    assert any(0 < r["f1"] < 1 for recs in records.values() for r in recs)
+
+
+def test_resume_evaluates_only_missing_samples(assets, full_run, tmp_path, monkeypatch):
+    evaluated = []
+    original = TreeRolloutEngine.validate
+
+    def counting(self, prompts):
+        evaluated.extend(p.meta["id"] for p in prompts)
+        return original(self, prompts)
+
+    monkeypatch.setattr(TreeRolloutEngine, "validate", counting)
+    cfg, out = make_cfg(assets), tmp_path / "out"
+
+    # An evaluation stopped early: the first 3 questions of each dataset.
+    partial = evaluate(cfg, datasets(assets), out, name="tiny", batch_size=2, limit=3, progress=False)
+    first = [row.id for rows in DATA.values() for row in rows[:3]]
+    assert evaluated == first
+    assert {d: r["n"] for d, r in partial["datasets"].items()} == {
+        "nq": 3, "triviaqa": 3, "hotpotqa": 3, "bamboogle": 2}
+    check_results(out, {d: rows[:3] for d, rows in DATA.items()})
+
+    evaluated.clear()
+    evaluate(cfg, datasets(assets), out, name="tiny", batch_size=2, progress=False)
+    assert evaluated == [row.id for rows in DATA.values() for row in rows[3:]]
+
+    # Killed while writing: the last line of nq is cut in half, hotpotqa's last record is gone.
+    nq = out / "nq.jsonl"
+    text = nq.read_text()
+    nq.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
+    hp = out / "hotpotqa.jsonl"
+    hp.write_text("".join(line + "\n" for line in hp.read_text().splitlines()[:-1]))
+    evaluated.clear()
+    resumed = evaluate(cfg, datasets(assets), out, name="tiny", batch_size=2, progress=False)
+    assert evaluated == [DATA["nq"][-1].id, DATA["hotpotqa"][-1].id]
+
+    full_out, full_results = full_run
+    assert resumed == full_results
+    records, _ = check_results(out, DATA)
+    for d in DATA:  # record by record, in the file's order
+        assert records[d] == read_jsonl(full_out / f"{d}.jsonl")
+
+    evaluated.clear()
+    evaluate(cfg, datasets(assets), out, name="tiny", batch_size=2, progress=False)
+    assert evaluated == []  # nothing left to do
+
+
+def test_resume_refuses_other_settings_unless_told(assets, full_run, tmp_path):
+    out = tmp_path / "out"
+    evaluate(make_cfg(assets), {"bamboogle": assets / "bamboogle.jsonl"}, out, limit=1, progress=False)
+    other = make_cfg(assets, "rollout.max_turn_tokens=30")
+    with pytest.raises(ValueError, match="rollout"):
+        evaluate(other, {"bamboogle": assets / "bamboogle.jsonl"}, out, progress=False)
+    res = evaluate(other, {"bamboogle": assets / "bamboogle.jsonl"}, out, resume=False, progress=False)
+    assert res["datasets"]["bamboogle"]["n"] == 2 and len(read_jsonl(out / "bamboogle.jsonl")) == 2
+
+
+def test_dataset_names_and_mixed_search_r1_files(assets, tmp_path):
+    # Search-R1's combined test file: one parquet, benchmarks told apart by data_source.
+    write_qa_file(DATA["nq"], tmp_path / "a.parquet", data_source="nq")
+    write_qa_file(DATA["bamboogle"], tmp_path / "b.parquet", data_source="bamboogle")
+    mixed = tmp_path / "test.parquet"
+    pq.write_table(pa.concat_tables([pq.read_table(tmp_path / "a.parquet"), pq.read_table(tmp_path / "b.parquet")]),
+                   mixed)
+    got = load_eval_datasets([mixed])
+    assert {d: [r.id for r in rows] for d, rows in got.items()} == {
+        d: [r.id for r in DATA[d]] for d in ("nq", "bamboogle")}
+    assert [r.id for r in load_eval_datasets({"Bamboogle": mixed})["bamboogle"]] == [r.id for r in DATA["bamboogle"]]
+    with pytest.raises(ValueError, match="not 'popqa'"):
+        load_eval_datasets({"popqa": mixed})
+    with pytest.raises(ValueError, match="twice"):
+        load_eval_datasets([mixed, assets / "nq" / "test.jsonl"])
+    assert list(load_eval_datasets({"2wiki": assets / "bamboogle.jsonl"})) == ["2wikimultihopqa"]
+    write_qa_file(DATA["nq"] + DATA["nq"][:1], tmp_path / "dup.jsonl")
+    with pytest.raises(ValueError, match="occurs twice"):
+        load_eval_datasets({"nq": tmp_path / "dup.jsonl"})
+    assert _dataset_arg("nq=data/nq/test.jsonl") == ("nq", "data/nq/test.jsonl")
+    assert _dataset_arg("data/nq/test.jsonl") == (None, "data/nq/test.jsonl")
+    assert _dataset_arg("runs/a=b/test.jsonl") == (None, "runs/a=b/test.jsonl")
+
+
+def test_cli(assets, tmp_path, capsys):
+    parser = argparse.ArgumentParser(prog="at2po")
+    add_cli(parser.add_subparsers(dest="command"))
+    out = tmp_path / "cli"
+    args = parser.parse_args([
+        "eval", "--dataset", f"musique={assets / 'bamboogle.jsonl'}", "--dataset", str(assets / "nq" / "test.jsonl"),
+        "--out", str(out), "--name", "AT2PO-tiny", "--limit", "1", "--batch-size", "1", "--no-resume",
+        f"model.path={assets / 'model'}", f"tools.corpus_file={assets / 'corpus.jsonl'}",
+        "rollout.max_turn_tokens=40", "rollout.max_response_tokens=200", "trainer.progress=false",
+    ])
+    assert args.func(args) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["datasets"]) == ["nq", "musique"] and results["name"] == "AT2PO-tiny"
+    em_table = md_tables((out / "results.md").read_text())[0]
+    assert em_table[0] == ["Method", "NQ", "Single-hop Avg.", "MuSiQue", "Multi-hop Avg."]
+    assert em_table[1][0] == "AT2PO-tiny"
+    assert "| AT2PO-tiny |" in capsys.readouterr().out
