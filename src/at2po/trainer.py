@@ -188,7 +188,9 @@ class MetricsLogger:
             keys = [k for k in ("reward/mean", "reward/em", "val/em", "loss/policy", "loss/clipfrac",
                                 "loss/turn_kl_entropy", "rollout/leaves_per_tree", "rollout/tool_calls",
                                 "time/step") if k in metrics]
-            print(f"step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in keys), flush=True)
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in keys))  # keeps bars intact
 
     def close(self) -> None:
         if self.tb is not None:
@@ -502,6 +504,9 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             save_config(cfg, self.out_dir / "config.yaml")
+            # A fresh run starts a fresh log; a resumed one drops what was logged after its checkpoint.
+            kept = [r for r in read_metrics(self.out_dir / "metrics.jsonl") if r["step"] <= self.step] if self.step else []
+            (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
         logger = MetricsLogger(self.out_dir, cfg, enabled=self.is_main)
         history = []
         try:
@@ -522,7 +527,7 @@ class Trainer:
                 self._bar.update(1)
                 self._bar.set_postfix_str(f"reward {metrics['reward/mean']:.3f}")
                 if self.step % tc.log_every == 0 or "val/em" in metrics:
-                    logger.log(self.step, metrics, console=tc.progress)
+                    logger.log(self.step, metrics)
                 history.append({"step": self.step, **metrics})
                 if (tc.save_every and self.step % tc.save_every == 0) or self.step == tc.steps:
                     self.save_checkpoint()

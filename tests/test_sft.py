@@ -1,0 +1,177 @@
+import json
+
+import pytest
+import torch
+
+from at2po.agent import SYSTEM_PROMPT, encode_observation, format_observation, render_prompt
+from at2po.tasks.multihop import MultiHopConfig, build_world, demonstration
+from at2po.tasks.sft import (
+    IGNORE_INDEX,
+    QuickstartConfig,
+    SFTExample,
+    build_quickstart_assets,
+    build_search_tool,
+    encode_example,
+    evaluate_greedy,
+    sft_demonstrations,
+    sft_loss,
+    sft_warm_start,
+)
+from at2po.tiny import build_tiny_model, train_tokenizer
+
+# A short system prompt keeps the test sequences short (the SFT mechanics do not depend on it).
+SHORT_SYSTEM = "Answer with search."
+SMALL = MultiHopConfig(seed=1, n_people=16, n_companies=5, n_cities=5, n_countries=3, n_train=24, n_test=6)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    world = build_world(SMALL)
+    tool = build_search_tool(world)
+    questions = world.questions("train")
+    demos = [demonstration(world, q, tool) for q in questions]
+    tokenizer = train_tokenizer(
+        [SYSTEM_PROMPT, *(row["contents"] for row in world.corpus), *(d.text for d in demos)], vocab_size=600
+    )
+    examples = [
+        SFTExample(render_prompt(tokenizer, q["question"], SHORT_SYSTEM), d.pieces) for q, d in zip(questions, demos)
+    ]
+    return world, tool, tokenizer, questions, examples
+
+
+def tiny_model(tokenizer):
+    return build_tiny_model(tokenizer, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+
+
+def test_labels_mask_exactly_prompt_and_observations(setup):
+    world, tool, tokenizer, questions, _ = setup
+    q = next(q for q in questions if q["hops"] == 1)
+    entity, answer = q["chain"]
+    observation = format_observation(tool(entity).text)
+    first = f"<think> Look up {entity}. </think> <search> {entity} </search>"
+    final = f" <think> done </think> <answer> The final answer is \\[ \\boxed{{{answer}}} \\] </answer>"
+    prompt = render_prompt(tokenizer, q["question"], SHORT_SYSTEM)
+
+    # Hand-built: each piece encoded on its own, concatenated as ids (the rollout's layout).
+    first_ids = tokenizer.encode(first, add_special_tokens=False)
+    obs_ids = encode_observation(tokenizer, observation)
+    final_ids = tokenizer.encode(final, add_special_tokens=False)
+    expected_ids = prompt + first_ids + obs_ids + final_ids
+    expected_labels = [IGNORE_INDEX] * len(prompt) + first_ids + [IGNORE_INDEX] * len(obs_ids) + final_ids
+
+    ids, labels = encode_example(tokenizer, SFTExample(prompt, [(first, observation), (final, "")]))
+    assert ids == expected_ids
+    assert labels == expected_labels
+    trained = [i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]
+    masked = [i for i, lab in zip(ids, labels) if lab == IGNORE_INDEX]
+    assert tokenizer.decode(trained) == first + final
+    assert tokenizer.decode(masked[len(prompt) :]) == observation
+
+
+def test_encoded_demonstration_reads_back_as_prompt_plus_trajectory(setup):
+    world, tool, tokenizer, questions, examples = setup
+    for q, ex in zip(questions, examples):
+        ids, labels = encode_example(tokenizer, ex)
+        assert len(ids) == len(labels)
+        assert tokenizer.decode(ids[len(ex.prompt_ids) :]) == demonstration(world, q, tool).text
+
+
+def _batch(tokenizer, examples, skip=0):
+    encoded = [encode_example(tokenizer, ex) for ex in examples]
+    width = max(len(ids) for ids, _ in encoded) - skip
+    input_ids = torch.zeros((len(encoded), width), dtype=torch.long)
+    labels = torch.full((len(encoded), width), IGNORE_INDEX)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(encoded):
+        input_ids[row, : len(ids) - skip] = torch.tensor(ids[skip:])
+        labels[row, : len(labs) - skip] = torch.tensor(labs[skip:])
+        mask[row, : len(ids) - skip] = 1
+    return input_ids, mask, labels
+
+
+def test_shared_prefix_loss_equals_the_full_forward(setup):
+    *_, tokenizer, _, examples = setup
+    examples = examples[:5]
+    model = tiny_model(tokenizer).train()
+    full = sft_loss(model, *_batch(tokenizer, examples))
+    full.backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+
+    first = examples[0].prompt_ids
+    n_prefix = min(
+        next(i for i, (a, b) in enumerate(zip(first, ex.prompt_ids)) if a != b) for ex in examples[1:]
+    )
+    assert n_prefix > 5  # the system prompt, at least
+    prefix = torch.tensor(first[:n_prefix])
+    shared = sft_loss(model, *_batch(tokenizer, examples, skip=n_prefix), prefix_ids=prefix)
+    shared.backward()
+    torch.testing.assert_close(shared, full)
+    for p, g in zip(model.parameters(), full_grads):
+        torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-4)
+
+
+def test_loss_is_the_mean_cross_entropy_of_labelled_tokens(setup):
+    *_, tokenizer, _, examples = setup
+    model = tiny_model(tokenizer)
+    input_ids, mask, labels = _batch(tokenizer, examples[:3])
+    logits = model(input_ids=input_ids, attention_mask=mask).logits
+    expected = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+    torch.testing.assert_close(sft_loss(model, input_ids, mask, labels), expected)
+
+
+def test_sft_demonstrations_come_from_sister_worlds():
+    cfg = QuickstartConfig(world=SMALL, sft_worlds=2, sft_max_hops=2)
+    world = build_world(SMALL)
+    pairs = sft_demonstrations(cfg)
+    assert pairs and all(q["hops"] <= 2 for q, _ in pairs)
+    names = set(world.kinds)
+    assert all(set(q["chain"]) <= names for q, _ in pairs)  # the same names...
+    # ...but other facts: the warm start cannot memorise the RL world.
+    world_facts = {(s, r, o) for s, rels in world.facts.items() for r, o in rels.items()}
+    used = {fact for q, _ in pairs for fact in zip(q["chain"], q["relations"], q["chain"][1:])}
+    assert len(used & world_facts) < 0.5 * len(used)
+
+
+def test_sft_loss_decreases(setup):
+    *_, tokenizer, _, examples = setup
+    model = tiny_model(tokenizer)
+    history = sft_warm_start(model, tokenizer, examples, steps=30, batch_size=4, lr=1e-2, progress=False)
+    losses = history["loss"]
+    assert len(losses) == 30 and history["tokens"] > 0
+    assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
+    assert not model.training
+
+
+def test_sft_is_deterministic_under_the_seed(setup):
+    *_, tokenizer, _, examples = setup
+    runs = []
+    for _ in range(2):
+        model = tiny_model(tokenizer)
+        history = sft_warm_start(model, tokenizer, examples, steps=4, batch_size=3, seed=7, progress=False)
+        runs.append((history["loss"], model.state_dict()))
+    (loss_a, state_a), (loss_b, state_b) = runs
+    assert loss_a == loss_b
+    assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
+def test_sft_rejects_empty_input(setup):
+    *_, tokenizer, _, examples = setup
+    with pytest.raises(ValueError):
+        sft_warm_start(tiny_model(tokenizer), tokenizer, [], steps=1)
+    with pytest.raises(ValueError):
+        sft_warm_start(tiny_model(tokenizer), tokenizer, examples, steps=0)
+
+
+def test_quickstart_assets_and_greedy_evaluation(tmp_path):
+    cfg = QuickstartConfig(
+        world=SMALL, vocab_size=600, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+        intermediate_size=64, sft_steps=2, sft_batch_size=2,
+    )
+    world, tokenizer, model, tool = build_quickstart_assets(cfg, out_dir=tmp_path, progress=False)
+    assert {p.name for p in tmp_path.iterdir()} >= {"corpus.jsonl", "train.jsonl", "test.jsonl", "model", "sft_log.json"}
+    assert len(json.loads((tmp_path / "sft_log.json").read_text())["loss"]) == 2
+    metrics = evaluate_greedy(model, tokenizer, tool, world.questions("test")[:3], max_turn_tokens=8, max_response_tokens=32)
+    assert 0.0 <= metrics["em"] <= 1.0 and 0.0 <= metrics["format"] <= 1.0
