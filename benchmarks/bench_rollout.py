@@ -1,4 +1,4 @@
-"""Tree rollout (M=10, L=2, K=6, N=22) against a 16-chain rollout on the same prompts and model.
+"""Tree rollout (M=10, L=2, K=6, N=22; async and sync phase schedules) against 16 chains, same prompts and model.
 
     python benchmarks/bench_rollout.py --assets runs/quickstart/assets   # reuse quickstart assets
     python benchmarks/bench_rollout.py                                   # builds them first (minutes)
@@ -62,22 +62,26 @@ def main() -> None:
     prompts = [Prompt(render_prompt(tok, r.question), list(r.golds), r.question) for r in rows]
     tool = LocalSearchTool(corpus_path=assets / "corpus.jsonl")
     common = dict(max_turn_tokens=48, max_response_tokens=400, max_turns=6, max_tool_calls=4)
-    tree_cfg = RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, **common)
-    chain_cfg = RolloutConfig(n_initial=16, expansion_rounds=0, samples_per_tree=16, **common)
-    results: dict[str, list[dict]] = {"tree": [], "chain16": []}
+    configs = {
+        "tree": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, **common),
+        "tree_sync": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, schedule="sync", **common),
+        "chain16": RolloutConfig(n_initial=16, expansion_rounds=0, samples_per_tree=16, **common),
+    }
+    results: dict[str, list[dict]] = {name: [] for name in configs}
     for rep in range(args.repeat):
-        for name, cfg in (("tree", tree_cfg), ("chain16", chain_cfg)):
+        for name, cfg in configs.items():
             eng = TreeRolloutEngine(HFGenerator(model, tok, seed=rep), tok, {"search": tool}, qa_reward, cfg)
             results[name].append(run(eng, prompts, cfg))
     mean = {k: {m: sum(r[m] for r in v) / len(v) for m in ("seconds", "generated_tokens", "leaves", "tokens_per_leaf",
                                                           "tool_calls", "generation_calls")} for k, v in results.items()}
-    t, c = mean["tree"], mean["chain16"]
+    t, s, c = mean["tree"], mean["tree_sync"], mean["chain16"]
     print(f"{args.prompts} prompts, {args.repeat} repeats, {torch.get_num_threads()} torch threads, CPU")
-    print(f"{'':<18}{'tree M10 L2 K6':>16}{'16 chains':>12}{'ratio':>8}")
+    print(f"{'':<18}{'tree async':>12}{'tree sync':>12}{'16 chains':>12}{'async/chains':>14}{'sync/chains':>13}")
     for m in ("seconds", "generated_tokens", "leaves", "tokens_per_leaf", "tool_calls", "generation_calls"):
-        print(f"{m:<18}{t[m]:>16.1f}{c[m]:>12.1f}{t[m] / max(c[m], 1e-9):>8.2f}")
-    per_tok = (t["seconds"] / t["generated_tokens"]) / (c["seconds"] / c["generated_tokens"])
-    print(f"wall time per generated token, tree / chains: {per_tok:.2f}")
+        print(f"{m:<18}{t[m]:>12.1f}{s[m]:>12.1f}{c[m]:>12.1f}{t[m] / max(c[m], 1e-9):>14.2f}{s[m] / max(c[m], 1e-9):>13.2f}")
+    for name, x in (("async", t), ("sync", s)):
+        per_tok = (x["seconds"] / x["generated_tokens"]) / (c["seconds"] / c["generated_tokens"])
+        print(f"wall time per generated token, tree {name} / chains: {per_tok:.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps({"mean": mean, "runs": results}, indent=2))
 
