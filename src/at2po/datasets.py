@@ -360,6 +360,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def describe_benchmarks() -> str:
+    """"nq (test 3610), ..." for help texts."""
+    return ", ".join(f"{n} ({i.eval_split} {i.n_eval})" for n, i in BENCHMARKS.items())
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``data prepare`` and ``data convert``; each sets ``args.func(args) -> int``."""
     data = subparsers.add_parser(
@@ -368,7 +373,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Prepare the seven QA benchmarks and convert between FlashRAG jsonl and Search-R1 parquet.",
     )
     sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND", required=True)
-    names = ", ".join(f"{n} ({i.eval_split} {i.n_eval})" for n, i in BENCHMARKS.items())
+    names = describe_benchmarks()
 
     p = sub.add_parser(
         "prepare",

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from at2po.data import QARow
-from at2po.datasets import BENCHMARKS, load_qa_by_source
+from at2po.datasets import BENCHMARKS, describe_benchmarks, load_qa_by_source
 
 if TYPE_CHECKING:  # the model stack loads only when an evaluation runs (keeps `at2po --help` fast)
     from at2po.config import Config
@@ -368,7 +368,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``eval``; it sets ``args.func(args) -> int``."""
-    names = ", ".join(f"{n} ({i.eval_split} {i.n_eval})" for n, i in BENCHMARKS.items())
+    names = describe_benchmarks()
     p = subparsers.add_parser(
         "eval",
         help="greedy EM/F1 on the QA benchmarks, resumable, written as the paper's Table 1",
