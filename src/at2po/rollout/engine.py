@@ -218,30 +218,25 @@ class TreeRolloutEngine:
 
     def _advance(self, trees, stats, opened: list[_Open], params, cfg) -> list[_Open]:
         """Generate one turn for every open trajectory, run its tool calls, return what stays open."""
-        prompt_len = [len(trees[o.tree].prompt_ids) for o in opened]
         contexts = [trees[o.tree].full_ids(o.parent) + o.obs_ids for o in opened]
-        budgets = [cfg.max_response_tokens - (len(c) - pl) for c, pl in zip(contexts, prompt_len)]
+        budgets = [cfg.max_response_tokens - (len(c) - len(trees[o.tree].prompt_ids)) for o, c in zip(opened, contexts)]
 
         # A trajectory whose observation already used up the response budget cannot take a turn:
-        # it ends on its previous node, which becomes a failed leaf.
+        # it ends on its previous node, which becomes a failed leaf. (A re-sampled sibling starts
+        # from a state that once had budget, so only continuing chains get here.)
         live = []
-        for o, b in zip(opened, budgets):
-            if b < 1 and o.parent > 0:
+        for o, ctx, b in zip(opened, contexts, budgets):
+            if b < 1 and o.parent > 0 and not trees[o.tree].nodes[o.parent].children:
                 node = trees[o.tree].nodes[o.parent]
-                if not node.children:
-                    node.status = FAILED
-                    node.info["end"] = "response budget exhausted by the observation"
-                else:  # a re-sampled sibling: hang a failed empty turn so the attempt is still a leaf
-                    trees[o.tree].add_turn(o.parent, obs_ids=o.obs_ids, gen_ids=[], gen_logprobs=[],
-                                           tool_calls_at_start=o.tool_calls, status=FAILED,
-                                           info={"end": "response budget exhausted by the observation"})
+                node.status = FAILED
+                node.info["end"] = "response budget exhausted by the observation"
             else:
-                live.append((o, b))
+                live.append((o, ctx, max(b, 1)))
         if not live:
             return []
-        opened = [o for o, _ in live]
-        contexts = [trees[o.tree].full_ids(o.parent) + o.obs_ids for o in opened]
-        limits = [min(cfg.max_turn_tokens, max(b, 1)) for _, b in live]
+        opened = [o for o, _, _ in live]
+        contexts = [c for _, c, _ in live]
+        limits = [min(cfg.max_turn_tokens, b) for _, _, b in live]
 
         t0 = time.perf_counter()
         gens = self.generator.generate(contexts, params, max_new_tokens=limits)
