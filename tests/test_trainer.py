@@ -183,3 +183,25 @@ def test_config_yaml_roundtrip(tmp_path):
     (tmp_path / "bad.yaml").write_text("rollout:\n  top_k: 3\n  bogus: 1\n")
     with pytest.raises(ValueError, match="rollout.bogus"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_train_batch_without_turn_credit_gives_each_row_its_leaf_reward():
+    from at2po.config import AlgoConfig
+    from at2po.rollout.engine import LeafRow, RolloutResult, TreeStats
+    from at2po.tree import LEAF, TurnTree
+
+    tree = TurnTree([1, 2])
+    a = tree.add_turn(0, obs_ids=[], gen_ids=[3, 4], gen_logprobs=[-1.0, -2.0])
+    b = tree.add_turn(a, obs_ids=[9], gen_ids=[5], gen_logprobs=[-0.5], status=LEAF)
+    c = tree.add_turn(0, obs_ids=[], gen_ids=[6], gen_logprobs=[-3.0], status=LEAF)
+    rows = []
+    for leaf, r in ((b, 1.0), (c, 0.0)):
+        tree.nodes[leaf].reward = r
+        rows.append(LeafRow(0, tree.leaf_sequence(leaf), RewardOutput(r, r, r, True, "", None)))
+    result = RolloutResult([tree], rows, [TreeStats()], {}, 0)
+    batch, _ = build_train_batch(result, AlgoConfig(turn_credit=False))
+    r_hat = 0.5 / (0.5 + 1e-6)
+    torch.testing.assert_close(batch.advantages, torch.tensor([[r_hat, r_hat, 0.0, r_hat], [-r_hat, 0, 0, 0]]))
+    # With turn credit (child_mean, value) the first turn of the 2-turn row has V(a) = r̂(b).
+    batch, _ = build_train_batch(result, AlgoConfig(value_mode="child_mean"))
+    torch.testing.assert_close(batch.advantages[0], torch.tensor([r_hat, r_hat, 0.0, r_hat]))

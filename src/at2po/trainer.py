@@ -96,29 +96,17 @@ def _pad(arrays: list[np.ndarray], value, dtype) -> torch.Tensor:
 def build_train_batch(result: RolloutResult, algo) -> tuple[TrainBatch, dict[str, float]]:
     """Turn-wise credit over every tree, broadcast to the tokens of every leaf row (spec §3)."""
     arrays = [t.to_arrays() for t in result.trees]
-    if algo.turn_credit:
-        _, node_adv = turn_credit_batch(
-            *zip(*arrays), value_mode=algo.value_mode, adv_mode=algo.adv_mode, normalize_leaves=algo.normalize_leaves
-        ) if arrays else ([], [])
-    else:
-        # GRPO-style: every turn of a trajectory carries its leaf's normalised reward. On a tree
-        # this is the leaf value with all turn credit switched off.
-        node_adv = []
-        for parent, _, reward in arrays:
-            is_leaf = ~np.isnan(reward)
-            r = reward[is_leaf]
-            r_hat = (r - r.mean()) / (r.std() + 1e-6) if algo.normalize_leaves else r
-            adv = np.zeros(len(parent))
-            adv[np.flatnonzero(is_leaf)] = r_hat
-            node_adv.append(adv)
+    values, node_adv = turn_credit_batch(
+        *zip(*arrays), value_mode=algo.value_mode, adv_mode=algo.adv_mode, normalize_leaves=algo.normalize_leaves
+    ) if arrays else ([], [])
     seqs, starts, trees, masks, olds, advs, tids = [], [], [], [], [], [], []
     for row in result.rows:
         tree = result.trees[row.tree]
         s = row.sequence
         if algo.turn_credit:
             adv = token_advantages(node_adv[row.tree], s.token_node)
-        else:  # the leaf's advantage on every trained token of its trajectory
-            adv = np.where(s.loss_mask > 0, node_adv[row.tree][row.sequence.leaf], 0.0)
+        else:  # GRPO-style: the leaf's normalised reward (its value) on every trained token
+            adv = np.where(s.loss_mask > 0, values[row.tree][s.leaf], 0.0)
         seqs.append(tree.prompt_ids + s.response_ids.tolist())
         starts.append(len(tree.prompt_ids))
         trees.append(row.tree)
