@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from at2po.agent import SYSTEM_PROMPT, encode_observation, format_observation, render_prompt
 from at2po.tasks.multihop import MultiHopConfig, build_world, demonstration
@@ -123,10 +124,13 @@ def test_loss_is_the_mean_cross_entropy_of_labelled_tokens(setup):
 
 
 def test_sft_demonstrations_come_from_sister_worlds():
-    cfg = QuickstartConfig(world=SMALL, sft_worlds=2, sft_max_hops=2)
     world = build_world(SMALL)
-    pairs = sft_demonstrations(cfg)
-    assert pairs and all(q["hops"] <= 2 for q, _ in pairs)
+    full = sft_demonstrations(QuickstartConfig(world=SMALL, sft_worlds=2, sft_hop_fractions=(1.0, 1.0, 1.0)))
+    pairs = sft_demonstrations(QuickstartConfig(world=SMALL, sft_worlds=2, sft_hop_fractions=(1.0, 0.5, 0.0)))
+    count = lambda ps, h: sum(q["hops"] == h for q, _ in ps)  # noqa: E731
+    assert count(pairs, 1) == count(full, 1) > 0
+    assert abs(count(pairs, 2) - count(full, 2) / 2) <= 1
+    assert count(pairs, 3) == 0 < count(full, 3)
     names = set(world.kinds)
     assert all(set(q["chain"]) <= names for q, _ in pairs)  # the same names...
     # ...but other facts: the warm start cannot memorise the RL world.
@@ -168,10 +172,16 @@ def test_sft_rejects_empty_input(setup):
 def test_quickstart_assets_and_greedy_evaluation(tmp_path):
     cfg = QuickstartConfig(
         world=SMALL, vocab_size=600, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-        intermediate_size=64, sft_steps=2, sft_batch_size=2,
+        intermediate_size=64, sft_short_prompt_steps=3, sft_steps=2, sft_batch_size=2,
     )
     world, tokenizer, model, tool = build_quickstart_assets(cfg, out_dir=tmp_path, progress=False)
     assert {p.name for p in tmp_path.iterdir()} >= {"corpus.jsonl", "train.jsonl", "test.jsonl", "model", "sft_log.json"}
-    assert len(json.loads((tmp_path / "sft_log.json").read_text())["loss"]) == 2
+    assert len(json.loads((tmp_path / "sft_log.json").read_text())["loss"]) == 3 + 2
+    # The trainer reloads the warm-started model from disk: it must tokenise exactly as here.
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "model")
+    q = world.questions("train")[0]
+    text = demonstration(world, q, tool).text
+    assert render_prompt(reloaded, q["question"]) == render_prompt(tokenizer, q["question"])
+    assert reloaded.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
     metrics = evaluate_greedy(model, tokenizer, tool, world.questions("test")[:3], max_turn_tokens=8, max_response_tokens=32)
     assert 0.0 <= metrics["em"] <= 1.0 and 0.0 <= metrics["format"] <= 1.0

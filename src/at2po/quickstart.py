@@ -38,11 +38,6 @@ QUICKSTART_OVERRIDES = [
 ]
 
 
-# The tiny model and its warm start (2-core CPU: about two minutes).
-WARM_START = dict(hidden_size=64, num_layers=2, intermediate_size=170, vocab_size=1024,
-                  sft_steps=900, sft_batch_size=16, sft_lr=0.01)
-
-
 def quickstart_config(assets_dir: Path, out_dir: Path, seed: int, overrides: list[str]) -> Config:
     return load_config(None, [
         f"model.path={assets_dir / 'model'}",
@@ -66,7 +61,7 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", seed: int = 0, overr
     t0 = time.perf_counter()
     assets_dir = out / "assets"
     print(f"[1/3] world, tokenizer, tiny model and warm start -> {assets_dir}", flush=True)
-    build_quickstart_assets(QuickstartConfig(seed=seed, world=MultiHopConfig(seed=seed), **WARM_START),
+    build_quickstart_assets(QuickstartConfig(seed=seed, world=MultiHopConfig(seed=seed)),
                             out_dir=assets_dir, progress=progress)
     t_assets = time.perf_counter() - t0
 

@@ -89,6 +89,7 @@ class MultiHopConfig:
     n_companies: int = 20
     n_cities: int = 20
     n_countries: int = 8
+    # Questions per split, at most: a hop count whose pool runs short contributes all it has.
     n_train: int = 400
     n_test: int = 100
     # Relative frequency of 1-, 2- and 3-hop questions in each split.
@@ -228,8 +229,8 @@ def build_world(cfg: MultiHopConfig | None = None) -> World:
 
     corpus = [{"id": str(i), "contents": _passage(n, kinds[n], facts[n])} for i, n in enumerate(kinds)]
 
-    # Held-out facts (subject, relation). Every entity still occurs in training chains, so its
-    # name is something the policy has learned to write; only the held-out facts are new.
+    # Held-out facts (subject, relation): a test question needs at least one, so it cannot be
+    # answered from what training questions teach about the world, only by searching.
     all_facts = [(name, rel) for name, rels in facts.items() for rel in rels]
     test_facts = set(rng.sample(all_facts, max(1, round(len(all_facts) * cfg.test_fact_fraction))))
     pools: dict[str, list[dict]] = {"train": [], "test": []}
