@@ -285,3 +285,43 @@ def test_sequence_logprobs(tok, model, contexts):
     assert sequence_logprobs(model, [seqs[0]], [len(seqs[0])])[0].numel() == 0
     with pytest.raises(ValueError, match="response start"):
         sequence_logprobs(model, [seqs[0]], [0])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_sequence_logprobs_shared_prefix_matches_full_rows(tok, arch):
+    """Rows sharing a long prompt prefix (run once, cache repeated) give the full forward's
+    log-probs and the same gradients; one row ends inside what would be the prefix of the others."""
+    model = tiny(tok, arch=arch, seed=3).train()
+    prefix = tok.encode("You are a helpful assistant that can search the wikipedia tool step by step. " * 3)
+    assert len(prefix) > 40
+    tails = [tok.encode(t) for t in ("<think> the lake </think>", "<search> Zürich </search> <result> x", "a")]
+    seqs = [prefix + t + tok.encode(" <answer> the old library </answer>") for t in tails]
+    starts = [len(prefix) + len(t) for t in tails]
+    weights = [torch.randn(len(s) - st, generator=torch.Generator().manual_seed(i)) for i, (s, st) in enumerate(zip(seqs, starts))]
+
+    widths = []
+    hook = model.register_forward_hook(lambda mod, args, kwargs, out: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+
+    def run(min_shared_prefix):
+        model.zero_grad()
+        widths.clear()
+        out = sequence_logprobs(model, seqs, starts, temperature=0.9, min_shared_prefix=min_shared_prefix)
+        sum((lp * w).sum() for lp, w in zip(out, weights)).backward()
+        return [lp.detach() for lp in out], [p.grad.clone() for p in model.parameters()], list(widths)
+
+    shared, shared_grads, shared_calls = run(min_shared_prefix=16)
+    full, full_grads, full_calls = run(min_shared_prefix=10**9)
+    hook.remove()
+    n_prefix = min(starts) - 1
+    assert shared_calls == [(1, n_prefix), (3, max(map(len, seqs)) - n_prefix)]
+    assert full_calls == [(3, max(map(len, seqs)))]
+    for seq, start, a, b in zip(seqs, starts, shared, full):
+        expected, _ = fresh_logprobs(model, seq[:start], seq[start:], temperature=0.9)
+        torch.testing.assert_close(a, expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(b, expected, atol=ATOL, rtol=0)
+    for g_shared, g_full in zip(shared_grads, full_grads):
+        torch.testing.assert_close(g_shared, g_full, atol=1e-6, rtol=1e-4)
+    # A row whose response starts right after the prefix limits the shared part (a logit is needed there).
+    short = [prefix[:20] + [prefix[20]], seqs[0]]
+    out = sequence_logprobs(model, short, [20, starts[0]], min_shared_prefix=8)
+    torch.testing.assert_close(out[0], fresh_logprobs(model, short[0][:20], short[0][20:])[0], atol=ATOL, rtol=0)
