@@ -90,6 +90,21 @@ def test_demonstrations_are_valid_and_use_real_tool_output(world, tool):
                 assert observation == format_observation(tool(entity).text)
 
 
+def test_sloppy_demonstration_answers_the_entity_reached_after_too_few_searches(world, tool):
+    q = next(q for q in world.questions("train") if q["hops"] == 3)
+    for searches in (1, 2):
+        demo = demonstration(world, q, tool, searches=searches)
+        assert check_format(demo.text)[0]
+        *calls, (final, _) = demo.pieces
+        assert [g.split("<search> ")[1].split(" </search>")[0] for g, _ in calls] == q["chain"][:searches]
+        assert f"\\boxed{{{q['chain'][searches]}}}" in final
+        assert qa_reward(demo.text, q["golds"]).em == 0.0
+    assert demonstration(world, q, tool, searches=3) == demonstration(world, q, tool)
+    for bad in (0, 4):
+        with pytest.raises(ValueError, match="searches"):
+            demonstration(world, q, tool, searches=bad)
+
+
 def test_demonstration_rejects_a_tool_that_misses_the_fact(world):
     class Blind:
         def __call__(self, query):

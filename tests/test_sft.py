@@ -1,4 +1,5 @@
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -137,6 +138,21 @@ def test_sft_demonstrations_come_from_sister_worlds():
     world_facts = {(s, r, o) for s, rels in world.facts.items() for r, o in rels.items()}
     used = {fact for q, _ in pairs for fact in zip(q["chain"], q["relations"], q["chain"][1:])}
     assert len(used & world_facts) < 0.5 * len(used)
+
+
+def test_early_answer_share_of_multi_hop_demonstrations():
+    def searches_and_hops(cfg):
+        return [(sum("<search>" in g for g, _ in d.pieces), q["hops"]) for q, d in sft_demonstrations(cfg)]
+
+    cfg = QuickstartConfig(world=SMALL, sft_worlds=2, sft_hop_fractions=(1.0, 1.0, 1.0))
+    assert all(s == h for s, h in searches_and_hops(cfg))
+    sloppy = searches_and_hops(replace(cfg, sft_early_answer=0.5))
+    assert len(sloppy) == len(searches_and_hops(cfg))
+    assert all(s == h for s, h in sloppy if h == 1)  # nothing to cut short
+    multi = [(s, h) for s, h in sloppy if h > 1]
+    early = sum(s < h for s, h in multi)
+    assert all(1 <= s <= h for s, h in multi)
+    assert 0.3 < early / len(multi) < 0.7
 
 
 def test_sft_loss_decreases(setup):

@@ -281,8 +281,11 @@ class Demonstration:
         return "".join(generated + observation for generated, observation in self.pieces)
 
 
-def demonstration(world: World, question: dict[str, Any], tool: Any) -> Demonstration:
+def demonstration(world: World, question: dict[str, Any], tool: Any, searches: int | None = None) -> Demonstration:
     """The ideal trajectory for ``question``: search each entity of its chain, then answer.
+
+    With ``searches`` below the question's hop count, a sloppy one instead: it stops searching
+    after that many hops and answers with the entity it has reached (a wrong answer).
 
     ``tool`` (a search tool, e.g. ``LocalSearchTool`` over ``world.corpus``) is really called,
     so every observation is exactly what the environment would insert. Think steps are short:
@@ -291,6 +294,10 @@ def demonstration(world: World, question: dict[str, Any], tool: Any) -> Demonstr
     this does not happen).
     """
     chain, relations = question["chain"], question["relations"]
+    if searches is not None:
+        if not 1 <= searches <= len(relations):
+            raise ValueError(f"searches must be in [1, {len(relations)}], got {searches}")
+        chain, relations = chain[: searches + 1], relations[:searches]
     pieces: list[tuple[str, str]] = []
     think = f"Look up {chain[0]}."
     for i, relation in enumerate(relations):

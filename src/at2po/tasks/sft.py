@@ -239,6 +239,10 @@ class QuickstartConfig:
     # world RL and evaluation use; of their 1-, 2- and 3-hop questions it uses these fractions.
     sft_worlds: int = 8
     sft_hop_fractions: tuple[float, float, float] = (1.0, 1.0, 0.0)
+    # Share of multi-hop demonstrations from a sloppy demonstrator that answers after too few
+    # searches (with the entity reached so far): the warm start imitates the habit, and the
+    # outcome reward is what can teach the policy to keep searching.
+    sft_early_answer: float = 0.0
     # Two phases: the demonstrations under SHORT_SYSTEM_PROMPT, then under the paper's prompt.
     sft_short_prompt_steps: int = 600
     sft_steps: int = 200
@@ -274,7 +278,9 @@ def sft_demonstrations(cfg: QuickstartConfig) -> list[tuple[dict[str, Any], Demo
         rng = random.Random(f"sft-{fact_seed}")
         for hops, fraction in zip((1, 2, 3), cfg.sft_hop_fractions):
             pool = [q for q in sister.questions("train") + sister.questions("test") if q["hops"] == hops]
-            pairs += [(q, demonstration(sister, q, tool)) for q in rng.sample(pool, round(fraction * len(pool)))]
+            for q in rng.sample(pool, round(fraction * len(pool))):
+                early = hops > 1 and rng.random() < cfg.sft_early_answer
+                pairs.append((q, demonstration(sister, q, tool, searches=rng.randint(1, hops - 1) if early else None)))
     return pairs
 
 
@@ -390,6 +396,7 @@ _GRID: dict[str, tuple[type, Any]] = {
     "lr": (float, QuickstartConfig.sft_lr),
     "worlds": (int, QuickstartConfig.sft_worlds),
     "three_hop": (float, QuickstartConfig.sft_hop_fractions[2]),  # share of 3-hop questions in the warm start
+    "early_answer": (float, QuickstartConfig.sft_early_answer),
 }
 
 
@@ -404,7 +411,8 @@ def _calibration_config(setting: dict[str, Any], seed: int, device: str) -> Quic
         world=world, vocab_size=setting["vocab"], hidden_size=setting["hidden"], num_layers=setting["layers"],
         intermediate_size=setting["hidden"] * 8 // 3, sft_short_prompt_steps=setting["short_steps"], sft_steps=setting["steps"],
         sft_batch_size=setting["batch"],
-        sft_lr=setting["lr"], sft_worlds=setting["worlds"], sft_hop_fractions=(1.0, 1.0, setting["three_hop"]), seed=seed,
+        sft_lr=setting["lr"], sft_worlds=setting["worlds"], sft_hop_fractions=(1.0, 1.0, setting["three_hop"]),
+        sft_early_answer=setting["early_answer"], seed=seed,
         device=device,
     )
 
