@@ -325,3 +325,30 @@ def test_sequence_logprobs_shared_prefix_matches_full_rows(tok, arch):
     short = [prefix[:20] + [prefix[20]], seqs[0]]
     out = sequence_logprobs(model, short, [20, starts[0]], min_shared_prefix=8)
     torch.testing.assert_close(out[0], fresh_logprobs(model, short[0][:20], short[0][20:])[0], atol=ATOL, rtol=0)
+
+
+def test_generation_with_a_shared_prefix_matches_full_prefill(tok):
+    """Contexts sharing a long prefix (prefilled once, cache repeated) give what full per-row
+    prefill gives: greedy tokens, sampled tokens under the same seed, log-probs equal to a fresh pass."""
+    model = tiny(tok, seed=5)
+    prefix = tok.encode("You are a helpful assistant that can search the wikipedia tool step by step. " * 3)
+    contexts = [prefix + tok.encode(t) for t in ("<think> the", "<search> the old library was founded by", "a")]
+    widths = []
+    hook = model.register_forward_hook(
+        lambda mod, args, kwargs, out: widths.append(kwargs.get("input_ids", args[0] if args else None).shape[1]),
+        with_kwargs=True)
+    for params in (SamplingParams(max_new_tokens=10, greedy=True), SamplingParams(temperature=1.2, max_new_tokens=10)):
+        widths.clear()
+        shared = HFGenerator(model, tok, seed=11).generate(contexts, params)
+        shared_prefill = widths[:2]
+        widths.clear()
+        full = HFGenerator(model, tok, seed=11, min_shared_prefix=10**9).generate(contexts, params)
+        # Shared: the prefix alone, then the left-padded rests; full: every whole context.
+        assert shared_prefill[0] >= len(prefix) and sum(shared_prefill) == widths[0] == max(map(len, contexts))
+        for ctx, a, b in zip(contexts, shared, full):
+            assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=ATOL, rtol=0)
+            temperature = 1.0 if params.greedy else params.temperature
+            expected, _ = fresh_logprobs(model, ctx, a.token_ids, temperature=temperature)
+            torch.testing.assert_close(torch.tensor(a.logprobs), expected, atol=ATOL, rtol=0)
+    hook.remove()

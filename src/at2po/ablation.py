@@ -125,11 +125,11 @@ def _resolved_key(cfg: Config) -> str:
 
 
 def _by_hop(trainer: Trainer, questions: list[dict]) -> dict[str, float]:
-    """Greedy EM per hop count on the validation questions (``evaluate_greedy``; its turn and
-    tool-call limits are the engine's defaults, so its overall EM can differ slightly from val/em)."""
+    """Greedy EM per hop count on the validation questions, under the trainer's rollout limits."""
     r = trainer.cfg.rollout
     return evaluate_greedy(trainer.accelerator.unwrap_model(trainer.model), trainer.tokenizer, trainer.tools["search"],
-                           questions, max_turn_tokens=r.max_turn_tokens, max_response_tokens=r.max_response_tokens)
+                           questions, max_turn_tokens=r.max_turn_tokens, max_response_tokens=r.max_response_tokens,
+                           max_turns=r.max_turns, max_tool_calls=r.max_tool_calls)
 
 
 def warm_start_metrics(cfg: Config, questions: list[dict]) -> dict[str, Any]:

@@ -171,6 +171,7 @@ class HFGenerator:
         seed: int = 0,
         max_batch_size: int | None = None,
         eos_token_ids: Iterable[int] | None = None,
+        min_shared_prefix: int = 32,
     ) -> None:
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -191,6 +192,7 @@ class HFGenerator:
         self._rng = torch.Generator(device=self.device)
         self._rng.manual_seed(seed)
         self._cache_arg, self._has_logits_to_keep = _forward_kwargs(model)
+        self.min_shared_prefix = min_shared_prefix
 
     def get_rng_state(self) -> torch.Tensor:
         """The sampling RNG state (a CPU byte tensor), e.g. for checkpoints."""
@@ -264,18 +266,33 @@ class HFGenerator:
     def _generate_batch(
         self, contexts: list[list[int]], limits: list[int], params: SamplingParams
     ) -> list[Generation]:
-        n, width = len(contexts), max(len(c) for c in contexts)
+        n = len(contexts)
+        # A prompt prefix that every context shares (the system prompt; a tree's whole prompt)
+        # is prefilled once and its KV cache repeated over the rows: prefill dominates the cost of
+        # multi-turn rollouts, where every turn re-reads its context. Each row keeps >= 1 own token.
+        n_prefix = _common_prefix_length(contexts, min(len(c) for c in contexts) - 1) if n > 1 else 0
+        if n_prefix < max(self.min_shared_prefix, 1):
+            n_prefix = 0
+        cache = None
+        if n_prefix:
+            prefix = torch.tensor(contexts[0][:n_prefix], dtype=torch.long, device=self.device)[None]
+            _, cache = self._forward(None, input_ids=prefix)
+            cache.batch_repeat_interleave(n)
+        # The rest of each context is left-padded after the prefix; positions skip the padding.
+        width = max(len(c) for c in contexts) - n_prefix
         input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((n, width), dtype=torch.long)
+        attention_mask = torch.zeros((n, n_prefix + width), dtype=torch.long)
+        attention_mask[:, :n_prefix] = 1
         for row, ctx in enumerate(contexts):
-            input_ids[row, width - len(ctx) :] = torch.tensor(ctx, dtype=torch.long)
-            attention_mask[row, width - len(ctx) :] = 1
+            rest = ctx[n_prefix:]
+            input_ids[row, width - len(rest) :] = torch.tensor(rest, dtype=torch.long)
+            attention_mask[row, n_prefix + width - len(rest) :] = 1
         input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        # Each row's positions start at 0 at its first real token; pads get a harmless 0.
-        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)
+        # Each row's positions start at 0 at its first real token; pads get a harmless value.
+        position_ids = (attention_mask.cumsum(dim=-1) - 1).clamp(min=0)[:, n_prefix:]
 
         logits, cache = self._forward(
-            None, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            cache, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
         )
         next_positions = position_ids[:, -1:] + 1
 

@@ -358,8 +358,11 @@ def evaluate_greedy(
     *,
     max_turn_tokens: int = 64,
     max_response_tokens: int = 1024,
+    max_turns: int = 10,
+    max_tool_calls: int = 6,
 ) -> dict[str, float]:
-    """Greedy held-out metrics with the real rollout engine: EM, format rate, EM by hop count."""
+    """Greedy held-out metrics with the real rollout engine: EM, format rate, EM by hop count.
+    The limits are those of ``RolloutConfig``; pass a trainer's to reproduce its validation."""
     from at2po.rewards import qa_reward
     from at2po.rollout.engine import Prompt, RolloutConfig, TreeRolloutEngine
     from at2po.rollout.generator import HFGenerator
@@ -369,7 +372,8 @@ def evaluate_greedy(
         tokenizer,
         {"search": search_tool},
         qa_reward,
-        RolloutConfig(max_turn_tokens=max_turn_tokens, max_response_tokens=max_response_tokens),
+        RolloutConfig(max_turn_tokens=max_turn_tokens, max_response_tokens=max_response_tokens,
+                      max_turns=max_turns, max_tool_calls=max_tool_calls),
     )
     prompts = [Prompt(render_prompt(tokenizer, q["question"]), list(q["golds"]), q["question"]) for q in questions]
     start = time.perf_counter()
