@@ -144,7 +144,7 @@ def test_early_answer_share_of_multi_hop_demonstrations():
     def searches_and_hops(cfg):
         return [(sum("<search>" in g for g, _ in d.pieces), q["hops"]) for q, d in sft_demonstrations(cfg)]
 
-    cfg = QuickstartConfig(world=SMALL, sft_worlds=2, sft_hop_fractions=(1.0, 1.0, 1.0))
+    cfg = QuickstartConfig(world=SMALL, sft_worlds=2, sft_hop_fractions=(1.0, 1.0, 1.0), sft_early_answer=0.0)
     assert all(s == h for s, h in searches_and_hops(cfg))
     sloppy = searches_and_hops(replace(cfg, sft_early_answer=0.5))
     assert len(sloppy) == len(searches_and_hops(cfg))

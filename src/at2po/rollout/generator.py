@@ -270,7 +270,7 @@ class HFGenerator:
         # A prompt prefix that every context shares (the system prompt; a tree's whole prompt)
         # is prefilled once and its KV cache repeated over the rows: prefill dominates the cost of
         # multi-turn rollouts, where every turn re-reads its context. Each row keeps >= 1 own token.
-        n_prefix = _common_prefix_length(contexts, min(len(c) for c in contexts) - 1) if n > 1 else 0
+        n_prefix = common_prefix_length(contexts, min(len(c) for c in contexts) - 1) if n > 1 else 0
         if n_prefix < max(self.min_shared_prefix, 1):
             n_prefix = 0
         cache = None
@@ -333,7 +333,7 @@ class HFGenerator:
             next_positions = next_positions + 1
 
 
-def _common_prefix_length(sequences: Sequence[Sequence[int]], limit: int) -> int:
+def common_prefix_length(sequences: Sequence[Sequence[int]], limit: int) -> int:
     """Length of the token prefix all ``sequences`` share, at most ``limit``."""
     first = sequences[0]
     n = limit
@@ -384,7 +384,7 @@ def sequence_logprobs(
         seqs, starts = sequences[begin : begin + chunk], response_starts[begin : begin + chunk]
         width = max(len(s) for s in seqs)
         # The shared prefix stops before every row's first response logit (position start - 1).
-        n_prefix = _common_prefix_length(seqs, min(starts) - 1) if can_share and len(seqs) > 1 else 0
+        n_prefix = common_prefix_length(seqs, min(starts) - 1) if can_share and len(seqs) > 1 else 0
         if n_prefix < max(min_shared_prefix, 1):
             n_prefix = 0
         input_ids = torch.zeros((len(seqs), width - n_prefix), dtype=torch.long)

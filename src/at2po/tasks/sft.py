@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from at2po.agent import SYSTEM_PROMPT, encode_observation, render_prompt
+from at2po.rollout.generator import common_prefix_length
 from at2po.tasks.multihop import Demonstration, MultiHopConfig, World, build_world, demonstration
 from at2po.tiny import build_tiny_model, save_pretrained_dir, train_tokenizer
 from at2po.tools.search import BM25Index, LocalSearchTool
@@ -96,16 +97,6 @@ def _collate(encoded: list[tuple[list[int], list[int]]], pad_id: int, skip: int)
         labels[row, : len(labs)] = torch.tensor(labs)
         attention_mask[row, : len(ids)] = 1
     return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
-
-
-def _shared_prefix_length(examples: Sequence[SFTExample]) -> int:
-    """Length of the token prefix common to all prompts (the system prompt), kept short of every
-    prompt's end so that the first token after it is never a labelled one."""
-    first = examples[0].prompt_ids
-    length = min(len(ex.prompt_ids) for ex in examples) - 1
-    for ex in examples[1:]:
-        length = next((i for i in range(length) if ex.prompt_ids[i] != first[i]), length)
-    return max(length, 0)
 
 
 def sft_loss(
@@ -182,7 +173,10 @@ def sft_warm_start(
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps} and {batch_size}")
     encoded = [encode_example(tokenizer, ex) for ex in examples]
-    n_prefix = _shared_prefix_length(examples)
+    # The system prompt, which all prompts share, runs once per batch; it stops short of every
+    # prompt's end so that the first token after it is never a labelled one.
+    prompts = [ex.prompt_ids for ex in examples]
+    n_prefix = common_prefix_length(prompts, min(map(len, prompts)) - 1)
     device = next(model.parameters()).device
     prefix_ids = torch.tensor(encoded[0][0][:n_prefix], device=device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
