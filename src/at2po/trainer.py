@@ -210,8 +210,7 @@ def plot_metrics(jsonl: str | Path, png: str | Path) -> Path:
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
             xs, ys = zip(*pts)
-            few = len(pts) < 30
-            ax.plot(xs, ys, marker="o" if few else None, ms=3, alpha=1.0 if key == "val/em" else 0.35)
+            ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, ms=3, alpha=1.0 if key == "val/em" else 0.35)
             if key != "val/em" and len(pts) >= 10:  # per-step metrics are noisy: add a moving average
                 w = 5
                 ma = np.convolve(ys, np.ones(w) / w, mode="valid")
