@@ -265,7 +265,7 @@ def markdown_table(summary: dict[str, dict[str, Any]], first_column: str) -> str
     for name, s in summary.items():
         cells = [name, _mean_std(s["em_after"]), f"{s['delta_mean']:+.3f}",
                  *(f"{s[h + '_mean']:.3f}" if h + "_mean" in s else "–" for h in hops),
-                 f"{s['generated_tokens_mean']:,.0f}", f"{s['tool_calls_mean']:,.0f}", f"{s['steps_mean']:g}",
+                 f"{s['generated_tokens_mean']:,.0f}", f"{s['tool_calls_mean']:,.0f}", f"{s['steps_mean']:.1f}",
                  f"{s['seconds_mean']:,.1f}", f"{PAPER_EM[name]:.2f}" if name in PAPER_EM else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
