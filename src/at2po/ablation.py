@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from at2po.config import Config, config_to_dict, load_config
-from at2po.quickstart import QUICKSTART_OVERRIDES, quickstart_config
+from at2po.quickstart import QUICKSTART_OVERRIDES, quickstart_assets_config, quickstart_config
 from at2po.tasks.multihop import MultiHopConfig
 from at2po.tasks.sft import QuickstartConfig, build_quickstart_assets, evaluate_greedy
 from at2po.trainer import Trainer
@@ -90,7 +90,7 @@ QUICK_OVERRIDES = [
 def assets_config(seed: int, quick: bool) -> QuickstartConfig:
     """The quickstart's warm start for ``seed`` (``--quick``: a tiny one that takes seconds)."""
     if not quick:
-        return QuickstartConfig(seed=seed, world=MultiHopConfig(seed=seed))
+        return quickstart_assets_config(seed)
     world = MultiHopConfig(seed=seed, n_people=16, n_companies=5, n_cities=5, n_countries=3, n_train=24, n_test=6)
     return QuickstartConfig(
         world=world, vocab_size=600, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,

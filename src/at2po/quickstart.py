@@ -11,9 +11,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from at2po.config import Config, load_config, save_config
 from at2po.trainer import Trainer, plot_metrics
+
+if TYPE_CHECKING:
+    from at2po.tasks.sft import QuickstartConfig
 
 # RL settings sized for 2 CPU cores; every one can be overridden with `--set key=value`.
 QUICKSTART_OVERRIDES = [
@@ -38,6 +42,14 @@ QUICKSTART_OVERRIDES = [
 ]
 
 
+def quickstart_assets_config(seed: int) -> "QuickstartConfig":
+    """The world, tiny model and warm start of ``at2po quickstart --seed seed``."""
+    from at2po.tasks.multihop import MultiHopConfig
+    from at2po.tasks.sft import QuickstartConfig
+
+    return QuickstartConfig(seed=seed, world=MultiHopConfig(seed=seed))
+
+
 def quickstart_config(assets_dir: Path, out_dir: Path, seed: int, overrides: list[str]) -> Config:
     return load_config(None, [
         f"model.path={assets_dir / 'model'}",
@@ -54,15 +66,13 @@ def quickstart_config(assets_dir: Path, out_dir: Path, seed: int, overrides: lis
 
 def run_quickstart(out_dir: str | Path = "runs/quickstart", seed: int = 0, overrides: list[str] | None = None,
                    progress: bool = True) -> dict:
-    from at2po.tasks.multihop import MultiHopConfig
-    from at2po.tasks.sft import QuickstartConfig, build_quickstart_assets
+    from at2po.tasks.sft import build_quickstart_assets
 
     out = Path(out_dir)
     t0 = time.perf_counter()
     assets_dir = out / "assets"
     print(f"[1/3] world, tokenizer, tiny model and warm start -> {assets_dir}", flush=True)
-    build_quickstart_assets(QuickstartConfig(seed=seed, world=MultiHopConfig(seed=seed)),
-                            out_dir=assets_dir, progress=progress)
+    build_quickstart_assets(quickstart_assets_config(seed), out_dir=assets_dir, progress=progress)
     t_assets = time.perf_counter() - t0
 
     cfg = quickstart_config(assets_dir, out, seed, overrides or [])

@@ -270,9 +270,8 @@ class HFGenerator:
         # A prompt prefix that every context shares (the system prompt; a tree's whole prompt)
         # is prefilled once and its KV cache repeated over the rows: prefill dominates the cost of
         # multi-turn rollouts, where every turn re-reads its context. Each row keeps >= 1 own token.
-        n_prefix = common_prefix_length(contexts, min(len(c) for c in contexts) - 1) if n > 1 else 0
-        if n_prefix < max(self.min_shared_prefix, 1):
-            n_prefix = 0
+        limit = min(map(len, contexts)) - 1
+        n_prefix = common_prefix_length(contexts, limit, self.min_shared_prefix) if n > 1 else 0
         cache = None
         if n_prefix:
             prefix = torch.tensor(contexts[0][:n_prefix], dtype=torch.long, device=self.device)[None]
@@ -333,13 +332,14 @@ class HFGenerator:
             next_positions = next_positions + 1
 
 
-def common_prefix_length(sequences: Sequence[Sequence[int]], limit: int) -> int:
-    """Length of the token prefix all ``sequences`` share, at most ``limit``."""
+def common_prefix_length(sequences: Sequence[Sequence[int]], limit: int, minimum: int = 0) -> int:
+    """Length of the token prefix all ``sequences`` share, at most ``limit``; 0 when it is
+    shorter than ``minimum`` (too short to be worth running separately)."""
     first = sequences[0]
     n = limit
     for seq in sequences[1:]:
         n = next((i for i in range(n) if seq[i] != first[i]), n)
-    return n
+    return n if n >= minimum else 0
 
 
 def sequence_logprobs(
@@ -384,9 +384,8 @@ def sequence_logprobs(
         seqs, starts = sequences[begin : begin + chunk], response_starts[begin : begin + chunk]
         width = max(len(s) for s in seqs)
         # The shared prefix stops before every row's first response logit (position start - 1).
-        n_prefix = common_prefix_length(seqs, min(starts) - 1) if can_share and len(seqs) > 1 else 0
-        if n_prefix < max(min_shared_prefix, 1):
-            n_prefix = 0
+        shareable = can_share and len(seqs) > 1
+        n_prefix = common_prefix_length(seqs, min(starts) - 1, min_shared_prefix) if shareable else 0
         input_ids = torch.zeros((len(seqs), width - n_prefix), dtype=torch.long)
         attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for row, seq in enumerate(seqs):
@@ -398,7 +397,8 @@ def sequence_logprobs(
         kwargs = {"logits_to_keep": width - first} if has_logits_to_keep else {}
         if n_prefix:
             prefix = torch.tensor(list(seqs[0][:n_prefix]), dtype=torch.long, device=device)[None]
-            cache = getattr(model(input_ids=prefix, use_cache=True, **({"logits_to_keep": 1} if has_logits_to_keep else {})), cache_arg)
+            keep_one = {"logits_to_keep": 1} if has_logits_to_keep else {}
+            cache = getattr(model(input_ids=prefix, use_cache=True, **keep_one), cache_arg)
             cache.batch_repeat_interleave(len(seqs))
             positions = torch.arange(n_prefix, width, device=device).expand(len(seqs), -1)
             kwargs.update({cache_arg: cache, "use_cache": True, "position_ids": positions})
