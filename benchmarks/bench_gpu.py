@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from at2po.losses import policy_loss, turn_ids_from_mask
+from at2po.algorithms.losses import policy_loss, turn_ids_from_mask
 from at2po.rollout.generator import HFGenerator, SamplingParams
 
 

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from at2po.credit import turn_credit_batch
-from at2po.losses import policy_loss
+from at2po.algorithms.credit import turn_credit_batch
+from at2po.algorithms.losses import policy_loss
 
 
 def make_batch(B, T, turns, device, seed=0):

@@ -15,14 +15,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from at2po.agent import render_prompt
-from at2po.data import load_qa_jsonl
-from at2po.rewards import qa_reward
-from at2po.rollout.engine import Prompt, RolloutConfig, TreeRolloutEngine
-from at2po.rollout.generator import HFGenerator
-from at2po.tools.search import LocalSearchTool
+from at2po.config import RolloutConfig, load_config
+from at2po.factory import build_engine, build_task, build_tools, load_model, load_tokenizer
+from at2po.rollout.engine import TreeRolloutEngine
 
 
 def run(engine: TreeRolloutEngine, prompts, cfg: RolloutConfig) -> dict:
@@ -53,14 +49,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     assets = Path(args.assets)
     if not (assets / "model").is_dir():
-        from at2po.tasks.sft import build_quickstart_assets
+        from at2po.quickstart import build_quickstart_assets
 
         build_quickstart_assets(out_dir=assets)
-    tok = AutoTokenizer.from_pretrained(assets / "model")
-    model = AutoModelForCausalLM.from_pretrained(assets / "model")
-    rows = load_qa_jsonl(assets / "train.jsonl")[: args.prompts]
-    prompts = [Prompt(render_prompt(tok, r.question), list(r.golds), r.question) for r in rows]
-    tool = LocalSearchTool(corpus_path=assets / "corpus.jsonl")
+    base = load_config(None, [f"model.path={assets / 'model'}", f"tools.search.corpus_file={assets / 'corpus.jsonl'}"])
+    tok, model = load_tokenizer(base.model), load_model(base.model)
+    task = build_task(base)
+    tools = build_tools(base, task)
+    rows = task.load(assets / "train.jsonl")[: args.prompts]
     common = dict(max_turn_tokens=48, max_response_tokens=400, max_turns=6, max_tool_calls=4)
     configs = {
         "tree": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, **common),
@@ -70,8 +66,9 @@ def main() -> None:
     results: dict[str, list[dict]] = {name: [] for name in configs}
     for rep in range(args.repeat):
         for name, cfg in configs.items():
-            eng = TreeRolloutEngine(HFGenerator(model, tok, seed=rep), tok, {"search": tool}, qa_reward, cfg)
-            results[name].append(run(eng, prompts, cfg))
+            base.rollout = cfg
+            eng = build_engine(base, model, tok, task=task, tools=tools, seed=rep)
+            results[name].append(run(eng, [eng.prompt(r) for r in rows], cfg))
     mean = {k: {m: sum(r[m] for r in v) / len(v) for m in ("seconds", "generated_tokens", "leaves", "tokens_per_leaf",
                                                           "tool_calls", "generation_calls")} for k, v in results.items()}
     t, s, c = mean["tree"], mean["tree_sync"], mean["chain16"]

@@ -4,7 +4,10 @@ import json
 
 import pytest
 
-from at2po.ablation import CREDIT_ROWS, ROWS, main
+from conftest import load_script
+
+ablation = load_script("benchmarks/ablation.py")
+CREDIT_ROWS, ROWS, main = ablation.CREDIT_ROWS, ablation.ROWS, ablation.main
 
 
 def check_budget(seed_result):

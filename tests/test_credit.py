@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from at2po.credit import ADV_MODES, VALUE_MODES, token_advantages, turn_credit, turn_credit_batch
+from at2po.algorithms.credit import ADV_MODES, VALUE_MODES, token_advantages, turn_credit, turn_credit_batch
 
 
 # ---------------------------------------------------------------- naive reference (recursion)

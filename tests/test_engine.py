@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from at2po.agent import TOOL_LIMIT_MESSAGE, render_prompt
-from at2po.credit import turn_credit
+from at2po.algorithms.credit import turn_credit
 from at2po.rewards import qa_reward
 from at2po.rollout.engine import Prompt, RolloutConfig, TreeRolloutEngine
 from at2po.rollout.generator import Generation
 from at2po.tiny import synthetic_agent_texts, train_tokenizer
 from at2po.tools.base import Tool, ToolResult
-from at2po.tree import ACTIVE, FAILED, LEAF
+from at2po.algorithms.tree import ACTIVE, FAILED, LEAF
 
 
 @pytest.fixture(scope="module")

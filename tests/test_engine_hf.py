@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from at2po.agent import render_prompt
-from at2po.credit import turn_credit
+from at2po.algorithms.credit import turn_credit
 from at2po.rewards import qa_reward
 from at2po.rollout.engine import Prompt, RolloutConfig, TreeRolloutEngine
 from at2po.rollout.generator import HFGenerator, sequence_logprobs
-from at2po.tasks.sft import SFTExample, sft_warm_start
+from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.tiny import build_tiny_model, synthetic_agent_texts, train_tokenizer
 from at2po.tools.search import BM25Index, LocalSearchTool, format_passages
 

@@ -16,10 +16,10 @@ from at2po.agent import render_prompt
 from at2po.config import load_config
 from at2po.data import QARow
 from at2po.datasets import write_qa_file
-from at2po.evaluate import _dataset_arg, add_cli, evaluate, load_eval_datasets
+from at2po.evaluation.benchmarks import _dataset_arg, add_cli, evaluate, load_eval_datasets
 from at2po.rewards import exact_match, extract_answer, f1_score
 from at2po.rollout.engine import TreeRolloutEngine
-from at2po.tasks.sft import SFTExample, sft_warm_start
+from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
 from at2po.tools.search import BM25Index, LocalSearchTool
 

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from at2po.losses import AGGS, LEVELS, aggregate, kl_penalty, policy_loss, turn_ids_from_mask
+from at2po.algorithms.losses import AGGS, LEVELS, aggregate, kl_penalty, policy_loss, turn_ids_from_mask
 
 
 # ---------------------------------------------------------------- naive reference (loops)

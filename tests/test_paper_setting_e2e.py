@@ -16,12 +16,12 @@ from at2po.agent import render_prompt
 from at2po.config import load_config
 from at2po.data import QARow
 from at2po.datasets import write_qa_file
-from at2po.evaluate import evaluate
+from at2po.evaluation.benchmarks import evaluate
 from at2po.retriever import build_index, create_app, load_retriever, packaged_minilm_path, serve_in_thread
-from at2po.tasks.sft import SFTExample, sft_warm_start
+from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
 from at2po.tools.search import HTTPSearchTool
-from at2po.trainer import Trainer, latest_checkpoint
+from at2po.training.trainer import Trainer, latest_checkpoint
 
 WORLD = [
     "Quovia is a city in Belmark.",

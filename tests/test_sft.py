@@ -7,7 +7,7 @@ from transformers import AutoTokenizer
 
 from at2po.agent import SYSTEM_PROMPT, encode_observation, format_observation, render_prompt
 from at2po.tasks.multihop import MultiHopConfig, build_world, demonstration
-from at2po.tasks.sft import (
+from at2po.training.sft import (
     IGNORE_INDEX,
     QuickstartConfig,
     SFTExample,

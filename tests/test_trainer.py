@@ -11,7 +11,7 @@ from at2po.rewards import RewardOutput
 from at2po.rollout.generator import Generation
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
 from at2po.tools.base import Tool
-from at2po.trainer import Trainer, build_train_batch, latest_checkpoint, response_log_probs
+from at2po.training.trainer import Trainer, build_train_batch, latest_checkpoint, response_log_probs
 
 CORPUS = [
     "Zorbex was founded by Mila Tarn.",
@@ -188,7 +188,7 @@ def test_config_yaml_roundtrip(tmp_path):
 def test_train_batch_without_turn_credit_gives_each_row_its_leaf_reward():
     from at2po.config import AlgoConfig
     from at2po.rollout.engine import LeafRow, RolloutResult, TreeStats
-    from at2po.tree import LEAF, TurnTree
+    from at2po.algorithms.tree import LEAF, TurnTree
 
     tree = TurnTree([1, 2])
     a = tree.add_turn(0, obs_ids=[], gen_ids=[3, 4], gen_logprobs=[-1.0, -2.0])

@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from at2po.credit import token_advantages, turn_credit
-from at2po.expansion import expansion_scores, select_expansion, select_from_tree
-from at2po.tree import ACTIVE, FAILED, LEAF, TurnTree
+from at2po.algorithms.credit import token_advantages, turn_credit
+from at2po.algorithms.expansion import expansion_scores, select_expansion, select_from_tree
+from at2po.algorithms.tree import ACTIVE, FAILED, LEAF, TurnTree
 
 
 def build_tree():

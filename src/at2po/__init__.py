@@ -1,7 +1,7 @@
 """AT²PO: Agentic Turn-based Policy Optimization via Tree Search (arXiv 2601.04767).
 
 Layout:
-  at2po.tree, at2po.expansion, at2po.credit, at2po.losses  -- pure algorithms (no models, no tools)
+  at2po.algorithms.tree, at2po.algorithms.expansion, at2po.algorithms.credit, at2po.algorithms.losses  -- pure algorithms (no models, no tools)
   at2po.rollout                                             -- generator backends and the tree rollout engine
   at2po.tools, at2po.rewards, at2po.agent                   -- the agent environment
 """

@@ -1,10 +1,13 @@
-"""The agent's text/token protocol (spec §1): prompt, actions, observations.
+"""The agent's text/token protocol (docs/method.md §1): prompt, actions, observations.
 
 A trajectory is: prompt ids, then turns. Each turn the policy generates until a stop string
-(``</search>``, ``</python>``, ``</answer>``) or EOS; ``parse_action`` reads that turn's text; for a
-tool call the environment appends an observation ``" <result>\\n...\\n</result>"`` as ids from
-``encode_observation`` (loss mask 0) and the policy continues right after it. Generated ids are
-never re-encoded. No model code here.
+(``</TOOL>`` of every enabled tool, ``</answer>``) or EOS; the protocol's ``parse`` reads that
+turn's text; for a tool call the environment appends an observation
+``" <result>\\n...\\n</result>"`` as ids from ``encode_observation`` (loss mask 0) and the policy
+continues right after it. Generated ids are never re-encoded. No model code here.
+
+:class:`AgentProtocol` derives everything tool-specific (stop strings, action parsing, the
+format check) from the enabled tools' self-descriptions (``at2po.tools.base.Tool``).
 """
 
 from __future__ import annotations
@@ -12,18 +15,15 @@ from __future__ import annotations
 import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Protocol
 
 __all__ = [
+    "ANSWER_FORMAT",
+    "ANSWER_TAG",
     "Action",
-    "MAX_CODE_CHARS",
-    "MAX_QUERY_CHARS",
-    "PYTHON_TOOL_PROMPT",
-    "STOP_STRINGS",
-    "SYSTEM_PROMPT",
+    "AgentProtocol",
     "TOOL_LIMIT_MESSAGE",
     "TOOL_LIMIT_NOTICE",
-    "build_system_prompt",
     "decode_ids",
     "encode_observation",
     "format_error_observation",
@@ -31,32 +31,6 @@ __all__ = [
     "parse_action",
     "render_prompt",
 ]
-
-# The paper's system prompt (Figure 6), verbatim, including its typo ("as your want").
-SYSTEM_PROMPT = (
-    "You are a helpful assistant that can solve the given question step by step with the help of "
-    "the wikipedia search tool. Given a question, you need to first think about the reasoning "
-    "process in the mind and then provide the answer. During thinking, you can invoke the "
-    "wikipedia search tool to search for fact information about specific topics if needed. You "
-    "can search as many times as your want. The reasoning process and answer are enclosed within "
-    "<think> </think> and <answer> </answer> tags respectively, and the search query and result "
-    "are enclosed within <search> </search> and <result> </result> tags respectively. For "
-    "example, <think> This is the reasoning process. </think> <search> search query here "
-    "</search> <result> search result here </result> <think> This is the reasoning process. "
-    "</think> <answer> The final answer is \\[ \\boxed{answer here} \\] </answer>. In the last "
-    "part of the answer, the final exact answer is enclosed within \\boxed{} with latex format."
-)
-
-PYTHON_TOOL_PROMPT = (
-    "You can also run Python code by writing it within <python> </python> tags; whatever the "
-    "code prints is returned to you within <result> </result> tags, so use print() to see values."
-)
-
-
-def build_system_prompt(python_tool: bool = False) -> str:
-    """The paper's system prompt, plus the python-tool sentence when that tool is enabled."""
-    return f"{SYSTEM_PROMPT} {PYTHON_TOOL_PROMPT}" if python_tool else SYSTEM_PROMPT
-
 
 # ---------------------------------------------------------------------------------------------
 # Prompt
@@ -77,11 +51,12 @@ def _as_id_list(encoded: Any) -> list[int]:
 
 def render_prompt(
     tokenizer: Any,
-    question: str,
-    system_prompt: str = SYSTEM_PROMPT,
+    user_message: str,
+    system_prompt: str,
     **chat_template_kwargs: Any,
 ) -> list[int]:
-    """Prompt ids for one question. The user message is ``"Question: {question}"``.
+    """Prompt ids for one sample: a system prompt and the user message (a task's
+    ``user_message``, e.g. ``"Question: {question}"`` for search QA).
 
     With a chat template: ``[system, user]`` messages rendered with
     ``add_generation_prompt=True`` (extra keyword arguments, e.g. ``enable_thinking``, go to the
@@ -89,14 +64,14 @@ def render_prompt(
 
         System: {system_prompt}
 
-        User: Question: {question}
+        User: {user_message}
 
         Assistant:
 
     encoded without the tokenizer's post-processing, preceded by BOS if the tokenizer has one
     (so no EOS or other suffix is appended to a prompt the model must continue).
     """
-    user = f"Question: {question.strip()}"
+    user = user_message
     if getattr(tokenizer, "chat_template", None):
         messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
         encoded = tokenizer.apply_chat_template(
@@ -117,65 +92,100 @@ def render_prompt(
 # Actions
 # ---------------------------------------------------------------------------------------------
 
-STOP_STRINGS = ["</search>", "</python>", "</answer>"]
+ANSWER_TAG = "answer"  # the terminal action of every task: <answer> ... </answer>
+# The protocol in one sentence, for system prompts composed from tool descriptions.
+ANSWER_FORMAT = (
+    "Before every action, reason within <think> </think> tags; give the final answer within "
+    "<answer> </answer> tags, with the exact answer in \\boxed{} inside them, for example "
+    "<answer> The answer is \\boxed{42} </answer>."
+)
+# Tags that belong to the protocol itself; no tool may take these names.
+RESERVED_TAGS = ("think", "answer", "result")
 
-# Bounds on what reaches a tool: a runaway generation must not become a 100 KB search request.
-# Longer inputs are cut to the bound and still executed (no error is set).
-MAX_QUERY_CHARS = 2000
-MAX_CODE_CHARS = 20000
-_LIMITS = {"search": MAX_QUERY_CHARS, "python": MAX_CODE_CHARS}
+
+class ToolSpec(Protocol):
+    """What the protocol reads from a tool (``at2po.tools.base.Tool`` has these attributes)."""
+
+    name: str
+    max_input_chars: int
+    dedent_input: bool
 
 
 @dataclass(frozen=True)
 class Action:
     """What a turn asked for.
 
-    kind: "search" / "python" (a tool call, ``query`` is the stripped inner text), "answer"
+    kind: the name of a tool (a tool call; ``query`` is its stripped inner text), "answer"
     (the trajectory ends; ``query`` is None), or "none" (no complete action: plain text, EOS,
     an unclosed tag; the trajectory ends).
-    error: None when well formed. For a tool kind with an error (e.g. "empty query"), the caller
+    error: None when well formed. For a tool call with an error (e.g. "empty query"), the caller
     should not run the tool but append ``format_error_observation(error)`` and go on; for
     "answer"/"none" it only describes the problem (the reward's format check judges it).
     """
 
-    kind: Literal["search", "python", "answer", "none"]
+    kind: str
     query: str | None = None
     error: str | None = None
 
 
-def parse_action(text: str) -> Action:
-    """Read one turn's generated text. Never raises.
+class AgentProtocol:
+    """The text protocol of a set of enabled tools: stop strings, action parsing, format check.
 
-    * ``<answer>`` anywhere in the turn -> "answer" (error "unclosed <answer>" if no
-      ``</answer>`` follows it);
-    * else the tool call whose closing tag (``</search>`` or ``</python>``) comes last; its query
-      is the text between that closing tag and the nearest opening tag of the same tool before
-      it, so ``<search><search>x</search>`` gives "x" (python code is dedented first), stripped
-      and cut to MAX_QUERY_CHARS / MAX_CODE_CHARS. Empty query -> error "empty query";
-      a closing tag without an opening one -> "none" with an error;
-    * else an opening tool tag without its closing tag -> "none", error "unclosed <search>";
-    * else "none" without error.
+    ``AgentProtocol([])`` is a tool-less agent (think, then answer).
     """
-    answer_at = text.find("<answer>")
-    if answer_at >= 0:
-        closed = text.find("</answer>", answer_at) >= 0
-        return Action("answer", None, None if closed else "unclosed <answer>")
 
-    close_at, tool = max((text.rfind(f"</{t}>"), t) for t in _LIMITS)
-    if close_at >= 0:
-        open_at = text.rfind(f"<{tool}>", 0, close_at)
-        if open_at < 0:
-            return Action("none", None, f"</{tool}> without <{tool}>")
-        query = text[open_at + len(f"<{tool}>") : close_at]
-        if tool == "python":
-            query = textwrap.dedent(query)  # keep code runnable when the whole block is indented
-        query = query.strip()[: _LIMITS[tool]]
-        return Action(tool, query, None if query else "empty query")
+    def __init__(self, tools: Iterable[ToolSpec] = ()) -> None:
+        self.tools: dict[str, ToolSpec] = {}
+        for tool in tools:
+            if tool.name in RESERVED_TAGS:
+                raise ValueError(f"tool name {tool.name!r} is reserved by the agent protocol")
+            if tool.name in self.tools:
+                raise ValueError(f"two enabled tools are named {tool.name!r}")
+            self.tools[tool.name] = tool
+        self.tool_names: tuple[str, ...] = tuple(self.tools)
+        self.stop_strings: tuple[str, ...] = (*(f"</{n}>" for n in self.tool_names), f"</{ANSWER_TAG}>")
 
-    for t in _LIMITS:
-        if f"<{t}>" in text:
-            return Action("none", None, f"unclosed <{t}>")
-    return Action("none")
+    def parse(self, text: str) -> Action:
+        """Read one turn's generated text. Never raises.
+
+        * ``<answer>`` anywhere in the turn -> "answer" (error "unclosed <answer>" if no
+          ``</answer>`` follows it);
+        * else the tool call whose closing tag comes last; its query is the text between that
+          closing tag and the nearest opening tag of the same tool before it, so
+          ``<search><search>x</search>`` gives "x" (dedented first for tools that ask for it),
+          stripped and cut to the tool's ``max_input_chars``. Empty query -> error "empty query";
+          a closing tag without an opening one -> "none" with an error;
+        * else an opening tool tag without its closing tag -> "none", error "unclosed <tool>";
+        * else "none" without error.
+        """
+        answer_at = text.find(f"<{ANSWER_TAG}>")
+        if answer_at >= 0:
+            closed = text.find(f"</{ANSWER_TAG}>", answer_at) >= 0
+            return Action(ANSWER_TAG, None, None if closed else f"unclosed <{ANSWER_TAG}>")
+
+        if self.tools:
+            close_at, name = max((text.rfind(f"</{n}>"), n) for n in self.tool_names)
+            if close_at >= 0:
+                open_at = text.rfind(f"<{name}>", 0, close_at)
+                if open_at < 0:
+                    return Action("none", None, f"</{name}> without <{name}>")
+                tool = self.tools[name]
+                query = text[open_at + len(f"<{name}>") : close_at]
+                if tool.dedent_input:
+                    query = textwrap.dedent(query)
+                query = query.strip()[: tool.max_input_chars]
+                return Action(name, query, None if query else "empty query")
+
+        for name in self.tool_names:
+            if f"<{name}>" in text:
+                return Action("none", None, f"unclosed <{name}>")
+        return Action("none")
+
+    def check_format(self, response: str) -> tuple[bool, str]:
+        """The format rule of docs/method.md §1 for these tools (``at2po.rewards.check_format``)."""
+        from at2po.rewards import check_format
+
+        return check_format(response, tool_names=self.tool_names)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +196,7 @@ TOOL_LIMIT_MESSAGE = "tool call limit reached, answer with what you have"
 
 
 def format_observation(body: str) -> str:
-    """Wrap a tool's output as the spec's observation: ``" <result>\\n" + body + "\\n</result>"``.
+    """Wrap a tool's output as an observation (docs/method.md §1): ``" <result>\\n" + body + "\\n</result>"``.
 
     A literal ``</result>`` inside the body is defused (``</ result>``) so the block always ends
     where the environment ended it; the reward's format check relies on that.

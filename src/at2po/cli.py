@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
 
     from at2po.datasets import add_cli as add_data_cli
-    from at2po.evaluate import add_cli as add_eval_cli
+    from at2po.evaluation.benchmarks import add_cli as add_eval_cli
     from at2po.retriever import add_cli as add_retriever_cli
 
     add_eval_cli(sub)
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             run_quickstart(args.out, seed=args.seed, overrides=args.overrides, progress=not args.no_progress)
         elif args.command == "train":
             from at2po.config import load_config
-            from at2po.trainer import train
+            from at2po.training.trainer import train
 
             train(load_config(args.config, args.overrides), resume=args.resume)
         elif args.command == "config":

@@ -1,4 +1,8 @@
-"""Training configuration: dataclasses that map 1:1 to YAML sections and `key.sub=value` overrides."""
+"""Configuration: dataclasses that map 1:1 to YAML sections and `key.sub=value` overrides.
+
+Light on purpose: importing it loads no model code, rollout engine or HTTP client, so
+``at2po config`` and ``at2po --help`` stay fast and a core-only install can read configs.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from at2po.credit import ADV_MODES, VALUE_MODES
-from at2po.losses import AGGS, KL_KINDS, LEVELS
-from at2po.rollout.engine import RolloutConfig
+from at2po.algorithms.advantages import ADVANTAGE_ESTIMATORS
+from at2po.algorithms.credit import ADV_MODES, VALUE_MODES
+from at2po.algorithms.expansion import EXPANSION_MODES
+from at2po.algorithms.losses import AGGS, KL_KINDS, LEVELS
 
 
 @dataclass
@@ -27,30 +32,106 @@ class ModelConfig:
 
 
 @dataclass
+class TaskConfig:
+    name: str = "search_qa"  # a registered task (at2po.tasks): search_qa | arithmetic | your own
+    options: dict = field(default_factory=dict)  # keyword arguments of the task, e.g. {reward: f1} for search_qa
+
+
+@dataclass
 class DataConfig:
-    train_file: str = ""  # FlashRAG jsonl ({"id", "question", "golden_answers"}) or Search-R1 parquet
-    val_file: str = ""  # held-out questions for greedy validation (optional)
-    val_size: int = 0  # 0 = every validation question
+    train_file: str = ""  # the task's data: FlashRAG jsonl / Search-R1 parquet for search_qa
+    val_file: str = ""  # held-out rows for greedy validation (optional)
+    val_size: int = 0  # 0 = every validation row
     shuffle: bool = True
-    system_prompt: str = ""  # empty = the paper's system prompt (Figure 6), plus the python tool's line when enabled
+    system_prompt: str = ""  # empty = the task's own (search_qa: the paper's, Figure 6, plus other tools' lines)
+
+    def __post_init__(self) -> None:
+        if self.val_size < 0:
+            raise ValueError(f"data.val_size must be >= 0 (0 = every row), got {self.val_size}")
+
+
+@dataclass
+class SearchToolConfig:
+    backend: str = "bm25"  # bm25 (local corpus) | http (Search-R1 /retrieve server)
+    corpus_file: str = ""  # jsonl {"id", "contents"} for bm25
+    index_dir: str = ""  # a saved BM25 index (instead of corpus_file)
+    retriever_url: str = "http://127.0.0.1:8000"  # for http
+    topk: int = 3
+    max_passage_chars: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("bm25", "http"):
+            raise ValueError(f"tools.search.backend={self.backend!r} is not one of bm25, http")
+        if self.topk < 1:
+            raise ValueError(f"tools.search.topk must be >= 1, got {self.topk}")
+        if self.max_passage_chars < 1:
+            raise ValueError(f"tools.search.max_passage_chars must be >= 1, got {self.max_passage_chars}")
+
+
+@dataclass
+class PythonToolConfig:
+    timeout: float = 5.0  # wall-clock seconds per call
+
+    def __post_init__(self) -> None:
+        if not self.timeout > 0:
+            raise ValueError(f"tools.python.timeout must be > 0 seconds, got {self.timeout}")
 
 
 @dataclass
 class ToolsConfig:
-    search: str = "bm25"  # bm25 (local corpus) | http (Search-R1 /retrieve server) | none
-    corpus_file: str = ""  # jsonl {"id", "contents"} for bm25
-    index_dir: str = ""  # a saved BM25 index (built from corpus_file when empty)
-    retriever_url: str = "http://127.0.0.1:8000"  # for http
-    topk: int = 3
-    max_passage_chars: int = 1000
-    python: bool = False  # enable the sandboxed <python> tool
-    python_timeout: float = 5.0
+    enabled: list[str] | None = None  # tool names; null = the task's own tools, [] = none
+    search: SearchToolConfig = field(default_factory=SearchToolConfig)
+    python: PythonToolConfig = field(default_factory=PythonToolConfig)
+    options: dict = field(default_factory=dict)  # options of plug-in tools by name: {my_tool: {key: value}}
+
+    def tool_options(self, name: str) -> dict:
+        """The keyword arguments of tool ``name``: its section for a built-in, else ``options[name]``."""
+        section = getattr(self, name, None)
+        if dataclasses.is_dataclass(section):
+            return dataclasses.asdict(section)
+        opts = self.options.get(name, {})
+        if not isinstance(opts, dict):
+            raise ValueError(f"tools.options.{name} must be a mapping of keyword arguments, got {opts!r}")
+        return dict(opts)
+
+
+@dataclass
+class RolloutConfig:
+    """Tree shape, limits and the generator backend. Defaults are the paper's (docs/method.md §2, §5)."""
+
+    n_initial: int = 10  # M: independent chains from each root
+    expansion_rounds: int = 2  # L: 0 gives a plain chain rollout
+    top_k: int = 6  # K: siblings added per tree and round
+    samples_per_tree: int = 22  # N: leaves returned per tree (0 keeps every leaf)
+    alpha: float = 0.05  # branching penalty of the expansion score
+    expansion_mode: str = "entropy"  # "entropy" or "random"
+    max_tool_calls: int = 6  # a further call gets the masked limit notice instead
+    max_turns: int = 10  # hard stop for a trajectory that never answers
+    max_turn_tokens: int = 512  # new tokens per generation call
+    max_response_tokens: int = 6192  # response budget of a whole trajectory (tokens after the prompt)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    tool_workers: int = 8  # threads running one turn's tool calls
+    tool_timeout: float = 30.0  # seconds per tool call
+    schedule: str = "async"  # "async": each tree starts its next phase as soon as its own is done; "sync": all wait
+    seed: int = 0
+    backend: str = "hf"  # generator backend (at2po.rollout.generator.GENERATOR_BACKENDS): hf
 
     def __post_init__(self) -> None:
-        if self.search not in ("bm25", "http", "none"):
-            raise ValueError(f"tools.search={self.search!r} is not one of bm25, http, none")
-        if self.topk < 1:
-            raise ValueError(f"tools.topk must be >= 1, got {self.topk}")
+        if self.schedule not in ("async", "sync"):
+            raise ValueError(f"rollout.schedule={self.schedule!r} is not one of async, sync")
+        for name in ("n_initial", "max_turns", "max_turn_tokens", "max_response_tokens", "tool_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("expansion_rounds", "top_k", "samples_per_tree", "max_tool_calls"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"rollout.{name} must be >= 0, got {getattr(self, name)}")
+        if self.expansion_mode not in EXPANSION_MODES:
+            raise ValueError(f"rollout.expansion_mode={self.expansion_mode!r} is not one of {', '.join(EXPANSION_MODES)}")
+        if self.tool_timeout <= 0:
+            raise ValueError(f"rollout.tool_timeout must be > 0, got {self.tool_timeout}")
+
+
 
 
 @dataclass
@@ -62,20 +143,27 @@ class AlgoConfig:
     clip_high: float = 4e-3
     loss_agg: str = "seq-mean-token-mean"
     log_ratio_max: float = 10.0
-    value_mode: str = "entropy_softmax"  # entropy_softmax | entropy_linear | child_mean | leaf_mean
-    adv_mode: str = "value"  # value | td | global | td_global
-    turn_credit: bool = True  # False: every token of a leaf gets the leaf's normalised reward (GRPO-style)
+    advantage: str = "tree"  # advantage estimator: tree (turn-wise credit) | grpo (leaf reward on every token)
+    value_mode: str = "entropy_softmax"  # tree: entropy_softmax | entropy_linear | child_mean | leaf_mean
+    adv_mode: str = "value"  # tree: value | td | global | td_global
     normalize_leaves: bool = True
     kl_coef: float = 0.0  # KL to a frozen reference policy (0 in the paper's AT²PO runs)
     kl_kind: str = "low_var_kl"
-    reward_fn: str = "qa_em"  # qa_em | qa_f1
 
     def __post_init__(self) -> None:
         checks = (("loss_level", LEVELS), ("loss_agg", AGGS), ("value_mode", VALUE_MODES),
-                  ("adv_mode", ADV_MODES), ("kl_kind", KL_KINDS), ("reward_fn", ("qa_em", "qa_f1")))
+                  ("adv_mode", ADV_MODES), ("kl_kind", KL_KINDS), ("advantage", tuple(ADVANTAGE_ESTIMATORS)))
         for name, choices in checks:
             if getattr(self, name) not in choices:
                 raise ValueError(f"algo.{name}={getattr(self, name)!r} is not one of {', '.join(choices)}")
+        # An estimator option that the chosen estimator does not read must stay at its default:
+        # a setting that would be silently ignored is an error.
+        used = ADVANTAGE_ESTIMATORS[self.advantage].options
+        for f in dataclasses.fields(self):
+            if f.name in ("value_mode", "adv_mode", "normalize_leaves") and f.name not in used \
+                    and getattr(self, f.name) != f.default:
+                raise ValueError(f"algo.{f.name}={getattr(self, f.name)!r} has no effect with "
+                                 f"algo.advantage={self.advantage!r}; remove it or use algo.advantage=tree")
         if self.clip_low < 0 or self.clip_high < 0:
             raise ValueError("algo.clip_low and algo.clip_high must be >= 0")
         if self.kl_coef < 0:
@@ -131,6 +219,7 @@ class TrainerConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tools: ToolsConfig = field(default_factory=ToolsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -147,9 +236,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         return None if value is None else _coerce(value, args[0], key)
     if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{key} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key} must be a list, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, typing.get_args(tp)))
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, key) for v in value]
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return value
     if tp is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{key} must be true or false, got {value!r}")

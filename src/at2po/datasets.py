@@ -1,4 +1,4 @@
-"""The paper's seven QA benchmarks (spec §5) and the two file formats they come in.
+"""The paper's seven QA benchmarks (docs/method.md §5) and the two file formats they come in.
 
 * FlashRAG jsonl: one ``{"id", "question", "golden_answers"}`` object per line (``at2po.data``).
 * Search-R1 parquet: columns ``data_source``, ``prompt`` (chat messages, the question in the user
@@ -197,10 +197,10 @@ def _split_in_path(path: Path) -> str:
 
 def _search_r1_prompt(question: str) -> list[dict[str, str]]:
     # at2po's own protocol (agent.render_prompt): the paper's system prompt, "Question: ...".
-    from at2po.agent import SYSTEM_PROMPT
+    from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT
 
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "system", "content": PAPER_SYSTEM_PROMPT},
         {"role": "user", "content": f"Question: {question}"},
     ]
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from at2po.credit import token_advantages, turn_credit
-from at2po.expansion import expansion_scores, select_from_tree
-from at2po.losses import policy_loss
-from at2po.tree import ACTIVE, LEAF, TurnTree
+from at2po.algorithms.credit import token_advantages, turn_credit
+from at2po.algorithms.expansion import expansion_scores, select_from_tree
+from at2po.algorithms.losses import policy_loss
+from at2po.algorithms.tree import ACTIVE, LEAF, TurnTree
 
 
 def _random_turn(rng: np.random.Generator, tree: TurnTree, parent: int, p_answer: float) -> int:

@@ -1,8 +1,9 @@
-"""Outcome rewards for the QA agent (spec §1, paper Eqs. 14-16).
+"""Scoring helpers that tasks build their rewards from (docs/method.md §1, paper Eqs. 14-16).
 
 All functions work on the decoded RESPONSE text: everything after the prompt, i.e. the policy's
 turns interleaved with the observation blocks (`` <result>\\n...\\n</result>``) that the
-environment inserted after each tool call. Pure text; no torch.
+environment inserted after each tool call. Pure text; no torch. The rewards themselves belong
+to the tasks (``at2po.tasks``): the paper's is
 
     reward = EM(answer, golds)  if the response format is valid
            = -1                  otherwise
@@ -13,20 +14,16 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Sequence
+from functools import lru_cache
 
 __all__ = [
-    "RewardOutput",
-    "REWARD_FUNCTIONS",
+    "BUILTIN_TOOLS",
     "check_format",
     "exact_match",
     "extract_answer",
     "f1_score",
-    "get_reward_fn",
     "normalize_answer",
-    "qa_f1_reward",
-    "qa_reward",
 ]
 
 Golds = str | Iterable[str]
@@ -165,12 +162,19 @@ def extract_answer(response: str) -> str | None:
 # Format check
 # ---------------------------------------------------------------------------------------------
 
-_TAG_RE = re.compile(r"</?(?:think|search|python|result|answer)>")
+BUILTIN_TOOLS = ("search", "python")  # the tool tags check_format knows when none are given
+
+
+@lru_cache(maxsize=64)
+def _tag_re(tool_names: tuple[str, ...]) -> re.Pattern[str]:
+    names = "|".join(re.escape(n) for n in ("think", *tool_names, "result", "answer"))
+    return re.compile(rf"</?(?:{names})>")
+
 # End-of-sequence markers a caller may have decoded (<|im_end|>, <|endoftext|>, </s>, ...).
 _EOS_MARKER_RE = re.compile(r"<\|[^<>|\s]*\|>|</s>|<eos>|<end_of_turn>")
 
 
-def _tags(response: str) -> tuple[list[tuple[str, int, int]], str | None]:
+def _tags(response: str, tag_re: re.Pattern[str]) -> tuple[list[tuple[str, int, int]], str | None]:
     """The response's tags in order as (tag, start, end), e.g. ("<search>", 10, 18).
 
     A whole observation block ``<result>...</result>`` is ONE "<result>" entry: its content is
@@ -180,7 +184,7 @@ def _tags(response: str) -> tuple[list[tuple[str, int, int]], str | None]:
     """
     tags: list[tuple[str, int, int]] = []
     pos = 0
-    while (m := _TAG_RE.search(response, pos)) is not None:
+    while (m := tag_re.search(response, pos)) is not None:
         end = m.end()
         if m.group(0) == "<result>":
             close = response.find("</result>", end)
@@ -192,14 +196,16 @@ def _tags(response: str) -> tuple[list[tuple[str, int, int]], str | None]:
     return tags, None
 
 
-def check_format(response: str) -> tuple[bool, str]:
-    """Check the spec's format rule on a decoded response. Returns (valid, reason);
-    reason is "" when valid, otherwise says what is wrong.
+def check_format(response: str, tool_names: Sequence[str] = BUILTIN_TOOLS) -> tuple[bool, str]:
+    """Check the format rule of docs/method.md §1 on a decoded response, for an agent whose
+    tools are ``tool_names``. Returns (valid, reason); reason is "" when valid, otherwise says
+    what is wrong.
 
     The response is read as a sequence of tags (free text between tags is allowed):
       * ``<think>...</think>``: at least one pair; pairs do not nest and are all closed.
       * tool calls: ``<search>`` must be followed, as the next tags, by ``</search>``,
-        ``<result>``, ``</result>``; the same for ``<python>``/``</python>``. Tool calls may sit
+        ``<result>``, ``</result>``; the same for every tool's tag. Tags of tools that are not
+        enabled are plain text. Tool calls may sit
         inside a think block (the paper's rule allows it). Tags inside the query are invalid.
       * ``<result>...</result>`` is an observation: it must directly follow a tool call
         (next tag after ``</search>``/``</python>``) and its content is not inspected, so the
@@ -210,7 +216,10 @@ def check_format(response: str) -> tuple[bool, str]:
       * after ``</answer>`` only whitespace, punctuation or end-of-sequence markers
         (``<|im_end|>``, ``</s>``...): no words, no tags.
     """
-    tags, error = _tags(response)
+    tool_names = tuple(tool_names)
+    openers = {f"<{n}>" for n in tool_names}
+    closers = {f"</{n}>" for n in tool_names}
+    tags, error = _tags(response, _tag_re(tool_names))
     if error:
         return False, error
 
@@ -238,9 +247,9 @@ def check_format(response: str) -> tuple[bool, str]:
                 return False, "</think> without <think>"
             in_think = False
             think_pairs += 1
-        elif tag in ("<search>", "<python>"):
+        elif tag in openers:
             open_tool = tag[1:-1]
-        elif tag in ("</search>", "</python>"):
+        elif tag in closers:
             if open_tool is None:
                 return False, f"{tag} without {tag.replace('/', '')}"
             awaiting_result, open_tool = open_tool, None
@@ -282,58 +291,3 @@ def check_format(response: str) -> tuple[bool, str]:
     if any(ch.isalnum() or ch in "<>" for ch in trailer):
         return False, "text after </answer>"
     return True, ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Rewards
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RewardOutput:
-    """A scored trajectory. ``em``/``f1`` are computed on the extracted answer whenever one can
-    be extracted, even if the format is invalid (useful as evaluation metrics); ``reward`` is
-    the training signal."""
-
-    reward: float
-    em: float
-    f1: float
-    format_ok: bool
-    reason: str
-    answer: str | None
-
-
-def _score(response: str, golds: Golds, metric: str) -> RewardOutput:
-    format_ok, reason = check_format(response)
-    answer = extract_answer(response)
-    em = exact_match(answer, golds) if answer is not None else 0.0
-    f1 = f1_score(answer, golds) if answer is not None else 0.0
-    reward = (em if metric == "em" else f1) if format_ok else -1.0
-    return RewardOutput(reward=reward, em=em, f1=f1, format_ok=format_ok, reason=reason, answer=answer)
-
-
-def qa_reward(response: str, golds: Golds) -> RewardOutput:
-    """Paper reward: EM in {0, 1} when the format is valid, -1 when it is not."""
-    return _score(response, golds, "em")
-
-
-def qa_f1_reward(response: str, golds: Golds) -> RewardOutput:
-    """Variant: token F1 in [0, 1] when the format is valid, -1 when it is not."""
-    return _score(response, golds, "f1")
-
-
-RewardFn = Callable[[str, Golds], RewardOutput]
-
-REWARD_FUNCTIONS: dict[str, RewardFn] = {
-    "qa_em": qa_reward,
-    "qa_f1": qa_f1_reward,
-}
-
-
-def get_reward_fn(name: str) -> RewardFn:
-    """Look up a reward function by name; raises ValueError listing the valid names."""
-    try:
-        return REWARD_FUNCTIONS[name]
-    except KeyError:
-        choices = ", ".join(sorted(REWARD_FUNCTIONS))
-        raise ValueError(f"unknown reward function {name!r}; choose one of: {choices}") from None

@@ -1,4 +1,4 @@
-"""The retriever service of the paper's setting (spec §5): BM25 or dense (sentence-transformers +
+"""The retriever service of the paper's setting (docs/method.md §5): BM25 or dense (sentence-transformers +
 faiss) indexes over a ``{"id", "contents"}`` corpus, served over Search-R1's ``/retrieve`` API.
 
 ``create_app``, ``serve`` and ``serve_in_thread`` live in ``at2po.retriever.server`` (FastAPI and

@@ -1,4 +1,4 @@
-"""Build and load retrieval indexes over a ``{"id", "contents"}`` jsonl corpus (spec §5).
+"""Build and load retrieval indexes over a ``{"id", "contents"}`` jsonl corpus (docs/method.md §5).
 
 An index directory holds ``docs.jsonl`` (the corpus rows: ``id`` and ``contents``), the index
 itself (bm25s files, or ``index.faiss``) and ``meta.json`` (written last, so a directory with one
@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from at2po.tools.search import BM25Index, load_corpus
+from at2po.retriever.bm25 import BM25Index, load_corpus
 
 __all__ = [
     "BM25Retriever",

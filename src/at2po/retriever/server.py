@@ -1,4 +1,4 @@
-"""An HTTP retriever speaking Search-R1's ``/retrieve`` API (spec §5), on FastAPI + uvicorn.
+"""An HTTP retriever speaking Search-R1's ``/retrieve`` API (docs/method.md §5), on FastAPI + uvicorn.
 
 ``POST /retrieve`` ``{"queries": [...], "topk": 3, "return_scores": true}`` answers
 ``{"result": [[{"document": {"id", "contents"}, "score": s}, ...], ...]}``, one list per query;

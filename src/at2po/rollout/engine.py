@@ -1,4 +1,4 @@
-"""Tree rollout engine (spec §1–2): grows one turn tree per prompt with a generator and tools.
+"""Tree rollout engine (docs/method.md §1–2): grows one turn tree per prompt with a generator and tools.
 
 A tree goes through phases: M initial chains from its root, then L expansion rounds where K
 selected turns get a new sibling that re-samples the turn from exactly its state and continues
@@ -7,6 +7,9 @@ tree, whatever phase its tree is in, and the tool calls of a turn run concurrent
 default "async" schedule a tree expands as soon as its own phase is over instead of waiting for
 the slowest trajectory of the batch (the authors' barrier, kept as schedule "sync").
 A chain rollout (GRPO/GSPO baselines) is L = 0; validation is greedy with M = 1.
+
+The engine knows a task only through ``at2po.tasks.Task.score`` and tools only through their
+self-description (``AgentProtocol``): it runs any task with any registered tools.
 """
 
 from __future__ import annotations
@@ -18,74 +21,37 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from at2po.agent import (
-    STOP_STRINGS,
     TOOL_LIMIT_NOTICE,
+    AgentProtocol,
     decode_ids,
     encode_observation,
     format_error_observation,
     format_observation,
-    parse_action,
+    render_prompt,
 )
-from at2po.expansion import EXPANSION_MODES, select_from_tree
-from at2po.rewards import RewardOutput
+from at2po.algorithms.expansion import select_from_tree
+from at2po.algorithms.tree import ACTIVE, FAILED, LEAF, LeafSequence, TurnTree
+from at2po.config import RolloutConfig
 from at2po.rollout.generator import FINISH_STOP, Generator, SamplingParams
-from at2po.tools.base import Tool, ToolResult, run_tool_calls
-from at2po.tree import ACTIVE, FAILED, LEAF, LeafSequence, TurnTree
-
-
-@dataclass
-class RolloutConfig:
-    """Tree shape and limits. Defaults are the paper's (spec §2, §5)."""
-
-    n_initial: int = 10  # M: independent chains from each root
-    expansion_rounds: int = 2  # L: 0 gives a plain chain rollout
-    top_k: int = 6  # K: siblings added per tree and round
-    samples_per_tree: int = 22  # N: leaves returned per tree (0 keeps every leaf)
-    alpha: float = 0.05  # branching penalty of the expansion score
-    expansion_mode: str = "entropy"  # "entropy" or "random"
-    max_tool_calls: int = 6  # a further call gets the masked limit notice instead
-    max_turns: int = 10  # hard stop for a trajectory that never answers
-    max_turn_tokens: int = 512  # new tokens per generation call
-    max_response_tokens: int = 6192  # response budget of a whole trajectory (tokens after the prompt)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    tool_workers: int = 8  # threads running one turn's tool calls
-    tool_timeout: float = 30.0  # seconds per tool call
-    schedule: str = "async"  # "async": each tree starts its next phase as soon as its own is done; "sync": all wait
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.schedule not in ("async", "sync"):
-            raise ValueError(f"rollout.schedule={self.schedule!r} is not one of async, sync")
-        for name in ("n_initial", "max_turns", "max_turn_tokens", "max_response_tokens", "tool_workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("expansion_rounds", "top_k", "samples_per_tree", "max_tool_calls"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"rollout.{name} must be >= 0, got {getattr(self, name)}")
-        if self.expansion_mode not in EXPANSION_MODES:
-            raise ValueError(f"rollout.expansion_mode={self.expansion_mode!r} is not one of {', '.join(EXPANSION_MODES)}")
-        if self.tool_timeout <= 0:
-            raise ValueError(f"rollout.tool_timeout must be > 0, got {self.tool_timeout}")
+from at2po.tasks.base import Sample, Score, Task
+from at2po.tools.base import Tool, run_tool_calls
 
 
 @dataclass
 class Prompt:
-    """A question to roll out: its rendered prompt ids and the gold answers for the reward."""
+    """A sample to roll out: its rendered prompt ids and the sample the task scores against."""
 
     prompt_ids: list[int]
-    golds: list[str]
-    question: str = ""
-    meta: dict = field(default_factory=dict)
+    sample: Sample
 
 
 @dataclass
 class LeafRow:
-    """One training row: a leaf's trajectory with its reward."""
+    """One training row: a leaf's trajectory with its score."""
 
     tree: int
     sequence: LeafSequence
-    reward: RewardOutput
+    score: Score
     duplicate: bool = False  # a copy that tops a tree up to N leaves
 
 
@@ -111,7 +77,7 @@ class RolloutResult:
     generation_calls: int = 0
 
     def credit_arrays(self, tree: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(parent, entropy, leaf_reward) of one tree for ``at2po.credit.turn_credit``."""
+        """(parent, entropy, leaf_reward) of one tree for ``at2po.algorithms.credit.turn_credit``."""
         return self.trees[tree].to_arrays()
 
     def totals(self) -> dict[str, float]:
@@ -133,38 +99,42 @@ class _Open:
     turns: int  # turns on the path so far
 
 
-RewardFn = Callable[[str, Sequence[str]], RewardOutput]
-
-
 class TreeRolloutEngine:
-    """Grows turn trees with a :class:`Generator`, tools selected by action name, and a reward."""
+    """Grows turn trees with a :class:`Generator`, the enabled tools and a task's reward."""
 
     def __init__(
         self,
         generator: Generator,
         tokenizer: Any,
-        tools: dict[str, Tool],
-        reward_fn: RewardFn,
+        tools: Sequence[Tool],
+        task: Task,
         config: RolloutConfig | None = None,
         progress: Callable[[str, int, int], None] | None = None,
+        system_prompt: str | None = None,
     ):
         self.generator = generator
         self.tokenizer = tokenizer
-        self.tools = dict(tools)
-        self.reward_fn = reward_fn
+        self.protocol = AgentProtocol(tools)
+        self.tools: dict[str, Tool] = dict(self.protocol.tools)  # type: ignore[arg-type]
+        self.task = task
+        self.system_prompt = system_prompt if system_prompt is not None else task.system_prompt(list(tools))
         self.config = config or RolloutConfig()
         self.rng = np.random.default_rng(self.config.seed)
         self.progress = progress
         self._limit_notice_ids = encode_observation(tokenizer, TOOL_LIMIT_NOTICE)
 
     # -- public -------------------------------------------------------------------------------
+    def prompt(self, sample: Sample) -> Prompt:
+        """A sample's prompt: the system prompt and the task's user message, chat-rendered."""
+        return Prompt(render_prompt(self.tokenizer, self.task.user_message(sample), self.system_prompt), sample)
+
     def rollout(self, prompts: Sequence[Prompt], *, greedy: bool = False, config: RolloutConfig | None = None) -> RolloutResult:
         cfg = config or self.config
         params = SamplingParams(
             temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_turn_tokens,
-            stop=tuple(STOP_STRINGS), greedy=greedy,
+            stop=self.protocol.stop_strings, greedy=greedy,
         )
-        trees = [TurnTree(p.prompt_ids, meta={"question": p.question, "golds": list(p.golds), **p.meta}) for p in prompts]
+        trees = [TurnTree(p.prompt_ids, meta={"id": p.sample.id}) for p in prompts]
         stats = [TreeStats() for _ in prompts]
         self._calls = 0
         self._seconds = {"generate": 0.0, "tools": 0.0}
@@ -201,14 +171,14 @@ class TreeRolloutEngine:
         return RolloutResult(trees, rows, stats, phase_seconds, self._calls)
 
     def validate(self, prompts: Sequence[Prompt]) -> RolloutResult:
-        """Greedy, one chain per prompt (spec §5 evaluation)."""
+        """Greedy, one chain per prompt (docs/method.md §5 evaluation)."""
         cfg = self.config
         val = RolloutConfig(**{**cfg.__dict__, "n_initial": 1, "expansion_rounds": 0, "samples_per_tree": 1})
         return self.rollout(prompts, greedy=True, config=val)
 
     # -- phases -------------------------------------------------------------------------------
     def _expand(self, tree: TurnTree, t: int, cfg: RolloutConfig) -> list[_Open]:
-        """Siblings of the K selected turns (spec §2): each starts from exactly the turn's state."""
+        """Siblings of the K selected turns (docs/method.md §2): each starts from exactly the turn's state."""
         opened = []
         for n in select_from_tree(tree, cfg.top_k, alpha=cfg.alpha, mode=cfg.expansion_mode, rng=self.rng):
             node = tree.nodes[n]
@@ -251,10 +221,10 @@ class TreeRolloutEngine:
             st.generated_tokens += len(gen.token_ids)
             st.prefill_tokens += len(ctx)
             text = decode_ids(self.tokenizer, gen.token_ids)
-            action = parse_action(text)
+            action = self.protocol.parse(text)
             turns = o.turns + 1
             info = {"finish": gen.finish_reason, "action": action.kind}
-            is_call = gen.finish_reason == FINISH_STOP and action.kind in ("search", "python")
+            is_call = gen.finish_reason == FINISH_STOP and action.kind in self.tools
             if not is_call:
                 status = LEAF
                 info["end"] = action.kind if action.kind == "answer" else gen.finish_reason
@@ -273,14 +243,12 @@ class TreeRolloutEngine:
                 next_open.append(_Open(o.tree, node, list(self._limit_notice_ids), o.tool_calls, turns))
                 continue
             st.tool_calls += 1
-            tool = self.tools.get(action.kind)
-            if action.error is not None or tool is None:
+            if action.error is not None:
                 st.tool_failures += 1
-                msg = action.error if tool is not None else f"tool '{action.kind}' is not available"
-                obs = encode_observation(self.tokenizer, format_error_observation(msg))
+                obs = encode_observation(self.tokenizer, format_error_observation(action.error))
                 next_open.append(_Open(o.tree, node, obs, o.tool_calls + 1, turns))
                 continue
-            calls.append((tool, action.query))
+            calls.append((self.tools[action.kind], action.query))
             call_slots.append((o, node))
 
         if calls:
@@ -305,20 +273,20 @@ class TreeRolloutEngine:
             leaves = tree.leaves()
             n = cfg.samples_per_tree
             if n and len(leaves) > n:
-                # The authors prune extra leaves at random (spec §2); the pruned branches leave the tree.
+                # The authors prune extra leaves at random (docs/method.md §2); the pruned branches leave the tree.
                 keep = sorted(self.rng.choice(leaves, size=n, replace=False).tolist())
                 tree.prune_leaves(keep)
                 leaves = tree.leaves()
             tree_rows = []
             for leaf in leaves:
                 seq = tree.leaf_sequence(leaf)
-                reward = self.reward_fn(decode_ids(self.tokenizer, seq.response_ids), prompt.golds)
-                tree.nodes[leaf].reward = reward.reward
-                tree_rows.append(LeafRow(t, seq, reward))
+                score = self.task.score(decode_ids(self.tokenizer, seq.response_ids), prompt.sample, self.protocol)
+                tree.nodes[leaf].reward = score.reward
+                tree_rows.append(LeafRow(t, seq, score))
             if n and tree_rows and len(tree_rows) < n:
-                # Short trees repeat their last leaf so every tree yields N rows (spec §2). The copy
-                # is a training row only: credit still sees each trajectory once.
+                # Short trees repeat their last leaf so every tree yields N rows (docs/method.md §2).
+                # The copy is a training row only: credit still sees each trajectory once.
                 last = tree_rows[-1]
-                tree_rows += [LeafRow(t, last.sequence, last.reward, duplicate=True) for _ in range(n - len(tree_rows))]
+                tree_rows += [LeafRow(t, last.sequence, last.score, duplicate=True) for _ in range(n - len(tree_rows))]
             rows += tree_rows
         return rows

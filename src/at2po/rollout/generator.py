@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,12 @@ class Generator(Protocol):
     strings: it is "eos" when ``stop_reason`` is None (an EOS id), else "stop" with
     ``stop_string = stop_reason``. vLLM keeps the token ids it sampled even when it trims stop
     text, so ``token_ids`` stay token-in-token-out.
+
+    A trainer also needs, from any backend: ``load_weights(model)`` after each optimizer step
+    (sample from ``model``'s current parameters from then on: a no-op for a backend that runs
+    the training module itself, a copy into the inference engine for one that does not), and
+    ``get_rng_state``/``set_rng_state`` so that a resumed run samples what the uninterrupted run
+    would have.
     """
 
     eos_token_id: int
@@ -94,6 +100,34 @@ class Generator(Protocol):
         params: SamplingParams,
         max_new_tokens: list[int] | None = None,
     ) -> list[Generation]: ...
+
+    def load_weights(self, model: torch.nn.Module) -> None: ...
+
+    def get_rng_state(self) -> object: ...
+
+    def set_rng_state(self, state: object) -> None: ...
+
+
+# -- backends by name (``rollout.backend``) ------------------------------------------------------------
+GeneratorBuilder = Callable[..., Generator]
+GENERATOR_BACKENDS: dict[str, GeneratorBuilder] = {}
+
+
+def register_backend(name: str) -> Callable[[GeneratorBuilder], GeneratorBuilder]:
+    """Decorator: register ``builder(model, tokenizer, *, seed) -> Generator`` as ``rollout.backend=name``."""
+
+    def decorate(builder: GeneratorBuilder) -> GeneratorBuilder:
+        GENERATOR_BACKENDS[name] = builder
+        return builder
+
+    return decorate
+
+
+def build_generator(name: str, model: torch.nn.Module, tokenizer, *, seed: int = 0) -> Generator:
+    """The generator of backend ``name`` for ``model`` (the policy being trained) and ``tokenizer``."""
+    if name not in GENERATOR_BACKENDS:
+        raise ValueError(f"rollout.backend={name!r} is not one of {', '.join(sorted(GENERATOR_BACKENDS))}")
+    return GENERATOR_BACKENDS[name](model, tokenizer, seed=seed)
 
 
 class _StopChecker:
@@ -200,6 +234,12 @@ class HFGenerator:
 
     def set_rng_state(self, state: torch.Tensor) -> None:
         self._rng.set_state(state)
+
+    def load_weights(self, model: torch.nn.Module) -> None:
+        """Sample from ``model``'s parameters. When ``model`` is the module this generator runs
+        (the trainer's policy, shared in memory) there is nothing to copy."""
+        if model is not self.model:
+            self.model.load_state_dict(model.state_dict())
 
     def generate(
         self,
@@ -412,3 +452,9 @@ def sequence_logprobs(
             targets = torch.as_tensor(list(seq[start:]), dtype=torch.long, device=device)
             results.append(F.log_softmax(row_logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1))
     return results
+
+
+@register_backend("hf")
+def _hf_backend(model: torch.nn.Module, tokenizer, *, seed: int = 0) -> HFGenerator:
+    # Shares the training module: new weights are visible to the next rollout without a copy.
+    return HFGenerator(model, tokenizer, seed=seed)

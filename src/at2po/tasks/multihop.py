@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from at2po.agent import format_observation
+from at2po.tasks.base import Demonstration
 
 __all__ = [
     "Demonstration",
@@ -263,22 +264,6 @@ def build_world(cfg: MultiHopConfig | None = None) -> World:
 # ---------------------------------------------------------------------------------------------
 # Demonstrations
 # ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Demonstration:
-    """An ideal trajectory, split where the environment takes over.
-
-    ``pieces[i] = (generated, observation)``: a turn the policy writes, then the observation the
-    environment appends after it ("" after the final answer turn). Concatenated they are the
-    response text that the reward scores.
-    """
-
-    pieces: tuple[tuple[str, str], ...]
-
-    @property
-    def text(self) -> str:
-        return "".join(generated + observation for generated, observation in self.pieces)
 
 
 def demonstration(world: World, question: dict[str, Any], tool: Any, searches: int | None = None) -> Demonstration:

@@ -1,8 +1,14 @@
-"""The tool interface, concurrent execution of one round's tool calls, and the tool registry.
+"""The tool interface, the tool registry, and concurrent execution of one round's tool calls.
 
-Contract (spec §1): a tool failure must never crash a rollout. Every tool therefore turns its
-own failures into a ``ToolResult(ok=False)`` whose text tells the model what went wrong, and
-``run_tool_calls`` additionally guards against tools that raise or hang.
+A tool describes itself (class attributes): its ``name`` (the registry and config key, and the
+tag the model writes: ``<name> input </name>``), the sentence it adds to the system prompt, and
+how much input it accepts. The agent protocol (``at2po.agent.AgentProtocol``) derives the stop
+strings, the action parser and the format check from the enabled tools, so a new tool is one
+class with ``@register_tool`` (see docs/architecture.md).
+
+Contract (docs/method.md §1): a tool failure must never crash a rollout. Every tool therefore
+turns its own failures into a ``ToolResult(ok=False)`` whose text tells the model what went
+wrong, and ``run_tool_calls`` additionally guards against tools that raise or hang.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Callable, cast
+from typing import Any, Callable, ClassVar, cast
 
 
 @dataclass
@@ -30,9 +36,19 @@ class ToolResult:
 
 
 class Tool(ABC):
-    """A callable tool. Subclasses implement ``run``; calling the tool never raises."""
+    """A callable tool. Subclasses implement ``run``; calling the tool never raises.
 
-    name: str
+    Self-description, read by the agent protocol and the system prompt:
+      ``name``: registry/config name and the action tag (``<name>...</name>``);
+      ``description``: the sentence the system prompt gets when the tool is enabled;
+      ``max_input_chars``: longer inputs are cut to this bound (and still run);
+      ``dedent_input``: remove the common indentation of the input first (code).
+    """
+
+    name: ClassVar[str]
+    description: ClassVar[str] = ""
+    max_input_chars: ClassVar[int] = 2000
+    dedent_input: ClassVar[bool] = False
 
     def __call__(self, query: str) -> ToolResult:
         try:
@@ -120,17 +136,36 @@ def run_tool_calls(
     return cast(list[ToolResult], results)  # every slot is filled by now
 
 
-def build_tool(name: str, **kwargs: Any) -> Tool:
-    """Construct a tool by registry name; kwargs go to the tool's constructor."""
-    # Imported here: the tool modules import this one.
-    from at2po.tools.python_sandbox import PythonTool
-    from at2po.tools.search import HTTPSearchTool, LocalSearchTool
+# -- registry -----------------------------------------------------------------------------------
+ToolBuilder = Callable[..., Tool]
+TOOLS: dict[str, ToolBuilder] = {}
 
-    registry: dict[str, Callable[..., Tool]] = {
-        "search_bm25": LocalSearchTool,
-        "search_http": HTTPSearchTool,
-        "python": PythonTool,
-    }
-    if name not in registry:
-        raise ValueError(f"unknown tool {name!r}; valid choices: {', '.join(sorted(registry))}")
-    return registry[name](**kwargs)
+
+def register_tool(name: str | None = None) -> Callable[[Any], Any]:
+    """Class or function decorator: register a tool builder under ``name`` (default: the class's
+    ``name``). ``build_tool(name, **options)`` then calls it with the options of the config."""
+
+    def decorate(builder: Any) -> Any:
+        key = name or getattr(builder, "name", None)
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"a tool name must be an identifier (it is the tag <name>), got {key!r}")
+        if key in ("answer", "think", "result"):
+            raise ValueError(f"tool name {key!r} is reserved by the agent protocol")
+        TOOLS[key] = builder
+        return builder
+
+    return decorate
+
+
+def build_tool(name: str, **options: Any) -> Tool:
+    """Construct a registered tool; ``options`` go to its builder. Unknown names and options
+    raise ValueError naming them."""
+    if name not in TOOLS:
+        raise ValueError(f"unknown tool {name!r}; registered tools: {', '.join(sorted(TOOLS))}")
+    try:
+        tool = TOOLS[name](**options)
+    except TypeError as exc:  # an option the builder does not take
+        raise ValueError(f"tool {name!r}: {exc}") from None
+    if not isinstance(tool, Tool) or tool.name != name:
+        raise ValueError(f"tool builder {name!r} must return a Tool whose name is {name!r}")
+    return tool

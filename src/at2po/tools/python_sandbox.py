@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from at2po.tools.base import Tool, ToolResult
+from at2po.tools.base import Tool, ToolResult, register_tool
 
 _CHILD_SCRIPT = str(Path(__file__).with_name("_sandbox_child.py"))
 _SIGNAL_HINTS = {
@@ -96,6 +96,13 @@ def _collect(
     return out, err, False
 
 
+PYTHON_DESCRIPTION = (
+    "You can also run Python code by writing it within <python> </python> tags; whatever the "
+    "code prints is returned to you within <result> </result> tags, so use print() to see values."
+)
+
+
+@register_tool()
 class PythonTool(Tool):
     """Runs the query as Python source; the observation is its output.
 
@@ -105,6 +112,9 @@ class PythonTool(Tool):
     """
 
     name = "python"
+    description = PYTHON_DESCRIPTION
+    max_input_chars = 20000
+    dedent_input = True  # keep code runnable when the whole block is indented
 
     def __init__(
         self,
@@ -119,6 +129,8 @@ class PythonTool(Tool):
     ) -> None:
         if os.name != "posix":
             raise RuntimeError("the python sandbox needs a POSIX system")
+        if not timeout > 0:
+            raise ValueError(f"tools.python.timeout must be > 0 seconds, got {timeout}")
         self.timeout = timeout
         self.memory_mb = memory_mb
         self.max_output_chars = max_output_chars

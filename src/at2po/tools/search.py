@@ -1,4 +1,5 @@
-"""The search tool: a local BM25 index, and a client of Search-R1's HTTP retriever (spec §1, §5).
+"""The search tool: a local BM25 index, or a client of Search-R1's HTTP retriever
+(docs/method.md §1, §5). Registered as ``search`` (``tools.search.backend``: bm25 | http).
 
 Both return the top-k passages formatted one per line as ``Page i: <text>``; the caller wraps
 that in ``<result>...</result>``.
@@ -12,17 +13,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import requests
-from requests.adapters import HTTPAdapter
+from typing import TYPE_CHECKING
 
-from at2po.tools.base import Tool, ToolResult
+from at2po.retriever.bm25 import BM25Index, load_corpus
+from at2po.tools.base import Tool, ToolResult, register_tool
+
+if TYPE_CHECKING:  # requests loads only when an HTTP search tool is built
+    import requests
 
 # Queries are cut to this many characters before searching, so that a runaway generation
 # (e.g. a 100 KB "query") cannot stall the retriever.
 MAX_QUERY_CHARS = 1000
 # How much of the query the "No results found" observation echoes back.
 _ECHO_CHARS = 200
-_DOCS_FILE = "docs.jsonl"
 
 
 def format_passages(passages: list[str], max_chars: int = 1000) -> str:
@@ -35,100 +38,6 @@ def format_passages(passages: list[str], max_chars: int = 1000) -> str:
         text = " ".join(passage.split())[:max_chars]
         lines.append(f"Page {i}: {text}")
     return "\n".join(lines)
-
-
-def load_corpus(path: str | Path) -> list[dict[str, Any]]:
-    """Read a Search-R1/FlashRAG corpus: one JSON object ``{"id", "contents"}`` per line."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if "id" not in row:
-                raise ValueError(f"{where}: missing field 'id'")
-            if not isinstance(row["id"], (str, int)):
-                raise ValueError(f"{where}: field 'id' must be a string or integer")
-            if "contents" not in row:
-                raise ValueError(f"{where}: missing field 'contents'")
-            if not isinstance(row["contents"], str):
-                raise ValueError(
-                    f"{where}: field 'contents' must be a string, got {type(row['contents']).__name__}"
-                )
-            rows.append(row)
-    return rows
-
-
-def _tokenize(texts: list[str], return_ids: bool) -> Any:
-    import bm25s  # heavy import (scipy); only needed for the local index
-
-    # English stop words, no stemmer: no dependency beyond bm25s itself.
-    return bm25s.tokenize(texts, stopwords="en", return_ids=return_ids, show_progress=False)
-
-
-class BM25Index:
-    """A bm25s index over a list of passages."""
-
-    def __init__(self, docs: list[str]) -> None:
-        import bm25s
-
-        if not docs:
-            raise ValueError("cannot build a BM25 index from an empty corpus")
-        self.docs = list(docs)
-        self._retriever = bm25s.BM25()
-        self._retriever.index(_tokenize(self.docs, return_ids=True), show_progress=False)
-
-    def search(self, queries: list[str], topk: int) -> list[list[tuple[int, float]]]:
-        """For each query, up to ``topk`` (doc_index, score) pairs, best first, score > 0.
-
-        Queries with no indexed word (empty, only stop words, unknown words) get [].
-        """
-        if not queries:
-            return []
-        vocab = self._retriever.vocab_dict
-        token_lists = [
-            [token for token in tokens if token and token in vocab]
-            for tokens in _tokenize(queries, return_ids=False)
-        ]
-        hits: list[list[tuple[int, float]]] = [[] for _ in queries]
-        searchable = [i for i, tokens in enumerate(token_lists) if tokens]
-        k = min(topk, len(self.docs))
-        if not searchable or k < 1:
-            return hits
-        doc_ids, scores = self._retriever.retrieve(
-            [token_lists[i] for i in searchable], k=k, show_progress=False
-        )
-        for row, i in enumerate(searchable):
-            hits[i] = [
-                (int(doc), float(score))
-                for doc, score in zip(doc_ids[row], scores[row])
-                if score > 0  # bm25s pads with zero-score documents that match nothing
-            ]
-        return hits
-
-    def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        self._retriever.save(str(directory), show_progress=False)
-        with open(directory / _DOCS_FILE, "w", encoding="utf-8") as f:
-            for i, doc in enumerate(self.docs):
-                f.write(json.dumps({"id": str(i), "contents": doc}, ensure_ascii=False) + "\n")
-
-    @classmethod
-    def load(cls, directory: str | Path) -> BM25Index:
-        import bm25s
-
-        directory = Path(directory)
-        index = cls.__new__(cls)
-        index.docs = [row["contents"] for row in load_corpus(directory / _DOCS_FILE)]
-        index._retriever = bm25s.BM25.load(str(directory), show_progress=False)
-        return index
 
 
 def _prepare_query(query: str) -> str | None:
@@ -148,14 +57,24 @@ def _passages_result(query: str, passages: list[str], max_chars: int) -> ToolRes
     return ToolResult(text=format_passages(passages, max_chars), ok=True)
 
 
-class LocalSearchTool(Tool):
+SEARCH_DESCRIPTION = (
+    "You can search for facts by writing a query within <search> </search> tags; the top "
+    "passages are returned to you within <result> </result> tags."
+)
+
+
+class _SearchTool(Tool):
+    name = "search"
+    description = SEARCH_DESCRIPTION
+    max_input_chars = 2000  # what reaches the tool; it searches the first MAX_QUERY_CHARS of it
+
+
+class LocalSearchTool(_SearchTool):
     """Search over a local BM25 index (for tests, quickstarts and small corpora).
 
     Give exactly one of: a built ``index``, ``index_dir`` (saved with ``BM25Index.save``) or
     ``corpus_path`` (a jsonl corpus, indexed on construction).
     """
-
-    name = "search"
 
     def __init__(
         self,
@@ -214,7 +133,7 @@ def _hit_contents(hit: Any) -> str | None:
     return contents if isinstance(contents, str) else None
 
 
-class HTTPSearchTool(Tool):
+class HTTPSearchTool(_SearchTool):
     """Client of Search-R1's retriever server (``POST {url}/retrieve``).
 
     Connection failures and 5xx answers are retried ``retries`` times with exponential
@@ -222,8 +141,6 @@ class HTTPSearchTool(Tool):
     wait). Proxy settings from the environment are ignored by default (``trust_env``): the
     retriever runs next to the trainer, and an internet proxy would only get in the way.
     """
-
-    name = "search"
 
     def __init__(
         self,
@@ -246,6 +163,9 @@ class HTTPSearchTool(Tool):
         self.backoff = backoff
         # One session shared by the rollout's tool threads: urllib3's pool is thread-safe,
         # and sized so that a round of concurrent calls reuses connections.
+        import requests
+        from requests.adapters import HTTPAdapter
+
         self._session = requests.Session()
         self._session.trust_env = trust_env
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=32)
@@ -278,6 +198,8 @@ class HTTPSearchTool(Tool):
         return results
 
     def _retrieve(self, queries: list[str]) -> list[list[str]]:
+        import requests
+
         payload = {"queries": queries, "topk": self.topk, "return_scores": True}
         where = f"retriever at {self.endpoint}"
         attempts = self.retries + 1
@@ -352,3 +274,28 @@ class HTTPSearchTool(Tool):
                 passages.append(contents)
             answers.append(passages)
         return answers
+
+
+SEARCH_BACKENDS = ("bm25", "http")
+
+
+@register_tool("search")
+def build_search_tool(
+    backend: str = "bm25",
+    corpus_file: str = "",
+    index_dir: str = "",
+    retriever_url: str = "http://127.0.0.1:8000",
+    topk: int = 3,
+    max_passage_chars: int = 1000,
+) -> Tool:
+    """The search tool of ``tools.search``: BM25 over a local corpus/index, or the HTTP retriever."""
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(f"tools.search.backend={backend!r} is not one of {', '.join(SEARCH_BACKENDS)}")
+    if topk < 1:
+        raise ValueError(f"tools.search.topk must be >= 1, got {topk}")
+    if backend == "http":
+        return HTTPSearchTool(retriever_url, topk=topk, max_chars=max_passage_chars)
+    if not (corpus_file or index_dir):
+        raise ValueError("tools.search.corpus_file (or tools.search.index_dir) is required for backend bm25")
+    source = {"index_dir": index_dir} if index_dir else {"corpus_path": corpus_file}
+    return LocalSearchTool(**source, topk=topk, max_chars=max_passage_chars)

@@ -1,8 +1,8 @@
-"""The AT²PO trainer: one step = tree rollout → rewards → turn-wise credit → policy update.
+"""The AT²PO trainer: one step = tree rollout → rewards → advantages → policy update.
 
-Built on Hugging Face Accelerate, so the same loop runs on CPU, one GPU or several processes
-(each process rolls out its own share of the step's prompts; gradients are averaged by DDP).
-Every objective and credit variant of the spec is a config setting (see at2po.config).
+Built on Hugging Face Accelerate (each process rolls out its own share of the step's prompts).
+Every objective and credit variant of docs/method.md is a config setting (see at2po.config);
+the task, tools and generator backend come from the registries through ``at2po.factory``.
 """
 
 from __future__ import annotations
@@ -20,15 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from at2po.agent import build_system_prompt, render_prompt
+from at2po.algorithms.advantages import compute_advantages
+from at2po.algorithms.losses import aggregate, kl_penalty, policy_loss
 from at2po.config import Config, config_to_dict, save_config
-from at2po.credit import token_advantages, turn_credit_batch
-from at2po.data import QARow
-from at2po.datasets import load_qa_file
-from at2po.losses import aggregate, kl_penalty, policy_loss
-from at2po.rewards import get_reward_fn
-from at2po.rollout.engine import Prompt, RolloutResult, TreeRolloutEngine
-from at2po.rollout.generator import HFGenerator, sequence_logprobs
+from at2po.evaluation.evaluator import evaluate_greedy, mean_metrics
+from at2po.factory import build_engine, build_task, build_tools, load_model, load_tokenizer
+from at2po.rollout.engine import RolloutResult
+from at2po.rollout.generator import sequence_logprobs
 
 CHECKPOINT_STATE = "trainer_state.pt"
 
@@ -94,25 +92,21 @@ def _pad(arrays: list[np.ndarray], value, dtype) -> torch.Tensor:
 
 
 def build_train_batch(result: RolloutResult, algo) -> tuple[TrainBatch, dict[str, float]]:
-    """Turn-wise credit over every tree, broadcast to the tokens of every leaf row (spec §3)."""
-    arrays = [t.to_arrays() for t in result.trees]
-    values, node_adv = turn_credit_batch(
-        *zip(*arrays), value_mode=algo.value_mode, adv_mode=algo.adv_mode, normalize_leaves=algo.normalize_leaves
-    ) if arrays else ([], [])
-    seqs, starts, trees, masks, olds, advs, tids = [], [], [], [], [], [], []
+    """Per-token advantages of every leaf row from the estimator ``algo.advantage`` (docs/method.md §3)."""
+    advs = compute_advantages(
+        algo.advantage, [t.to_arrays() for t in result.trees],
+        [(row.tree, row.sequence.leaf, row.sequence.token_node) for row in result.rows],
+        value_mode=algo.value_mode, adv_mode=algo.adv_mode, normalize_leaves=algo.normalize_leaves,
+    )
+    seqs, starts, trees, masks, olds, tids = [], [], [], [], [], []
     for row in result.rows:
         tree = result.trees[row.tree]
         s = row.sequence
-        if algo.turn_credit:
-            adv = token_advantages(node_adv[row.tree], s.token_node)
-        else:  # GRPO-style: the leaf's normalised reward (its value) on every trained token
-            adv = np.where(s.loss_mask > 0, values[row.tree][s.leaf], 0.0)
         seqs.append(tree.prompt_ids + s.response_ids.tolist())
         starts.append(len(tree.prompt_ids))
         trees.append(row.tree)
         masks.append(s.loss_mask)
         olds.append(s.old_log_probs)
-        advs.append(adv)
         tids.append(s.turn_ids)
     batch = TrainBatch(
         seqs, starts, np.asarray(trees, dtype=np.int64), _pad(masks, 0, torch.long), _pad(olds, 0.0, torch.float32),
@@ -249,9 +243,8 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 # -- the trainer ---------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: Config, *, tools: dict | None = None):
+    def __init__(self, cfg: Config, *, tools: list | None = None):
         from accelerate import Accelerator
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.cfg = cfg
         tc = cfg.trainer
@@ -263,22 +256,12 @@ class Trainer:
         np.random.seed(tc.seed + rank)
         torch.manual_seed(tc.seed + rank)
 
-        self.resume_from = None
-        model_path = cfg.model.path
-        if not model_path:
-            raise ValueError("model.path is empty: point it at a Hugging Face model directory (or hub id)")
-        dtype = getattr(torch, cfg.model.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or model_path)
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-        if cfg.model.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable()
+        self.tokenizer = load_tokenizer(cfg.model)
+        self.model = load_model(cfg.model)
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
-            self.ref_model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).eval()
+            self.ref_model = load_model(cfg.model, self.accelerator.device).eval()
             self.ref_model.requires_grad_(False)
-            self.ref_model.to(self.accelerator.device)
 
         oc = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay)
@@ -286,29 +269,25 @@ class Trainer:
             self.optimizer, lambda s: min(1.0, (s + 1) / oc.warmup_steps) if oc.warmup_steps else 1.0)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
 
-        self.train_rows = load_qa_file(cfg.data.train_file) if cfg.data.train_file else []
-        if not self.train_rows:
-            raise ValueError("data.train_file is empty: give a FlashRAG-style jsonl of training questions")
-        self.val_rows = load_qa_file(cfg.data.val_file) if cfg.data.val_file else []
+        self.task = build_task(cfg)
+        if not cfg.data.train_file:
+            raise ValueError(f"data.train_file is empty: give a data file of the {cfg.task.name!r} task")
+        self.train_rows = self.task.load(cfg.data.train_file)
+        self.val_rows = self.task.load(cfg.data.val_file) if cfg.data.val_file else []
         if cfg.data.val_size:
             self.val_rows = self.val_rows[: cfg.data.val_size]
-        self.system_prompt = cfg.data.system_prompt or build_system_prompt(python_tool=cfg.tools.python)
+        self.val_records: list[dict[str, Any]] = []  # this process's records of the last validation
         self.sampler = PromptSampler(len(self.train_rows), tc.seed, cfg.data.shuffle)
         self.shuffle_rng = torch.Generator().manual_seed(tc.seed + 7919 * rank)
 
-        self.tools = tools if tools is not None else build_tools(cfg)
-        self.generator = HFGenerator(self.accelerator.unwrap_model(self.model), self.tokenizer, seed=tc.seed + rank)
-        self.engine = TreeRolloutEngine(
-            self.generator, self.tokenizer, self.tools, get_reward_fn(cfg.algo.reward_fn), cfg.rollout,
-            progress=self._rollout_progress,
-        )
+        self.tools = tools if tools is not None else build_tools(cfg, self.task)
+        self.engine = build_engine(cfg, self.accelerator.unwrap_model(self.model), self.tokenizer, task=self.task,
+                                   tools=self.tools, seed=tc.seed + rank, progress=self._rollout_progress)
+        self.generator = self.engine.generator
         self.step = 0
         self._bar = None
 
     # -- helpers -----------------------------------------------------------------------------
-    def _prompt(self, row: QARow) -> Prompt:
-        ids = render_prompt(self.tokenizer, row.question, system_prompt=self.system_prompt)
-        return Prompt(ids, list(row.golds), row.question, {"id": row.id})
 
     def _rollout_progress(self, phase: str, turn: int, open_trajectories: int) -> None:
         if self._bar is not None:
@@ -379,39 +358,38 @@ class Trainer:
 
     # -- one step ------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
+        """Greedy validation (the shared evaluator) on data.val_file: the task's metrics, turns
+        and tool calls per row, as ``val/<name>`` means over every process's rows. This process's
+        per-row records stay in ``self.val_records``."""
         if not self.val_rows:
             return {}
         t0 = time.perf_counter()
-        result = self.engine.validate([self._prompt(r) for r in self._my_share(self.val_rows)])
-        rewards = [row.reward for row in result.rows]
-        turns = [len(row.sequence.path) - 1 for row in result.rows]
-        local = torch.tensor([[r.em, r.f1, float(r.format_ok), t] for r, t in zip(rewards, turns)], dtype=torch.float64)
-        calls = sum(s.tool_calls for s in result.stats)
+        self.val_records = evaluate_greedy(self.engine, self._my_share(self.val_rows))
+        keys = [*self.task.metrics, "turns", "tool_calls"]
+        local = torch.tensor([[float(r[k]) for k in keys] for r in self.val_records], dtype=torch.float64)
+        local = local.reshape(-1, len(keys))
         allrows = self.accelerator.gather_for_metrics(local) if self.accelerator.num_processes > 1 else local
         n = max(len(allrows), 1)
-        return {"val/em": float(allrows[:, 0].sum()) / n, "val/f1": float(allrows[:, 1].sum()) / n,
-                "val/format_ok": float(allrows[:, 2].sum()) / n, "val/turns": float(allrows[:, 3].sum()) / n,
-                "val/tool_calls": calls / max(len(rewards), 1), "time/val": time.perf_counter() - t0}
+        return {**{f"val/{k}": float(allrows[:, i].sum()) / n for i, k in enumerate(keys)},
+                "time/val": time.perf_counter() - t0}
 
     def train_step(self) -> dict[str, float]:
         cfg, tc = self.cfg, self.cfg.trainer
         t0 = time.perf_counter()
         idx = self._my_share(self.sampler.take(tc.prompts_per_step))
-        prompts = [self._prompt(self.train_rows[i]) for i in idx]
+        prompts = [self.engine.prompt(self.train_rows[i]) for i in idx]
         result = self.engine.rollout(prompts)
         t_rollout = time.perf_counter() - t0
 
         batch, adv_stats = build_train_batch(result, cfg.algo)
         update = self._update(batch, n_trees=len(prompts))
         totals = result.totals()
-        rewards = [r.reward for r in result.rows if not r.duplicate]
-        n_rows = max(len(rewards), 1)
+        scores = [r.score for r in result.rows if not r.duplicate]
+        n_rows = max(len(scores), 1)
         dt = time.perf_counter() - t0
         metrics = {
-            "reward/mean": sum(r.reward for r in rewards) / n_rows,
-            "reward/em": sum(r.em for r in rewards) / n_rows,
-            "reward/f1": sum(r.f1 for r in rewards) / n_rows,
-            "reward/format_ok": sum(r.format_ok for r in rewards) / n_rows,
+            "reward/mean": sum(s.reward for s in scores) / n_rows,
+            **{f"reward/{k}": sum(float(s.metrics[k]) for s in scores) / n_rows for k in self.task.metrics},
             **adv_stats,
             **update,
             "rollout/generated_tokens": totals["generated_tokens"],
@@ -480,6 +458,9 @@ class Trainer:
                 for k, v in stats_mb.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_updates += 1
+        # The next rollout samples from the updated policy (a no-op for a backend that runs the
+        # training module itself, a weight copy for one that does not).
+        self.generator.load_weights(acc.unwrap_model(model))
         return {f"loss/{k}": v / max(n_updates, 1) for k, v in sums.items()} | {"loss/updates": float(n_updates)}
 
     # -- loop ----------------------------------------------------------------------------------
@@ -539,26 +520,6 @@ def _mean_nll(result: RolloutResult) -> float:
             tot -= sum(lp)
             n += len(lp)
     return tot / max(n, 1)
-
-
-def build_tools(cfg: Config) -> dict:
-    """The tools named in cfg.tools, keyed by the action that calls them."""
-    from at2po.tools.base import build_tool
-
-    tc = cfg.tools
-    tools = {}
-    if tc.search == "bm25":
-        if not (tc.corpus_file or tc.index_dir):
-            raise ValueError("tools.corpus_file (or tools.index_dir) is required for tools.search=bm25")
-        from at2po.tools.search import LocalSearchTool
-
-        source = {"index_dir": tc.index_dir} if tc.index_dir else {"corpus_path": tc.corpus_file}
-        tools["search"] = LocalSearchTool(**source, topk=tc.topk, max_chars=tc.max_passage_chars)
-    elif tc.search == "http":
-        tools["search"] = build_tool("search_http", url=tc.retriever_url, topk=tc.topk, max_chars=tc.max_passage_chars)
-    if tc.python:
-        tools["python"] = build_tool("python", timeout=tc.python_timeout)
-    return tools
 
 
 def train(cfg: Config, resume: bool = False) -> dict[str, Any]:

@@ -1,7 +1,7 @@
-"""Greedy evaluation on the paper's QA benchmarks (spec §5), resumable, reported as Table 1.
+"""Greedy evaluation on the paper's QA benchmarks (docs/method.md §5), resumable, reported as Table 1.
 
-``evaluate`` runs the rollout engine's greedy validation (one chain per question) with the model
-of ``cfg.model.path`` and the tools of ``cfg.tools`` over any set of the seven benchmarks, given
+``evaluate`` runs the shared greedy evaluator (``at2po.evaluation.evaluator``, one chain per
+question) with the model of ``cfg.model.path`` and the task and tools of the config over any set of the seven benchmarks, given
 as FlashRAG jsonl or Search-R1 parquet files. Per-sample results go to ``<out>/<dataset>.jsonl``
 batch by batch, so an interrupted run resumes where it stopped; the summary goes to
 ``<out>/results.json`` and ``<out>/results.md`` (EM in %, averages weighted by sample count).
@@ -22,7 +22,7 @@ from at2po.datasets import BENCHMARKS, describe_benchmarks, load_qa_by_source
 
 if TYPE_CHECKING:  # the model stack loads only when an evaluation runs (keeps `at2po --help` fast)
     from at2po.config import Config
-    from at2po.rollout.engine import LeafRow, TreeRolloutEngine
+    from at2po.rollout.engine import TreeRolloutEngine
 
 __all__ = [
     "RESULTS_JSON",
@@ -134,12 +134,15 @@ def _resume_file(path: Path, resume: bool) -> dict[str, dict[str, Any]]:
 
 def _settings(cfg: Config, system_prompt: str) -> dict[str, Any]:
     """Everything that changes a greedy answer (not e.g. the retriever's URL, which may move)."""
+    import dataclasses
+
     t, r = cfg.tools, cfg.rollout
+    search = {k: v for k, v in dataclasses.asdict(t.search).items() if k != "retriever_url"}
     return {
         "model": {"path": cfg.model.path, "tokenizer_path": cfg.model.tokenizer_path, "dtype": cfg.model.dtype},
+        "task": {"name": cfg.task.name, "options": cfg.task.options},
         "system_prompt": system_prompt,
-        "tools": {"search": t.search, "corpus_file": t.corpus_file, "index_dir": t.index_dir, "topk": t.topk,
-                  "max_passage_chars": t.max_passage_chars, "python": t.python},
+        "tools": {"enabled": t.enabled, "search": search, "python": dataclasses.asdict(t.python), "options": t.options},
         "rollout": {"max_tool_calls": r.max_tool_calls, "max_turns": r.max_turns,
                     "max_turn_tokens": r.max_turn_tokens, "max_response_tokens": r.max_response_tokens},
     }
@@ -224,68 +227,39 @@ def results_markdown(results: Sequence[dict[str, Any]]) -> str:
 
 
 # -- evaluation ----------------------------------------------------------------------------------
-def _load_policy(cfg: Config) -> tuple[Any, Any]:
-    """(model on the GPU when there is one, else CPU; tokenizer)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if not cfg.model.path:
-        raise ValueError("model.path is empty: point it at a Hugging Face model directory (or hub id)")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model.tokenizer_path or cfg.model.path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=getattr(torch, cfg.model.dtype))
-    return model.to("cuda" if torch.cuda.is_available() else "cpu").eval(), tokenizer
-
-
 def default_name(cfg: Config) -> str:
     return Path(cfg.model.path.rstrip("/")).name or "model"
 
 
-def _record(row: QARow, leaf: LeafRow, tool_calls: int, tokenizer: Any) -> dict[str, Any]:
-    from at2po.agent import decode_ids
-
-    r = leaf.reward
-    return {
-        "id": row.id, "question": row.question, "golds": list(row.golds), "prediction": r.answer,
-        "em": r.em, "f1": r.f1, "format_ok": r.format_ok, "turns": len(leaf.sequence.path) - 1,
-        "tool_calls": tool_calls, "response": decode_ids(tokenizer, leaf.sequence.response_ids.tolist()),
-    }
-
-
-def _run_dataset(engine: TreeRolloutEngine, tokenizer: Any, system_prompt: str, name: str, rows: list[QARow],
-                 done: dict[str, dict[str, Any]], path: Path, batch_size: int, progress: bool) -> None:
+def _run_dataset(engine: TreeRolloutEngine, name: str, rows: list[QARow], done: dict[str, dict[str, Any]],
+                 path: Path, batch_size: int, progress: bool) -> None:
     """Evaluate the rows not in ``done``, appending each batch's records to ``path`` (and to ``done``)."""
     from tqdm.auto import tqdm
 
-    from at2po.agent import render_prompt
-    from at2po.rollout.engine import Prompt
+    from at2po.evaluation.evaluator import evaluate_greedy
+    from at2po.tasks.base import Sample
 
-    todo = [row for row in rows if row.id not in done]
+    todo = [Sample(row.id, row.question, row.golds) for row in rows if row.id not in done]
     n_done = len(rows) - len(todo)
     em_sum = sum(float(done[row.id]["em"]) for row in rows if row.id in done)
     with path.open("a", encoding="utf-8") as f, tqdm(
         total=len(rows), initial=n_done, desc=name, unit="q", disable=not progress, dynamic_ncols=True
     ) as bar:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start:start + batch_size]
-            result = engine.validate([
-                Prompt(render_prompt(tokenizer, row.question, system_prompt=system_prompt), list(row.golds),
-                       row.question, {"id": row.id})
-                for row in chunk
-            ])
-            leaves = {leaf.tree: leaf for leaf in result.rows}  # greedy validation: one leaf per question
-            for t, row in enumerate(chunk):
-                rec = _record(row, leaves[t], result.stats[t].tool_calls, tokenizer)
-                done[row.id] = rec
+
+        def write(batch: list[dict[str, Any]]) -> None:
+            nonlocal n_done, em_sum
+            for rec in batch:
+                done[rec["id"]] = rec
                 em_sum += rec["em"]
                 f.write(json.dumps(rec) + "\n")
             # A batch reaches the disk before the next starts: an interruption loses at most one.
             f.flush()
             os.fsync(f.fileno())
-            n_done += len(chunk)
-            bar.update(len(chunk))
+            n_done += len(batch)
+            bar.update(len(batch))
             bar.set_postfix_str(f"EM {100 * em_sum / n_done:.2f}")
+
+        evaluate_greedy(engine, todo, batch_size=batch_size, on_batch=write)
 
 
 def evaluate(
@@ -297,7 +271,7 @@ def evaluate(
     batch_size: int = 64,
     limit: int | None = None,
     resume: bool = True,
-    tools: dict | None = None,
+    tools: list | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Greedy EM/F1 of ``cfg.model.path`` on ``datasets`` (see ``load_eval_datasets``); returns results.json.
@@ -305,34 +279,34 @@ def evaluate(
     ``limit`` evaluates each dataset's first N questions; ``batch_size`` questions are rolled out
     together and written to ``<out_dir>/<dataset>.jsonl`` as one batch. With ``resume`` the ids
     already in those files are skipped (the model and rollout settings must be the same as
-    before); without it the files start over. ``tools`` replaces the tools of ``cfg.tools``.
+    before); without it the files start over. ``tools`` replaces the tools of the config.
     """
-    from at2po.agent import build_system_prompt
-    from at2po.rewards import get_reward_fn
-    from at2po.rollout.engine import TreeRolloutEngine
-    from at2po.rollout.generator import HFGenerator
-    from at2po.trainer import build_tools
+    import torch
+
+    from at2po.factory import build_engine, build_task, build_tools, load_model, load_tokenizer
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
+    task = build_task(cfg)
+    if not {"em", "f1", "format_ok"} <= set(task.metrics):
+        raise ValueError(f"at2po eval reports EM/F1 on the QA benchmarks; task.name={cfg.task.name!r} has no em/f1")
     data = {d: rows[:limit] for d, rows in load_eval_datasets(datasets).items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    system_prompt = cfg.data.system_prompt or build_system_prompt(python_tool=cfg.tools.python)
+    tools = tools if tools is not None else build_tools(cfg, task)
+    system_prompt = cfg.data.system_prompt or task.system_prompt(tools)
     _check_settings(out_dir, _settings(cfg, system_prompt), resume)
     done = {d: _resume_file(out_dir / f"{d}.jsonl", resume) for d in data}
 
     # Nothing left (e.g. re-run to rebuild the tables): no model to load.
     if any(row.id not in done[d] for d, rows in data.items() for row in rows):
-        model, tokenizer = _load_policy(cfg)
-        engine = TreeRolloutEngine(HFGenerator(model, tokenizer, seed=cfg.trainer.seed), tokenizer,
-                                   tools if tools is not None else build_tools(cfg),
-                                   get_reward_fn(cfg.algo.reward_fn), cfg.rollout)
+        tokenizer = load_tokenizer(cfg.model)
+        model = load_model(cfg.model, "cuda" if torch.cuda.is_available() else "cpu").eval()
+        engine = build_engine(cfg, model, tokenizer, task=task, tools=tools)
         for d, rows in data.items():
-            _run_dataset(engine, tokenizer, system_prompt, d, rows, done[d], out_dir / f"{d}.jsonl", batch_size,
-                         progress)
+            _run_dataset(engine, d, rows, done[d], out_dir / f"{d}.jsonl", batch_size, progress)
 
     records = {d: [done[d][row.id] for row in rows] for d, rows in data.items()}
     results = summarize(records, name=name or default_name(cfg), model=cfg.model.path)

@@ -1,4 +1,4 @@
-"""Entropy-guided expansion selection (spec §2, paper Eqs. 2 and 4).
+"""Entropy-guided expansion selection (docs/method.md §2, paper Eqs. 2 and 4).
 
 Among the candidates C (non-root turns that ended in a tool call) pick K nodes to branch from:
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from at2po.tree import TurnTree
+from at2po.algorithms.tree import TurnTree
 
 EXPANSION_MODES = ("entropy", "random")
 

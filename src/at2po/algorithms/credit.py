@@ -1,4 +1,4 @@
-"""Turn-wise credit assignment (spec §3, paper Eq. 3).
+"""Turn-wise credit assignment (docs/method.md §3, paper Eq. 3).
 
 A tree is given in array form: ``parent[i]`` is the parent of node ``i`` (``parent[0] == -1`` is
 the root, the prompt) and ``parent[i] < i``, so node order is a topological order. Every other
@@ -141,7 +141,7 @@ def turn_credit(
     normalize_leaves: bool = True,
     eps: float = 1e-6,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Node values and advantages of one tree (spec §3, paper Eq. 3).
+    """Node values and advantages of one tree (docs/method.md §3, paper Eq. 3).
 
     value_mode: "entropy_softmax" (w ∝ exp H(c), the authors' code), "entropy_linear"
     (w ∝ H(c), the paper's Eq. 3; uniform when every sibling has H = 0), "child_mean"

@@ -1,6 +1,6 @@
 """Policy objectives over (B, T) token tensors: token (PPO/GRPO), sequence (GSPO), turn (ATPO).
 
-All three share one clipped surrogate (spec §4) and differ only in the importance ratio s:
+All three share one clipped surrogate (docs/method.md §4) and differ only in the importance ratio s:
 
     token     s(i,t) = π_θ(y_t) / π_old(y_t)
     sequence  s(i,t) = sg[exp(mean_{u ∈ y_i}    log π_θ(y_u)/π_old(y_u))] · π_θ(y_t) / sg[π_θ(y_t)]
@@ -62,7 +62,7 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, agg: str) -> torch.Tenso
     """Reduce per-token values to a scalar. Rows without a trained token contribute 0.
 
     "token-mean": Σ M·x / Σ M over the whole batch.
-    "seq-mean-token-mean": (1/B) Σ_i (Σ_t M·x / Σ_t M)   (spec §4; B counts every row).
+    "seq-mean-token-mean": (1/B) Σ_i (Σ_t M·x / Σ_t M)   (docs/method.md §4; B counts every row).
     "seq-mean-token-sum": (1/B) Σ_i Σ_t M·x.
     """
     if agg not in AGGS:
@@ -96,7 +96,7 @@ def _check_inputs(log_prob, old_log_prob, advantages, loss_mask, turn_ids):
 def turn_kl_entropy(
     log_ratio: torch.Tensor, mask: torch.Tensor, index: torch.Tensor, n_groups: int, eps: float = 1e-8
 ) -> torch.Tensor:
-    """H_turn (spec §4, paper Eq. 13), averaged over rows that have a trained token.
+    """H_turn (docs/method.md §4, paper Eq. 13), averaged over rows that have a trained token.
 
     Per row: p_j = softmax_j(KL_j / KL_seq) over its turns, entropy / log(#turns), 0 for a single
     turn. KL_seq = 0 (exactly on-policy) would divide by zero; it is replaced by ±eps, which gives
@@ -141,7 +141,7 @@ def policy_loss(
     agg: str = "seq-mean-token-mean",
     log_ratio_max: float = 10.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped policy-gradient loss at token, sequence or turn level (spec §4, paper Eqs. 9–12).
+    """Clipped policy-gradient loss at token, sequence or turn level (docs/method.md §4, paper Eqs. 9–12).
 
     Tensors are (B, T) over response tokens. ``loss_mask`` is 1 for policy-generated tokens.
     ``turn_ids`` (level="turn") numbers the turns of each row, −1 where not trained; when None a

@@ -1,4 +1,4 @@
-"""Turn trees (spec §2): the root is the prompt, every other node is one turn of the agent.
+"""Turn trees (docs/method.md §2): the root is the prompt, every other node is one turn of the agent.
 
 A node holds the observation that preceded its turn (tokens inserted by the environment, never
 trained) and the tokens the policy generated in that turn (ids, log-probs, loss mask). Contexts are
@@ -113,7 +113,7 @@ class TurnTree:
         return [n.index for n in self.nodes if not n.is_root and n.is_terminal]
 
     def expansion_candidates(self) -> list[int]:
-        """Non-root, non-leaf nodes: turns that ended in a tool call (spec §2)."""
+        """Non-root, non-leaf nodes: turns that ended in a tool call (docs/method.md §2)."""
         return [n.index for n in self.nodes if not n.is_root and not n.is_terminal]
 
     def path(self, index: int) -> list[int]:
@@ -163,7 +163,7 @@ class TurnTree:
         )
 
     def to_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(parent, entropy, leaf_reward) for ``at2po.credit.turn_credit``.
+        """(parent, entropy, leaf_reward) for ``at2po.algorithms.credit.turn_credit``.
 
         Every finished trajectory must have a reward; a node still active without children means
         the rollout is not finished and is refused rather than silently treated as a leaf.

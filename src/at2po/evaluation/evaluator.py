@@ -1,0 +1,73 @@
+"""The greedy evaluator: one chain per sample, one record per sample (docs/method.md §5).
+
+Used by the trainer's validation, ``at2po eval`` and the ablation benchmark alike, so that every
+number called "held-out EM" comes from the same code. Per-row records carry the task's metrics,
+the turns and tool calls, the answer and the response, so any breakdown (per dataset, per hop
+count via ``meta``) is a grouping of records, not a second pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from at2po.agent import decode_ids
+
+if TYPE_CHECKING:
+    from at2po.rollout.engine import TreeRolloutEngine
+    from at2po.tasks.base import Sample
+
+__all__ = ["evaluate_greedy", "mean_metrics"]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def evaluate_greedy(
+    engine: TreeRolloutEngine,
+    samples: Sequence[Sample],
+    *,
+    batch_size: int | None = None,
+    on_batch: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Roll out every sample greedily (``batch_size`` at a time; default all at once) and return
+    one record per sample, in order:
+
+    ``{"id", "prompt", "target", "prediction", "reward", <task metrics>, "turns", "tool_calls",
+    "response"}`` plus ``"meta"`` when the sample has one. ``on_batch`` receives each batch's
+    records as soon as they exist (``at2po eval`` writes them to disk there).
+    """
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    records: list[dict[str, Any]] = []
+    step = batch_size or max(len(samples), 1)
+    for start in range(0, len(samples), step):
+        chunk = samples[start:start + step]
+        result = engine.validate([engine.prompt(s) for s in chunk])
+        leaves = {leaf.tree: leaf for leaf in result.rows}  # greedy validation: one leaf per sample
+        batch = []
+        for t, sample in enumerate(chunk):
+            leaf = leaves[t]
+            score = leaf.score
+            rec = {
+                "id": sample.id, "prompt": sample.prompt, "target": _jsonable(sample.target),
+                "prediction": score.answer, "reward": score.reward, **score.metrics,
+                "turns": len(leaf.sequence.path) - 1, "tool_calls": result.stats[t].tool_calls,
+                "response": decode_ids(engine.tokenizer, leaf.sequence.response_ids.tolist()),
+            }
+            if sample.meta:
+                rec["meta"] = dict(sample.meta)
+            batch.append(rec)
+        records += batch
+        if on_batch is not None:
+            on_batch(batch)
+    return records
+
+
+def mean_metrics(records: Sequence[dict[str, Any]], keys: Iterable[str]) -> dict[str, float]:
+    """Mean of each key over the records (0.0 for none)."""
+    n = len(records)
+    return {k: (sum(float(r[k]) for r in records) / n if n else 0.0) for k in keys}

@@ -1,0 +1,89 @@
+"""One place that builds what a run needs from a config: policy, tokenizer, task, tools, engine.
+
+Training (``at2po train``, the quickstart, the ablation), evaluation (``at2po eval``) and the
+benchmarks all build through these functions, so a new task, tool or generator backend,
+registered by name, is usable everywhere without touching the callers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from at2po.config import Config, ModelConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from at2po.rollout.engine import TreeRolloutEngine
+    from at2po.tasks.base import Task
+    from at2po.tools.base import Tool
+
+__all__ = ["build_engine", "build_task", "build_tools", "load_model", "load_tokenizer"]
+
+
+def load_tokenizer(cfg: ModelConfig) -> Any:
+    """The HF tokenizer of ``model.tokenizer_path`` (default ``model.path``), with a pad token."""
+    from transformers import AutoTokenizer
+
+    if not cfg.path:
+        raise ValueError("model.path is empty: point it at a Hugging Face model directory (or hub id)")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(cfg: ModelConfig, device: Any = None) -> torch.nn.Module:
+    """The HF causal LM of ``model.path`` in ``model.dtype`` (on ``device`` when given)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if not cfg.path:
+        raise ValueError("model.path is empty: point it at a Hugging Face model directory (or hub id)")
+    model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=getattr(torch, cfg.dtype))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    return model if device is None else model.to(device)
+
+
+def build_task(cfg: Config) -> Task:
+    """The task of ``task.name`` with ``task.options``."""
+    from at2po.tasks.base import build_task as build
+
+    return build(cfg.task.name, **cfg.task.options)
+
+
+def build_tools(cfg: Config, task: Task) -> list[Tool]:
+    """The enabled tools: ``tools.enabled``, or the task's own when that is null."""
+    from at2po.tools import build_tool
+
+    names = task.tools if cfg.tools.enabled is None else cfg.tools.enabled
+    if len(set(names)) != len(names):
+        raise ValueError(f"tools.enabled names a tool twice: {list(names)}")
+    return [build_tool(name, **cfg.tools.tool_options(name)) for name in names]
+
+
+def build_engine(
+    cfg: Config,
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    task: Task | None = None,
+    tools: list[Tool] | None = None,
+    seed: int | None = None,
+    progress: Callable[[str, int, int], None] | None = None,
+) -> TreeRolloutEngine:
+    """The rollout engine over a generator of ``rollout.backend`` for ``model``.
+
+    ``task``/``tools`` default to those of the config; ``seed`` (default ``trainer.seed``) seeds
+    the generator's sampling. The system prompt is ``data.system_prompt`` or the task's own.
+    """
+    from at2po.rollout.engine import TreeRolloutEngine
+    from at2po.rollout.generator import build_generator
+
+    task = task if task is not None else build_task(cfg)
+    tools = tools if tools is not None else build_tools(cfg, task)
+    generator = build_generator(cfg.rollout.backend, model, tokenizer,
+                                seed=cfg.trainer.seed if seed is None else seed)
+    return TreeRolloutEngine(generator, tokenizer, tools, task, cfg.rollout, progress=progress,
+                             system_prompt=cfg.data.system_prompt or None)
