@@ -10,22 +10,34 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from at2po.agent import (
-    MAX_CODE_CHARS,
-    MAX_QUERY_CHARS,
-    PYTHON_TOOL_PROMPT,
-    STOP_STRINGS,
-    SYSTEM_PROMPT,
     TOOL_LIMIT_MESSAGE,
     TOOL_LIMIT_NOTICE,
     Action,
-    build_system_prompt,
+    AgentProtocol,
     decode_ids,
     encode_observation,
     format_error_observation,
     format_observation,
-    parse_action,
     render_prompt,
 )
+from at2po.tasks.base import Sample
+from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT as SYSTEM_PROMPT
+from at2po.tasks.search_qa import SearchQATask
+from at2po.tools.base import Tool, ToolResult
+from at2po.tools.python_sandbox import PYTHON_DESCRIPTION as PYTHON_TOOL_PROMPT
+from at2po.tools.python_sandbox import PythonTool
+from at2po.tools.search import LocalSearchTool
+
+# The old module-level protocol (search + python enabled) is now an AgentProtocol of those tools.
+PROTOCOL = AgentProtocol([LocalSearchTool, PythonTool])
+parse_action = PROTOCOL.parse
+MAX_QUERY_CHARS = 2000  # the old agent.MAX_QUERY_CHARS
+MAX_CODE_CHARS = 20000  # the old agent.MAX_CODE_CHARS
+
+
+def _question(question: str) -> str:
+    """The search-QA user message of a question (formerly added by render_prompt)."""
+    return SearchQATask().user_message(Sample("q", question, ("gold",)))
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
 CHAT_TEMPLATE = (
@@ -82,14 +94,15 @@ def test_system_prompts() -> None:
     assert example in SYSTEM_PROMPT
     assert "<answer> The final answer is \\[ \\boxed{answer here} \\] </answer>." in SYSTEM_PROMPT
     assert SYSTEM_PROMPT.endswith("enclosed within \\boxed{} with latex format.")
-    assert build_system_prompt() == SYSTEM_PROMPT
-    assert build_system_prompt(python_tool=True) == SYSTEM_PROMPT + " " + PYTHON_TOOL_PROMPT
+    task = SearchQATask()
+    assert task.system_prompt([LocalSearchTool]) == SYSTEM_PROMPT
+    assert task.system_prompt([LocalSearchTool, PythonTool]) == SYSTEM_PROMPT + " " + PYTHON_TOOL_PROMPT
     assert "<python> </python>" in PYTHON_TOOL_PROMPT
 
 
 def test_render_prompt_plain_fallback(tokenizer) -> None:
     assert not tokenizer.chat_template
-    ids = render_prompt(tokenizer, "  Who directed Film X? ")
+    ids = render_prompt(tokenizer, _question("  Who directed Film X? "), SYSTEM_PROMPT)
     assert isinstance(ids, list) and all(type(i) is int for i in ids)
     assert ids[0] == tokenizer.bos_token_id
     assert tokenizer.eos_token_id not in ids
@@ -100,13 +113,13 @@ def test_render_prompt_plain_fallback(tokenizer) -> None:
 
 def test_render_prompt_plain_without_bos(raw_tokenizer) -> None:
     no_bos = PreTrainedTokenizerFast(tokenizer_object=raw_tokenizer, eos_token="</s>")
-    ids = render_prompt(no_bos, "q", system_prompt="Be brief.")
+    ids = render_prompt(no_bos, _question("q"), system_prompt="Be brief.")
     assert _text(no_bos, ids) == "System: Be brief.\n\nUser: Question: q\n\nAssistant:"
 
 
 def test_render_prompt_chat_template(tokenizer) -> None:
     tokenizer.chat_template = CHAT_TEMPLATE
-    ids = render_prompt(tokenizer, "Who directed Film X?")
+    ids = render_prompt(tokenizer, _question("Who directed Film X?"), SYSTEM_PROMPT)
     assert isinstance(ids, list) and all(type(i) is int for i in ids)
     assert _text(tokenizer, ids) == (
         f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n"
@@ -117,7 +130,7 @@ def test_render_prompt_chat_template(tokenizer) -> None:
 
 def test_render_prompt_passes_template_kwargs(tokenizer) -> None:
     tokenizer.chat_template = CHAT_TEMPLATE
-    ids = render_prompt(tokenizer, "q", system_prompt="S", enable_thinking=False)
+    ids = render_prompt(tokenizer, _question("q"), system_prompt="S", enable_thinking=False)
     assert _text(tokenizer, ids).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
@@ -134,7 +147,7 @@ class _DictTemplateTokenizer:
 
 
 def test_render_prompt_accepts_dict_output() -> None:
-    assert render_prompt(_DictTemplateTokenizer(), "q") == [5, 6, 7]
+    assert render_prompt(_DictTemplateTokenizer(), _question("q"), SYSTEM_PROMPT) == [5, 6, 7]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -143,7 +156,7 @@ def test_render_prompt_accepts_dict_output() -> None:
 
 
 def test_stop_strings() -> None:
-    assert STOP_STRINGS == ["</search>", "</python>", "</answer>"]
+    assert PROTOCOL.stop_strings == ("</search>", "</python>", "</answer>")
 
 
 @pytest.mark.parametrize(
@@ -174,6 +187,8 @@ def test_parse_action(text: str, expected: Action) -> None:
 
 def test_parse_action_bounds_long_queries() -> None:
     query = "x" * 100_000
+    assert LocalSearchTool.max_input_chars == MAX_QUERY_CHARS
+    assert PythonTool.max_input_chars == MAX_CODE_CHARS
     assert parse_action(f"<search>{query}</search>") == Action("search", "x" * MAX_QUERY_CHARS)
     code = "y" * 100_000
     assert parse_action(f"<python>{code}</python>") == Action("python", "y" * MAX_CODE_CHARS)
@@ -243,3 +258,112 @@ def test_decode_ids_never_raises(tokenizer) -> None:
             raise RuntimeError("boom")
 
     assert decode_ids(Broken(), [3, 4]) == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# AgentProtocol built from tool classes
+# ---------------------------------------------------------------------------------------------
+
+
+class CalcTool(Tool):
+    """A custom tool defined here: short inputs, no dedent."""
+
+    name = "calc"
+    description = "You can compute within <calc> </calc> tags."
+    max_input_chars = 5
+    dedent_input = False
+
+    def run(self, query: str) -> ToolResult:
+        return ToolResult(text=query, ok=True)
+
+
+class _Named:
+    """A bare tool spec (what AgentProtocol reads: name, max_input_chars, dedent_input)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.max_input_chars = 10
+        self.dedent_input = False
+
+
+def test_protocol_stop_strings_follow_tool_order() -> None:
+    assert AgentProtocol([PythonTool, LocalSearchTool]).stop_strings == ("</python>", "</search>", "</answer>")
+    assert AgentProtocol([LocalSearchTool, CalcTool]).stop_strings == ("</search>", "</calc>", "</answer>")
+    assert AgentProtocol([CalcTool]).stop_strings == ("</calc>", "</answer>")
+    assert AgentProtocol([CalcTool()]).stop_strings == ("</calc>", "</answer>")  # instances work too
+    assert AgentProtocol([CalcTool, PythonTool]).tool_names == ("calc", "python")
+
+
+def test_protocol_custom_tool_is_parsed_and_cut() -> None:
+    protocol = AgentProtocol([CalcTool])
+    assert protocol.parse("<think> a </think> <calc>  1+2+3+4  </calc>") == Action("calc", "1+2+3")
+    assert protocol.parse("<calc>12</calc>") == Action("calc", "12")
+    # Not dedented (dedent_input False): the indentation of the second line stays; 5 chars kept.
+    assert protocol.parse("<calc>\n  a\n  b\n</calc>") == Action("calc", "a\n  b")
+    assert protocol.parse("<calc> </calc>") == Action("calc", "", "empty query")
+    assert protocol.parse("<calc> 1+") == Action("none", None, "unclosed <calc>")
+    assert protocol.parse("1+1 </calc>") == Action("none", None, "</calc> without <calc>")
+    assert protocol.parse("<answer> \\boxed{2} </answer> <calc> 1 </calc>") == Action("answer")
+    # With search enabled as well, the call whose closing tag comes last wins.
+    both = AgentProtocol([LocalSearchTool, CalcTool])
+    assert both.parse("<calc> 1 </calc> <search> a </search>") == Action("search", "a")
+    assert both.parse("<search> a </search> <calc> 1 </calc>") == Action("calc", "1")
+
+
+def test_protocol_disabled_tool_tags_are_plain_text() -> None:
+    protocol = AgentProtocol([CalcTool])
+    assert protocol.parse("<think> a </think> <search> Film X </search>") == Action("none")
+    assert protocol.parse("<python>\nprint(1)\n</python>") == Action("none")
+    assert protocol.parse("<search> Film X") == Action("none")  # no "unclosed <search>" error
+    assert protocol.parse("Film X </search>") == Action("none")
+    # A disabled tool's closing tag after a call does not hide the call.
+    assert protocol.parse("<calc>7</calc> </search>") == Action("calc", "7")
+    assert PROTOCOL.parse("<calc>7</calc> </search>") == Action("none", None, "</search> without <search>")
+    search_only = AgentProtocol([LocalSearchTool])
+    assert search_only.parse("<python> print(1) </python>") == Action("none")
+    assert search_only.parse("<search> a </search> <python> b </python>") == Action("search", "a")
+
+
+def test_protocol_without_tools_parses_only_answers() -> None:
+    protocol = AgentProtocol([])
+    assert protocol.stop_strings == ("</answer>",)
+    assert protocol.tool_names == ()
+    assert protocol.parse("<think> a </think> <answer> \\boxed{Paris} </answer>") == Action("answer")
+    assert protocol.parse("<answer> \\boxed{Paris}") == Action("answer", None, "unclosed <answer>")
+    assert protocol.parse("<search> Film X </search>") == Action("none")
+    assert protocol.parse("<python> print(1) </python>") == Action("none")
+    assert protocol.parse("<search> Film X") == Action("none")
+    assert protocol.parse("") == Action("none")
+    assert AgentProtocol().stop_strings == ("</answer>",)
+
+
+@pytest.mark.parametrize("reserved", ["answer", "think", "result"])
+def test_protocol_rejects_reserved_tool_names(reserved: str) -> None:
+    with pytest.raises(ValueError, match=f"'{reserved}' is reserved"):
+        AgentProtocol([_Named(reserved)])
+    with pytest.raises(ValueError, match="reserved"):
+        AgentProtocol([LocalSearchTool, _Named(reserved)])
+
+
+def test_protocol_rejects_two_tools_with_one_name() -> None:
+    with pytest.raises(ValueError, match="two enabled tools are named 'search'"):
+        AgentProtocol([LocalSearchTool, PythonTool, LocalSearchTool])
+    with pytest.raises(ValueError, match="'calc'"):
+        AgentProtocol([CalcTool, _Named("calc")])
+
+
+def test_protocol_check_format_uses_its_tools() -> None:
+    calc_call = "<think> a </think> <calc> 1+1 </calc> <result>\n2\n</result> <answer> \\boxed{2} </answer>"
+    assert AgentProtocol([CalcTool]).check_format(calc_call) == (True, "")
+    ok, reason = PROTOCOL.check_format(calc_call)
+    assert not ok and reason == "<result> without a preceding tool call"
+
+
+def test_render_prompt_passes_user_message_whole(tokenizer) -> None:
+    tokenizer.chat_template = CHAT_TEMPLATE
+    ids = render_prompt(tokenizer, "  Who? ", "S")
+    assert _text(tokenizer, ids) == (
+        "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\n  Who? <|im_end|>\n<|im_start|>assistant\n"
+    )
+    with pytest.raises(TypeError):
+        render_prompt(tokenizer, "Who?")  # the system prompt is required

@@ -157,7 +157,8 @@ def test_single_leaf_and_root_only_trees():
     np.testing.assert_allclose(v, [1, 1])
     np.testing.assert_allclose(a, [0, 1])
     v, a = turn_credit([-1], [0.0], [np.nan])
-    np.testing.assert_allclose(v, [0]) and np.testing.assert_allclose(a, [0])
+    np.testing.assert_allclose(v, [0])
+    np.testing.assert_allclose(a, [0])
 
 
 def test_single_chain_values_equal_its_leaf():

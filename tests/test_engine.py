@@ -8,8 +8,9 @@ import pytest
 
 from at2po.agent import TOOL_LIMIT_MESSAGE, render_prompt
 from at2po.algorithms.credit import turn_credit
-from at2po.rewards import qa_reward
 from at2po.rollout.engine import Prompt, RolloutConfig, TreeRolloutEngine
+from at2po.tasks.base import Sample
+from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
 from at2po.rollout.generator import Generation
 from at2po.tiny import synthetic_agent_texts, train_tokenizer
 from at2po.tools.base import Tool, ToolResult
@@ -64,8 +65,15 @@ class EchoSearch(Tool):
         return ToolResult(f"Page 1: facts about {query}", ok=True)
 
 
+qa_reward = SearchQATask()  # the task whose score was the old qa_reward (EM, -1 on bad format)
+
+
+def sample(q="Who?", golds=("paris",)):
+    return Sample(f"id-{q}", q, tuple(golds))
+
+
 def prompt(tok, q="Who?", golds=("paris",)):
-    return Prompt(render_prompt(tok, q), list(golds), q)
+    return Prompt(render_prompt(tok, f"Question: {q}", PAPER_SYSTEM_PROMPT), sample(q, golds))
 
 
 SEARCH = "<think> look </think> <search> {q} </search>"
@@ -85,7 +93,7 @@ def test_tree_shape_selection_and_sibling_state(tok):
     gen = ScriptedGenerator(tok, script)
     tool = EchoSearch()
     cfg = RolloutConfig(n_initial=3, expansion_rounds=1, top_k=2, samples_per_tree=0, alpha=0.05)
-    eng = TreeRolloutEngine(gen, tok, {"search": tool}, qa_reward, cfg)
+    eng = TreeRolloutEngine(gen, tok, [tool], qa_reward, cfg)
     p = prompt(tok)
     res = eng.rollout([p])
     tree = res.trees[0]
@@ -114,19 +122,34 @@ def test_tree_shape_selection_and_sibling_state(tok):
     assert tok.decode(n4.obs_ids) == " <result>\nPage 1: facts about q0\n</result>"
     np.testing.assert_allclose(s.old_log_probs[s.loss_mask == 1][: len(n1.gen_ids)], -0.5)
     # Rewards: chain from call 0 answered at call 3 (odd → paris → EM 1).
-    assert tree.nodes[4].reward == 1.0 and row.reward.em == 1.0
+    assert tree.nodes[4].reward == 1.0 and row.score.metrics["em"] == 1.0
     st = res.stats[0]
     assert st.tool_calls == 5 and st.tool_failures == 0 and st.depth == 2 and st.leaves == 5
     assert st.generated_tokens == sum(len(n.gen_ids) for n in tree.nodes)
     parent, entropy, reward = res.credit_arrays(0)
+    # Nodes 7, 8 re-sample turns 2, 3 (calls 6, 7: H = 0.1) and answer at calls 8 (rome), 9 (paris);
+    # every answer turn has H = 0.2.
+    assert parent.tolist() == [-1, 0, 0, 0, 1, 2, 3, 0, 0, 7, 8]
+    np.testing.assert_allclose(entropy, [0.0, 0.5, 2.0, 1.0, 0.2, 0.2, 0.2, 0.1, 0.1, 0.2, 0.2])
+    np.testing.assert_array_equal(reward, [np.nan] * 4 + [1.0, 0.0, 1.0] + [np.nan] * 2 + [0.0, 1.0])
+    assert [r.score.reward for r in sorted(res.rows, key=lambda r: r.sequence.leaf)] == [1.0, 0.0, 1.0, 0.0, 1.0]
     v, a = turn_credit(parent, entropy, reward)
-    assert np.isfinite(a).all()
+    # By hand (docs/method.md §3): leaf rewards 1,0,1,0,1 -> mean 0.6, population std sqrt(0.24);
+    # every non-root turn has one child, so it takes its leaf's value; the root mixes its five
+    # children with softmax(H) weights.
+    hi, lo = 0.4 / (math.sqrt(0.24) + 1e-6), -0.6 / (math.sqrt(0.24) + 1e-6)
+    leaf_of_child = [hi, lo, hi, lo, hi]  # root children 1, 2, 3, 7, 8
+    w = np.exp([0.5, 2.0, 1.0, 0.1, 0.1])
+    root = float(np.dot(w / w.sum(), leaf_of_child))
+    expected_v = [root, hi, lo, hi, hi, lo, hi, lo, hi, lo, hi]
+    np.testing.assert_allclose(v, expected_v, rtol=1e-9)
+    np.testing.assert_allclose(a, [0.0, *expected_v[1:]], rtol=1e-9)
     assert res.generation_calls == 4  # two turns per phase, every tree batched together
 
 
 def test_every_generation_call_batches_all_trees(tok):
     gen = ScriptedGenerator(tok, lambda c, k, n: (SEARCH.format(q="x"), -1.0) if k < 2 else (ANSWER.format(a="x"), -1.0))
-    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward,
                             RolloutConfig(n_initial=2, expansion_rounds=2, top_k=3, samples_per_tree=0))
     res = eng.rollout([prompt(tok, "a"), prompt(tok, "b"), prompt(tok, "c")])
     # 3 turns per trajectory; initial phase 3 calls; each expansion 3 calls (siblings of turn-1
@@ -138,7 +161,7 @@ def test_every_generation_call_batches_all_trees(tok):
 
 def test_samples_per_tree_prunes_and_duplicates(tok):
     gen = ScriptedGenerator(tok, lambda c, k, n: (SEARCH.format(q="x"), -1.0) if k < 1 else (ANSWER.format(a="x"), -1.0))
-    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward,
                             RolloutConfig(n_initial=4, expansion_rounds=1, top_k=3, samples_per_tree=5, seed=1))
     res = eng.rollout([prompt(tok)])
     tree = res.trees[0]
@@ -146,7 +169,7 @@ def test_samples_per_tree_prunes_and_duplicates(tok):
     parent, _, reward = tree.to_arrays()
     assert (parent[1:] < np.arange(1, len(parent))).all()
     # Too few leaves: the last one is repeated, flagged, and credit still sees 2 leaves.
-    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward,
                             RolloutConfig(n_initial=2, expansion_rounds=0, samples_per_tree=5))
     res = eng.rollout([prompt(tok)])
     assert len(res.rows) == 5 and [r.duplicate for r in res.rows] == [False, False, True, True, True]
@@ -161,7 +184,7 @@ def test_tool_call_limit_gives_masked_notice(tok):
 
     gen = ScriptedGenerator(tok, script)
     tool = EchoSearch()
-    eng = TreeRolloutEngine(gen, tok, {"search": tool}, qa_reward,
+    eng = TreeRolloutEngine(gen, tok, [tool], qa_reward,
                             RolloutConfig(n_initial=1, expansion_rounds=0, max_tool_calls=2, samples_per_tree=0))
     res = eng.rollout([prompt(tok)])
     tree = res.trees[0]
@@ -172,7 +195,7 @@ def test_tool_call_limit_gives_masked_notice(tok):
     notice = tree.nodes[4].obs_ids
     assert TOOL_LIMIT_MESSAGE in tok.decode(notice)
     s = res.rows[0].sequence
-    assert res.rows[0].reward.format_ok, res.rows[0].reward.reason
+    assert res.rows[0].score.metrics["format_ok"] == 1.0, res.rows[0].score.reason
     assert s.loss_mask[-len(tree.nodes[4].gen_ids) - len(notice):-len(tree.nodes[4].gen_ids)].sum() == 0
 
 
@@ -194,7 +217,7 @@ class SlowTool(Tool):
 @pytest.mark.parametrize("tool, expect", [(RaisingTool(), "index exploded"), (SlowTool(), "timed out")])
 def test_failing_tools_become_observations(tok, tool, expect):
     gen = ScriptedGenerator(tok, lambda c, k, n: (SEARCH.format(q="x"), -1.0) if k < 1 else (ANSWER.format(a="x"), -1.0))
-    eng = TreeRolloutEngine(gen, tok, {"search": tool}, qa_reward,
+    eng = TreeRolloutEngine(gen, tok, [tool], qa_reward,
                             RolloutConfig(n_initial=2, expansion_rounds=0, samples_per_tree=0, tool_timeout=0.3))
     t0 = time.perf_counter()
     res = eng.rollout([prompt(tok)])
@@ -202,7 +225,7 @@ def test_failing_tools_become_observations(tok, tool, expect):
     assert res.stats[0].tool_failures == 2
     obs = tok.decode(res.trees[0].nodes[3].obs_ids)
     assert expect in obs and obs.startswith(" <result>")
-    assert all(r.reward.format_ok for r in res.rows)
+    assert all(r.score.metrics["format_ok"] == 1.0 for r in res.rows)
 
 
 GARBAGE = [
@@ -224,7 +247,7 @@ def test_malformed_output_never_crashes(tok, text):
 
     tool = EchoSearch()
     gen = ScriptedGenerator(tok, script)
-    eng = TreeRolloutEngine(gen, tok, {"search": tool}, qa_reward,
+    eng = TreeRolloutEngine(gen, tok, [tool], qa_reward,
                             RolloutConfig(n_initial=2, expansion_rounds=1, top_k=2, samples_per_tree=4, max_turn_tokens=64))
     res = eng.rollout([prompt(tok)])
     assert len(res.rows) == 4
@@ -238,31 +261,91 @@ def test_invalid_utf8_token_ids(tok):
     # Raw byte tokens that do not form valid UTF-8 on their own.
     byte_ids = tok.convert_tokens_to_ids(["Ã", "Ĥ"])  # byte-level pieces of broken sequences
     gen = ScriptedGenerator(tok, lambda c, k, n: (byte_ids * 5, -2.0))
-    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward,
                             RolloutConfig(n_initial=2, expansion_rounds=0, samples_per_tree=0))
     res = eng.rollout([prompt(tok)])
-    assert all(r.reward.reward == -1.0 for r in res.rows)
+    assert all(r.score.reward == -1.0 for r in res.rows)
 
 
-def test_missing_tool_and_python_call(tok):
+def test_call_of_a_disabled_tool_is_plain_text(tok):
+    # Only search is enabled: "<python>" is plain text, "</python>" no stop string, so the turn
+    # runs to its token limit and the trajectory ends there (no tool call, no error observation).
     gen = ScriptedGenerator(tok, lambda c, k, n: ("<python> print(1) </python>", -1.0) if k < 1 else (ANSWER.format(a="x"), -1.0))
-    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward,
                             RolloutConfig(n_initial=1, expansion_rounds=0, samples_per_tree=0))
+    assert eng.protocol.stop_strings == ("</search>", "</answer>")
     res = eng.rollout([prompt(tok)])
-    assert "tool 'python' is not available" in tok.decode(res.trees[0].nodes[2].obs_ids)
-    assert res.stats[0].tool_failures == 1
+    tree = res.trees[0]
+    assert len(tree) == 2 and tree.nodes[1].status == LEAF
+    assert tree.nodes[1].info == {"finish": "length", "action": "none", "end": "length"}
+    assert res.stats[0].tool_calls == 0 and res.stats[0].tool_failures == 0
+    assert gen.n == 1
+    score = res.rows[0].score
+    assert (score.reward, score.reason) == (-1.0, "missing <think>...</think>")
+
+
+class EchoPython(Tool):
+    name = "python"
+    max_input_chars = 20000
+    dedent_input = True
+
+    def __init__(self):
+        self.queries = []
+
+    def run(self, query):
+        self.queries.append(query)
+        return ToolResult(f"ran {query}", ok=True)
+
+
+def test_enabled_python_tool_is_called(tok):
+    gen = ScriptedGenerator(tok, lambda c, k, n: ("<think> c </think> <python>\n  print(1)\n</python>", -1.0) if k < 1 else (ANSWER.format(a="x"), -1.0))
+    python = EchoPython()
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch(), python], qa_reward,
+                            RolloutConfig(n_initial=1, expansion_rounds=0, samples_per_tree=0))
+    assert eng.protocol.stop_strings == ("</search>", "</python>", "</answer>")
+    res = eng.rollout([prompt(tok)])
+    tree = res.trees[0]
+    assert python.queries == ["print(1)"]  # dedented and stripped
+    assert tok.decode(tree.nodes[2].obs_ids) == " <result>\nran print(1)\n</result>"
+    assert tree.nodes[1].info["action"] == "python" and tree.nodes[1].info["tool_ok"] is True
+    assert res.stats[0].tool_calls == 1 and res.stats[0].tool_failures == 0
+    assert res.rows[0].score.metrics["format_ok"] == 1.0, res.rows[0].score.reason
+
+
+def test_engine_prompt_and_tree_meta(tok):
+    gen = ScriptedGenerator(tok, lambda c, k, n: (ANSWER.format(a="paris"), -0.1))
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward,
+                            RolloutConfig(n_initial=1, expansion_rounds=0, samples_per_tree=0))
+    assert eng.system_prompt == PAPER_SYSTEM_PROMPT  # SearchQATask.system_prompt of [search]
+    s = Sample("row-7", "  Who? ", ("paris",), {"hops": 2})
+    p = eng.prompt(s)
+    assert p.sample is s
+    assert p.prompt_ids == render_prompt(tok, "Question: Who?", PAPER_SYSTEM_PROMPT)
+    assert p.prompt_ids == prompt(tok).prompt_ids
+    res = eng.rollout([p])
+    assert res.trees[0].meta == {"id": "row-7"}
+    assert res.rows[0].score.reward == 1.0 and res.rows[0].score.answer == "paris"
+    # An explicit system prompt replaces the task's.
+    custom = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward, system_prompt="Be brief.")
+    assert custom.prompt(s).prompt_ids == render_prompt(tok, "Question: Who?", "Be brief.")
+    # Without tools the task's generic prompt is used and only </answer> stops a turn.
+    bare = TreeRolloutEngine(gen, tok, [], qa_reward)
+    assert bare.protocol.stop_strings == ("</answer>",)
+    assert bare.system_prompt == qa_reward.system_prompt([]) != PAPER_SYSTEM_PROMPT
+    with pytest.raises(ValueError, match="two enabled tools"):
+        TreeRolloutEngine(gen, tok, [EchoSearch(), EchoSearch()], qa_reward)
 
 
 def test_budget_and_turn_limits(tok):
     # Never answers: max_turns ends the trajectory as a failed leaf.
     gen = ScriptedGenerator(tok, lambda c, k, n: (SEARCH.format(q="x"), -1.0))
-    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward,
                             RolloutConfig(n_initial=1, expansion_rounds=0, samples_per_tree=0, max_turns=3, max_tool_calls=10))
     res = eng.rollout([prompt(tok)])
     tree = res.trees[0]
-    assert len(tree) == 4 and tree.nodes[3].status == FAILED and res.rows[0].reward.reward == -1.0
+    assert len(tree) == 4 and tree.nodes[3].status == FAILED and res.rows[0].score.reward == -1.0
     # A tiny response budget: generation is cut ("length") and the trajectory ends.
-    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward,
                             RolloutConfig(n_initial=1, expansion_rounds=0, samples_per_tree=0, max_response_tokens=12))
     res = eng.rollout([prompt(tok)])
     for r in res.rows:
@@ -273,10 +356,10 @@ def test_budget_and_turn_limits(tok):
 
 def test_validate_is_greedy_single_chain(tok):
     gen = ScriptedGenerator(tok, lambda c, k, n: (ANSWER.format(a="paris"), -0.1))
-    eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward, RolloutConfig())
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward, RolloutConfig())
     res = eng.validate([prompt(tok), prompt(tok, golds=("rome",))])
     assert gen.greedy_flags == [True]
-    assert [r.reward.em for r in res.rows] == [1.0, 0.0]
+    assert [r.score.metrics["em"] for r in res.rows] == [1.0, 0.0]
     assert len(res.rows) == 2
 
 
@@ -287,6 +370,10 @@ def test_config_validation():
         RolloutConfig(expansion_mode="greedy")
     with pytest.raises(ValueError, match="rollout.top_k"):
         RolloutConfig(top_k=-1)
+    from at2po import config
+
+    assert RolloutConfig is config.RolloutConfig  # lives in at2po.config, re-exported by the engine
+    assert RolloutConfig().backend == "hf"
 
 
 def test_async_schedule_keeps_tree_semantics_and_fills_batches(tok):
@@ -314,7 +401,7 @@ def test_async_schedule_keeps_tree_semantics_and_fills_batches(tok):
             return outs
 
         gen.generate = generate
-        eng = TreeRolloutEngine(gen, tok, {"search": EchoSearch()}, qa_reward,
+        eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward,
                                 RolloutConfig(n_initial=2, expansion_rounds=2, top_k=2, samples_per_tree=0,
                                               max_tool_calls=10, schedule=schedule))
         return eng.rollout([prompt(tok, "a"), prompt(tok, "b")])

@@ -17,8 +17,12 @@ from at2po.config import load_config
 from at2po.data import QARow
 from at2po.datasets import write_qa_file
 from at2po.evaluation.benchmarks import _dataset_arg, add_cli, evaluate, load_eval_datasets
-from at2po.rewards import exact_match, extract_answer, f1_score
+from at2po.evaluation.evaluator import evaluate_greedy, mean_metrics
+from at2po.factory import build_engine, load_model, load_tokenizer
+from at2po.rewards import check_format, exact_match, extract_answer, f1_score
 from at2po.rollout.engine import TreeRolloutEngine
+from at2po.tasks.base import Sample
+from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
 from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
 from at2po.tools.search import BM25Index, LocalSearchTool
@@ -48,6 +52,8 @@ DATA = {
                              ("What is Belmark?", ["a country"])]),
     "bamboogle": _rows("bb", [("Which country is Quovia in?", ["Belmark"]), ("Who is Mila Tarn?", ["a founder"])]),
 }
+RECORD_KEYS = {"id", "prompt", "target", "prediction", "reward", "em", "f1", "format_ok", "turns", "tool_calls",
+               "response"}
 SINGLE, MULTI = ("nq", "triviaqa"), ("hotpotqa", "bamboogle")
 LABELS = {"nq": "NQ", "triviaqa": "TriviaQA", "hotpotqa": "HotpotQA", "bamboogle": "Bamboogle"}
 
@@ -63,7 +69,10 @@ def assets(tmp_path_factory):
     obs = LocalSearchTool(BM25Index(CORPUS), topk=2)("Quovia").text
     pieces = [("<think> find Quovia </think> <search> Quovia </search>", " <result>\n" + obs + "\n</result>"),
               ("<think> done </think> <answer> The final answer is \\[ \\boxed{Belmark} \\] </answer>", "")]
-    sft_warm_start(model, tok, [SFTExample(render_prompt(tok, "Which country is Quovia in?"), pieces)],
+    # The prompt `at2po eval` renders for the question: the search-QA task's user message, the paper's prompt.
+    question = SearchQATask().user_message(Sample("q", "Which country is Quovia in?", ("Belmark",)))
+    prompt = render_prompt(tok, question, PAPER_SYSTEM_PROMPT)
+    sft_warm_start(model, tok, [SFTExample(prompt, pieces)],
                    steps=60, batch_size=1, lr=1e-2, progress=False)
     save_pretrained_dir(model, tok, root / "model")
     with open(root / "corpus.jsonl", "w") as f:
@@ -84,7 +93,7 @@ def datasets(root):
 
 def make_cfg(root, *extra):
     return load_config(None, [
-        f"model.path={root / 'model'}", f"tools.corpus_file={root / 'corpus.jsonl'}", "tools.topk=2",
+        f"model.path={root / 'model'}", f"tools.search.corpus_file={root / 'corpus.jsonl'}", "tools.search.topk=2",
         "rollout.max_turn_tokens=40", "rollout.max_response_tokens=200", "rollout.max_turns=4", *extra,
     ])
 
@@ -121,12 +130,16 @@ def check_results(out, data):
     for d, rows in data.items():
         assert [r["id"] for r in records[d]] == [row.id for row in rows]
         for rec, row in zip(records[d], rows):
-            assert rec["question"] == row.question and rec["golds"] == list(row.golds)
+            assert set(rec) == RECORD_KEYS
+            assert rec["prompt"] == row.question and rec["target"] == list(row.golds)
             # The record belongs to its question: scores follow from its own response and golds.
             assert rec["prediction"] == extract_answer(rec["response"])
             pred = rec["prediction"]
             assert rec["em"] == (exact_match(pred, row.golds) if pred is not None else 0.0)
             assert rec["f1"] == pytest.approx(f1_score(pred, row.golds) if pred is not None else 0.0)
+            # The paper's format rule for a search agent, and its EM reward (−1 for a bad format).
+            assert rec["format_ok"] == float(check_format(rec["response"], ("search",))[0])
+            assert rec["reward"] == (rec["em"] if rec["format_ok"] else -1.0)
             assert rec["turns"] >= 1 and rec["tool_calls"] <= rec["turns"]
     expect = {d: recompute(records[d]) for d in data}
     for group, members in (("single_hop", SINGLE), ("multi_hop", MULTI)):
@@ -176,7 +189,7 @@ def test_resume_evaluates_only_missing_samples(assets, full_run, tmp_path, monke
     original = TreeRolloutEngine.validate
 
     def counting(self, prompts):
-        evaluated.extend(p.meta["id"] for p in prompts)
+        evaluated.extend(p.sample.id for p in prompts)
         return original(self, prompts)
 
     monkeypatch.setattr(TreeRolloutEngine, "validate", counting)
@@ -256,7 +269,7 @@ def test_cli(assets, tmp_path, capsys):
     args = parser.parse_args([
         "eval", "--dataset", f"musique={assets / 'bamboogle.jsonl'}", "--dataset", str(assets / "nq" / "test.jsonl"),
         "--out", str(out), "--name", "AT2PO-tiny", "--limit", "1", "--batch-size", "1", "--no-resume",
-        f"model.path={assets / 'model'}", f"tools.corpus_file={assets / 'corpus.jsonl'}",
+        f"model.path={assets / 'model'}", f"tools.search.corpus_file={assets / 'corpus.jsonl'}",
         "rollout.max_turn_tokens=40", "rollout.max_response_tokens=200", "trainer.progress=false",
     ])
     assert args.func(args) == 0
@@ -266,3 +279,29 @@ def test_cli(assets, tmp_path, capsys):
     assert em_table[0] == ["Method", "NQ", "Single-hop Avg.", "MuSiQue", "Multi-hop Avg."]
     assert em_table[1][0] == "AT2PO-tiny"
     assert "| AT2PO-tiny |" in capsys.readouterr().out
+
+
+def test_evaluate_greedy_in_batches_gives_the_same_records(assets, full_run):
+    cfg = make_cfg(assets)
+    tokenizer = load_tokenizer(cfg.model)
+    engine = build_engine(cfg, load_model(cfg.model).eval(), tokenizer)
+    samples = [Sample(row.id, row.question, row.golds) for row in DATA["nq"]]
+    assert len(samples) == 5
+    batches = []
+    batched = evaluate_greedy(engine, samples, batch_size=2, on_batch=batches.append)
+    assert [len(b) for b in batches] == [2, 2, 1]
+    assert [r for b in batches for r in b] == batched
+    whole = evaluate_greedy(engine, samples)
+    assert batched == whole
+    # The same records `at2po eval` wrote for nq (there in batches of 3), through JSON.
+    out, _ = full_run
+    assert json.loads(json.dumps(batched)) == read_jsonl(out / "nq.jsonl")
+    assert [set(r) for r in batched] == [RECORD_KEYS] * 5
+    assert mean_metrics(batched, ["em", "f1"]) == pytest.approx(
+        {k: sum(r[k] for r in batched) / 5 for k in ("em", "f1")})
+    # meta is recorded when a sample has one.
+    [rec] = evaluate_greedy(engine, [Sample("m", DATA["nq"][0].question, DATA["nq"][0].golds, {"hops": 1})])
+    assert rec["meta"] == {"hops": 1} and {k: v for k, v in rec.items() if k not in ("id", "meta")} == {
+        k: v for k, v in batched[0].items() if k != "id"}
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        evaluate_greedy(engine, samples, batch_size=0)

@@ -352,3 +352,64 @@ def test_generation_with_a_shared_prefix_matches_full_prefill(tok):
             expected, _ = fresh_logprobs(model, ctx, a.token_ids, temperature=temperature)
             torch.testing.assert_close(torch.tensor(a.logprobs), expected, atol=ATOL, rtol=0)
     hook.remove()
+
+
+# -- weights and backends ------------------------------------------------------------------------
+
+
+def _outputs(gen, contexts, params):
+    return [(g.token_ids, g.logprobs, g.finish_reason) for g in gen.generate(contexts, params)]
+
+
+def test_load_weights_from_another_module(tok, contexts):
+    greedy = SamplingParams(max_new_tokens=8, greedy=True)
+    mine, other = tiny(tok, seed=0), tiny(tok, seed=7)
+    reference = _outputs(HFGenerator(other, tok), contexts, greedy)
+    gen = HFGenerator(mine, tok)
+    before = _outputs(gen, contexts, greedy)
+    assert [t for t, _, _ in before] != [t for t, _, _ in reference]  # the two modules differ
+    gen.load_weights(other)
+    assert gen.model is mine  # the weights are copied into the generator's own module
+    after = _outputs(gen, contexts, greedy)
+    assert [(t, f) for t, _, f in after] == [(t, f) for t, _, f in reference]
+    for (_, lp_a, _), (_, lp_b, _) in zip(after, reference):
+        torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), atol=0, rtol=0)
+    for (name, p), q in zip(mine.named_parameters(), other.parameters()):
+        assert torch.equal(p, q), name
+    # A copy, not an alias: later updates of the source need another load_weights.
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    assert not torch.equal(next(mine.parameters()), next(other.parameters()))
+
+
+def test_load_weights_of_its_own_module_is_a_no_op(tok, contexts, monkeypatch):
+    model = tiny(tok, seed=3)
+    gen = HFGenerator(model, tok)
+    params = {name: (p.data_ptr(), p.detach().clone()) for name, p in model.named_parameters()}
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("load_weights copied a module into itself")
+
+    monkeypatch.setattr(model, "load_state_dict", no_copy)
+    greedy = SamplingParams(max_new_tokens=6, greedy=True)
+    before = _outputs(gen, contexts, greedy)
+    gen.load_weights(model)
+    assert gen.model is model
+    for name, p in model.named_parameters():
+        ptr, value = params[name]
+        assert p.data_ptr() == ptr and torch.equal(p, value), name
+    assert _outputs(gen, contexts, greedy) == before
+
+
+def test_build_generator_backends(tok, model, contexts):
+    from at2po.rollout.generator import GENERATOR_BACKENDS, build_generator
+
+    assert "hf" in GENERATOR_BACKENDS
+    gen = build_generator("hf", model, tok, seed=4)
+    assert isinstance(gen, HFGenerator) and isinstance(gen, Generator)
+    assert gen.model is model  # shares the training module
+    params = SamplingParams(temperature=1.3, max_new_tokens=6)
+    assert _outputs(gen, contexts, params) == _outputs(HFGenerator(model, tok, seed=4), contexts, params)
+    with pytest.raises(ValueError, match="rollout.backend='nope' is not one of") as err:
+        build_generator("nope", model, tok)
+    assert str(err.value).endswith(", ".join(sorted(GENERATOR_BACKENDS)))

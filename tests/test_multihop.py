@@ -2,11 +2,21 @@ from collections import Counter
 
 import pytest
 
-from at2po.agent import format_observation
+from at2po.agent import AgentProtocol, format_observation
 from at2po.data import load_qa_jsonl
-from at2po.rewards import check_format, qa_reward
-from at2po.tasks.multihop import RELATIONS, MultiHopConfig, build_world, demonstration
+from at2po.rewards import check_format
+from at2po.tasks import base as tasks_base
+from at2po.tasks.base import Sample, Score
+from at2po.tasks.multihop import RELATIONS, Demonstration, MultiHopConfig, build_world, demonstration
+from at2po.tasks.search_qa import SearchQATask
+from at2po.tools.python_sandbox import PythonTool
 from at2po.tools.search import BM25Index, LocalSearchTool, load_corpus
+
+
+def qa_reward(response: str, golds) -> Score:
+    """The old rewards.qa_reward (search and python enabled): SearchQATask's EM score."""
+    sample = Sample("q", "question", tuple(golds))
+    return SearchQATask().score(response, sample, AgentProtocol([LocalSearchTool, PythonTool]))
 
 SMALL = MultiHopConfig(seed=3, n_people=20, n_companies=6, n_cities=6, n_countries=3, n_train=60, n_test=20)
 
@@ -98,7 +108,7 @@ def test_sloppy_demonstration_answers_the_entity_reached_after_too_few_searches(
         *calls, (final, _) = demo.pieces
         assert [g.split("<search> ")[1].split(" </search>")[0] for g, _ in calls] == q["chain"][:searches]
         assert f"\\boxed{{{q['chain'][searches]}}}" in final
-        assert qa_reward(demo.text, q["golds"]).em == 0.0
+        assert qa_reward(demo.text, q["golds"]).metrics["em"] == 0.0
     assert demonstration(world, q, tool, searches=3) == demonstration(world, q, tool)
     for bad in (0, 4):
         with pytest.raises(ValueError, match="searches"):
@@ -112,6 +122,27 @@ def test_demonstration_rejects_a_tool_that_misses_the_fact(world):
 
     with pytest.raises(ValueError):
         demonstration(world, world.questions("train")[0], Blind())
+
+
+def test_demonstration_is_the_tasks_base_class():
+    assert Demonstration is tasks_base.Demonstration
+    demo = Demonstration((("<think> a </think> <search> X </search>", " <result>\nr\n</result>"), (" <answer> y </answer>", "")))
+    assert demo.text == "<think> a </think> <search> X </search> <result>\nr\n</result> <answer> y </answer>"
+
+
+def test_search_qa_task_loads_the_written_files(tmp_path):
+    world = build_world(SMALL)
+    paths = world.write(tmp_path)
+    task = SearchQATask()
+    for split in ("train", "test"):
+        samples = task.load(paths[split])
+        assert [(s.id, s.prompt, s.target) for s in samples] == [
+            (q["id"], q["question"], tuple(q["golds"])) for q in world.questions(split)
+        ]
+        assert [dict(s.meta) for s in samples] == [
+            {"hops": q["hops"], "chain": q["chain"], "relations": q["relations"]} for q in world.questions(split)
+        ]
+        assert task.user_message(samples[0]) == f"Question: {world.questions(split)[0]['question']}"
 
 
 def test_write_flashrag_files(tmp_path):

@@ -12,12 +12,14 @@ import threading
 import pytest
 import torch
 
-from at2po.agent import render_prompt
+from at2po.agent import decode_ids, render_prompt
 from at2po.config import load_config
 from at2po.data import QARow
 from at2po.datasets import write_qa_file
 from at2po.evaluation.benchmarks import evaluate
 from at2po.retriever import build_index, create_app, load_retriever, packaged_minilm_path, serve_in_thread
+from at2po.tasks.base import Sample
+from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
 from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
 from at2po.tools.search import HTTPSearchTool
@@ -110,13 +112,15 @@ def test_train_then_evaluate_through_the_http_retriever(server, tmp_path):
     assert retriever.queries == ["Quovia"]
     pieces = [("<think> find Quovia </think> <search> Quovia </search>", " <result>\n" + obs + "\n</result>"),
               ("<think> done </think> <answer> The final answer is \\[ \\boxed{Belmark} \\] </answer>", "")]
-    sft_warm_start(model, tok, [SFTExample(render_prompt(tok, TRAIN[0][0]), pieces)], steps=60, batch_size=1,
+    question = SearchQATask().user_message(Sample("0", TRAIN[0][0], (TRAIN[0][1],)))
+    prompt = render_prompt(tok, question, PAPER_SYSTEM_PROMPT)
+    sft_warm_start(model, tok, [SFTExample(prompt, pieces)], steps=60, batch_size=1,
                    lr=1e-2, progress=False)
     save_pretrained_dir(model, tok, tmp_path / "model")
     write_qa_file([QARow(str(i), q, (a,)) for i, (q, a) in enumerate(TRAIN)], tmp_path / "train.jsonl")
 
     # -- one AT²PO step, search over HTTP ------------------------------------------------------
-    common = ["tools.search=http", f"tools.retriever_url={url}", "tools.topk=3",
+    common = ["tools.search.backend=http", f"tools.search.retriever_url={url}", "tools.search.topk=3",
               "rollout.max_turn_tokens=40", "rollout.max_response_tokens=200", "rollout.max_turns=4"]
     cfg = load_config(None, [
         f"model.path={tmp_path / 'model'}", f"data.train_file={tmp_path / 'train.jsonl'}", *common,
@@ -126,7 +130,8 @@ def test_train_then_evaluate_through_the_http_retriever(server, tmp_path):
         "trainer.tensorboard=false", "optim.lr=1e-4", f"trainer.output_dir={tmp_path / 'run'}",
     ])
     trainer = Trainer(cfg)
-    assert isinstance(trainer.tools["search"], HTTPSearchTool)
+    assert [type(t) for t in trainer.tools] == [HTTPSearchTool]
+    assert trainer.engine.system_prompt == PAPER_SYSTEM_PROMPT
     rollouts = []
     rollout = trainer.engine.rollout
 
@@ -137,7 +142,8 @@ def test_train_then_evaluate_through_the_http_retriever(server, tmp_path):
     trainer.engine.rollout = keep_rollout
     before = len(retriever.queries)
     history = trainer.fit()["history"]
-    assert len(history) == 1 and history[0]["loss/updates"] >= 1
+    # Both prompts form one mini-batch (mini_batch_prompts=2) and ppo_epochs=1: exactly one update.
+    assert len(history) == 1 and history[0]["loss/updates"] == 1.0
     calls = history[0]["rollout/tool_calls"]
     assert calls > 0, "the warm-started model should search during the rollout"
     # Every well-formed call went over HTTP (one query each); malformed ones are the failures.
@@ -148,6 +154,17 @@ def test_train_then_evaluate_through_the_http_retriever(server, tmp_path):
     pages = [p for text in seen for p in observation_pages(text)]
     assert any(text.startswith(" <result>\nPage 1: ") for text in seen)
     assert pages and set(pages) <= set(CORPUS)
+    # The step's rewards are the paper's EM reward of each row's decoded response.
+    protocol, scores = trainer.engine.protocol, []
+    for row in rollouts[0].rows:
+        sample = trainer.train_rows[int(rollouts[0].trees[row.tree].meta["id"])]
+        score = SearchQATask().score(decode_ids(tok, row.sequence.response_ids.tolist()), sample, protocol)
+        assert row.score == score
+        if not row.duplicate:
+            scores.append(score)
+    for key in ("em", "f1", "format_ok"):
+        assert history[0][f"reward/{key}"] == pytest.approx(sum(s.metrics[key] for s in scores) / len(scores))
+    assert history[0]["reward/mean"] == pytest.approx(sum(s.reward for s in scores) / len(scores))
     checkpoint = latest_checkpoint(tmp_path / "run")
     assert checkpoint is not None and checkpoint.name == "step_000001"
 
@@ -162,8 +179,9 @@ def test_train_then_evaluate_through_the_http_retriever(server, tmp_path):
     out = tmp_path / "eval"
     records = {d: [json.loads(line) for line in (out / f"{d}.jsonl").read_text().splitlines()]
                for d in ("nq", "hotpotqa")}
-    assert [r["question"] for r in records["nq"]] == [q for q, _ in NQ]
-    assert [r["question"] for r in records["hotpotqa"]] == [q for q, _ in HOTPOT]
+    assert [r["prompt"] for r in records["nq"]] == [q for q, _ in NQ]
+    assert [r["prompt"] for r in records["hotpotqa"]] == [q for q, _ in HOTPOT]
+    assert [r["target"] for r in records["nq"]] == [g for _, g in NQ]
     eval_calls = sum(r["tool_calls"] for recs in records.values() for r in recs)
     assert 0 < len(retriever.queries) - before <= eval_calls
     assert any("Page 1: " in r["response"] for recs in records.values() for r in recs)

@@ -200,7 +200,7 @@ def test_build_and_load_errors(corpus_path, bm25_dir, tmp_path):
         load_retriever(tmp_path)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": 1, "contents": "ok"}\n{"id": 2}\n')
-    with pytest.raises(ValueError, match=r"bad.jsonl, line 2: missing field 'contents'"):
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: missing field 'contents'"):
         build_index(bad, tmp_path / "out", progress=False)
     with pytest.raises(ValueError, match="topk must be >= 1"):
         load_retriever(bm25_dir).search(["x"], 0)

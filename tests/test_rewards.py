@@ -6,19 +6,35 @@ import time
 
 import pytest
 
-from at2po.agent import TOOL_LIMIT_NOTICE, format_error_observation, format_observation
+from at2po.agent import TOOL_LIMIT_NOTICE, AgentProtocol, format_error_observation, format_observation
 from at2po.rewards import (
-    REWARD_FUNCTIONS,
-    RewardOutput,
     check_format,
     exact_match,
     extract_answer,
     f1_score,
-    get_reward_fn,
     normalize_answer,
-    qa_f1_reward,
-    qa_reward,
 )
+from at2po.tasks.base import TASKS, Sample, Score, build_task
+from at2po.tasks.search_qa import SearchQATask
+from at2po.tools.python_sandbox import PythonTool
+from at2po.tools.search import LocalSearchTool
+
+# The old reward functions' agent: search and python enabled (tool classes work as specs).
+PROTOCOL = AgentProtocol([LocalSearchTool, PythonTool])
+
+
+def _sample(golds) -> Sample:
+    return Sample("q0", "Where was the director of Film X born?", tuple([golds] if isinstance(golds, str) else golds))
+
+
+def qa_reward(response: str, golds) -> Score:
+    """The old rewards.qa_reward: SearchQATask's EM reward."""
+    return SearchQATask(reward="em").score(response, _sample(golds), PROTOCOL)
+
+
+def qa_f1_reward(response: str, golds) -> Score:
+    """The old rewards.qa_f1_reward: SearchQATask's F1 reward."""
+    return SearchQATask(reward="f1").score(response, _sample(golds), PROTOCOL)
 
 ANSWER_PARIS = "<answer> The final answer is \\[ \\boxed{Paris} \\] </answer>"
 
@@ -230,34 +246,106 @@ def test_format_violations(response: str, reason: str) -> None:
 
 
 def test_qa_reward_valid_correct_and_wrong() -> None:
-    assert qa_reward(TWO_SEARCHES, ["paris", "Paris, France"]) == RewardOutput(
-        reward=1.0, em=1.0, f1=1.0, format_ok=True, reason="", answer="Paris"
+    assert qa_reward(TWO_SEARCHES, ["paris", "Paris, France"]) == Score(
+        reward=1.0, metrics={"em": 1.0, "f1": 1.0, "format_ok": 1.0}, answer="Paris", reason=""
     )
     wrong = qa_reward(TWO_SEARCHES, "Lyon")
-    assert (wrong.reward, wrong.em, wrong.f1, wrong.format_ok) == (0.0, 0.0, 0.0, True)
+    assert (wrong.reward, wrong.metrics["em"], wrong.metrics["f1"], wrong.metrics["format_ok"]) == (
+        0.0, 0.0, 0.0, 1.0
+    )
+    assert (wrong.answer, wrong.reason) == ("Paris", "")
 
 
 def test_qa_reward_invalid_format_is_minus_one() -> None:
     # correct answer but no <think>: reward -1; EM/F1 are still reported as metrics
     out = qa_reward(ANSWER_PARIS, "Paris")
-    assert out == RewardOutput(
-        reward=-1.0, em=1.0, f1=1.0, format_ok=False, reason="missing <think>...</think>", answer="Paris"
+    assert out == Score(
+        reward=-1.0,
+        metrics={"em": 1.0, "f1": 1.0, "format_ok": 0.0},
+        answer="Paris",
+        reason="missing <think>...</think>",
     )
     truncated = qa_reward("<think> searching <search> Jane", "Paris")
-    assert (truncated.reward, truncated.em, truncated.f1, truncated.answer) == (-1.0, 0.0, 0.0, None)
+    assert (truncated.reward, truncated.metrics["em"], truncated.metrics["f1"], truncated.answer) == (
+        -1.0, 0.0, 0.0, None
+    )
+    assert truncated.metrics["format_ok"] == 0.0
+    assert truncated.reason == "unclosed <search>"
 
 
 def test_qa_f1_reward() -> None:
     response = "<think> t </think> <answer> \\boxed{the big cat} </answer>"
     out = qa_f1_reward(response, "big dog")
-    assert (out.reward, out.em, out.f1) == (pytest.approx(0.5), 0.0, pytest.approx(0.5))
+    assert (out.reward, out.metrics["em"], out.metrics["f1"]) == (pytest.approx(0.5), 0.0, pytest.approx(0.5))
     assert qa_f1_reward(ANSWER_PARIS, "Paris").reward == -1.0
 
 
+def test_score_metrics_keys_follow_task_metrics() -> None:
+    out = qa_reward(TWO_SEARCHES, "Paris")
+    assert tuple(out.metrics) == SearchQATask.metrics == ("em", "f1", "format_ok")
+    assert all(type(v) is float for v in out.metrics.values())
+
+
 def test_registry() -> None:
-    assert set(REWARD_FUNCTIONS) == {"qa_em", "qa_f1"}
-    assert get_reward_fn("qa_em") is qa_reward
-    assert get_reward_fn("qa_f1") is qa_f1_reward
-    with pytest.raises(ValueError, match="qa_em, qa_f1") as err:
-        get_reward_fn("accuracy")
+    # The reward is a task option now (task.options.reward), replacing the old reward registry.
+    assert TASKS["search_qa"] is SearchQATask
+    assert SearchQATask().reward == "em"
+    assert build_task("search_qa").reward == "em"
+    assert build_task("search_qa", reward="f1").reward == "f1"
+    assert isinstance(build_task("search_qa", reward="f1"), SearchQATask)
+    with pytest.raises(ValueError, match="em, f1") as err:
+        SearchQATask(reward="accuracy")
     assert "'accuracy'" in str(err.value)
+    with pytest.raises(ValueError, match="em, f1") as err:
+        build_task("search_qa", reward="accuracy")
+    assert "'accuracy'" in str(err.value)
+    with pytest.raises(ValueError, match="search_qa"):
+        build_task("search_qa", metric="em")  # an option the task does not take
+
+
+# ---------------------------------------------------------------------------------------------
+# format rule for other tool sets
+# ---------------------------------------------------------------------------------------------
+
+
+def test_check_format_custom_tool() -> None:
+    calc = (
+        "<think> add </think> <calc> 1+1 </calc>" + obs("2") + " <think> two </think> <answer> \\boxed{2} </answer>"
+    )
+    assert check_format(calc, tool_names=("calc",)) == (True, "")
+    # with the default tools, <calc> is plain text and its <result> follows no tool call
+    assert check_format(calc) == (False, "<result> without a preceding tool call")
+    # <search> is plain text when only calc is enabled
+    plain_search = T + "<search> q </search> " + ANSWER_PARIS
+    assert check_format(plain_search, tool_names=("calc",)) == (True, "")
+    assert check_format(plain_search) == (False, "<search> call not followed by <result>")
+    assert check_format(T + "<search> q " + ANSWER_PARIS, tool_names=("calc",)) == (True, "")
+    # but a search observation has no preceding (enabled) tool call
+    assert check_format(TWO_SEARCHES, tool_names=("calc",)) == (False, "<result> without a preceding tool call")
+    # the calc rules are those of any tool
+    assert check_format(T + "<calc> 1+1 </calc> " + ANSWER_PARIS, tool_names=("calc",)) == (
+        False, "<calc> call not followed by <result>"
+    )
+    assert check_format(T + "<calc> 1 <answer> \\boxed{1} </answer>", tool_names=("calc",)) == (
+        False, "<answer> inside <calc>"
+    )
+    assert check_format(T + "<calc> 1", tool_names=("calc",)) == (False, "unclosed <calc>")
+
+
+def test_check_format_without_tools() -> None:
+    base = "<think> easy </think> " + ANSWER_PARIS
+    assert check_format(base, tool_names=()) == (True, "")
+    assert check_format(T + "<result> made up </result> " + ANSWER_PARIS, tool_names=()) == (
+        False, "<result> without a preceding tool call"
+    )
+    assert check_format(TWO_SEARCHES, tool_names=()) == (False, "<result> without a preceding tool call")
+    # tool tags are plain text without tools
+    assert check_format(T + "<search> q </search> " + ANSWER_PARIS, tool_names=()) == (True, "")
+    assert AgentProtocol([]).check_format(TWO_SEARCHES) == (False, "<result> without a preceding tool call")
+
+
+def test_protocol_check_format_is_check_format_of_its_tools() -> None:
+    assert PROTOCOL.check_format(TWO_SEARCHES) == check_format(TWO_SEARCHES) == (True, "")
+    python = "<think> compute </think> <python>\nprint(2 + 3)\n</python>" + obs("5") + " <answer> \\boxed{5} </answer>"
+    assert PROTOCOL.check_format(python) == (True, "")
+    assert AgentProtocol([LocalSearchTool]).check_format(python) == (False, "<result> without a preceding tool call")

@@ -5,24 +5,32 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from at2po.agent import SYSTEM_PROMPT, encode_observation, format_observation, render_prompt
+from at2po.agent import decode_ids, encode_observation, format_observation, render_prompt
+from at2po.evaluation.evaluator import evaluate_greedy, mean_metrics
+from at2po.quickstart import QuickstartConfig, build_quickstart_assets, build_search_tool, sft_demonstrations
+from at2po.rewards import check_format, exact_match, extract_answer, f1_score
+from at2po.rollout.engine import RolloutConfig, TreeRolloutEngine
+from at2po.rollout.generator import HFGenerator
+from at2po.tasks.base import Sample
 from at2po.tasks.multihop import MultiHopConfig, build_world, demonstration
-from at2po.training.sft import (
-    IGNORE_INDEX,
-    QuickstartConfig,
-    SFTExample,
-    build_quickstart_assets,
-    build_search_tool,
-    encode_example,
-    evaluate_greedy,
-    sft_demonstrations,
-    sft_loss,
-    sft_warm_start,
-)
+from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
 from at2po.tiny import build_tiny_model, train_tokenizer
+from at2po.training.sft import IGNORE_INDEX, SFTExample, encode_example, sft_loss, sft_warm_start
 
 # A short system prompt keeps the test sequences short (the SFT mechanics do not depend on it).
 SHORT_SYSTEM = "Answer with search."
+TASK = SearchQATask()
+
+
+def sample_of(q):
+    return Sample(q["id"], q["question"], tuple(q["golds"]), {"hops": q["hops"]})
+
+
+def user(q):
+    """The search-QA task's first user message of a world question ("Question: ...")."""
+    return TASK.user_message(sample_of(q))
+
+
 SMALL = MultiHopConfig(seed=1, n_people=16, n_companies=5, n_cities=5, n_countries=3, n_train=24, n_test=6)
 
 
@@ -33,10 +41,10 @@ def setup():
     questions = world.questions("train")
     demos = [demonstration(world, q, tool) for q in questions]
     tokenizer = train_tokenizer(
-        [SYSTEM_PROMPT, *(row["contents"] for row in world.corpus), *(d.text for d in demos)], vocab_size=600
+        [PAPER_SYSTEM_PROMPT, *(row["contents"] for row in world.corpus), *(d.text for d in demos)], vocab_size=600
     )
     examples = [
-        SFTExample(render_prompt(tokenizer, q["question"], SHORT_SYSTEM), d.pieces) for q, d in zip(questions, demos)
+        SFTExample(render_prompt(tokenizer, user(q), SHORT_SYSTEM), d.pieces) for q, d in zip(questions, demos)
     ]
     return world, tool, tokenizer, questions, examples
 
@@ -52,7 +60,7 @@ def test_labels_mask_exactly_prompt_and_observations(setup):
     observation = format_observation(tool(entity).text)
     first = f"<think> Look up {entity}. </think> <search> {entity} </search>"
     final = f" <think> done </think> <answer> The final answer is \\[ \\boxed{{{answer}}} \\] </answer>"
-    prompt = render_prompt(tokenizer, q["question"], SHORT_SYSTEM)
+    prompt = render_prompt(tokenizer, user(q), SHORT_SYSTEM)
 
     # Hand-built: each piece encoded on its own, concatenated as ids (the rollout's layout).
     first_ids = tokenizer.encode(first, add_special_tokens=False)
@@ -197,7 +205,39 @@ def test_quickstart_assets_and_greedy_evaluation(tmp_path):
     reloaded = AutoTokenizer.from_pretrained(tmp_path / "model")
     q = world.questions("train")[0]
     text = demonstration(world, q, tool).text
-    assert render_prompt(reloaded, q["question"]) == render_prompt(tokenizer, q["question"])
+    assert render_prompt(reloaded, user(q), PAPER_SYSTEM_PROMPT) == render_prompt(tokenizer, user(q), PAPER_SYSTEM_PROMPT)
     assert reloaded.encode(text, add_special_tokens=False) == tokenizer.encode(text, add_special_tokens=False)
-    metrics = evaluate_greedy(model, tokenizer, tool, world.questions("test")[:3], max_turn_tokens=8, max_response_tokens=32)
-    assert 0.0 <= metrics["em"] <= 1.0 and 0.0 <= metrics["format"] <= 1.0
+
+    # Greedy evaluation of the warm-started model with the real rollout engine (the shared evaluator).
+    engine = TreeRolloutEngine(HFGenerator(model, tokenizer), tokenizer, [tool], TASK,
+                               RolloutConfig(max_turn_tokens=8, max_response_tokens=32))
+    assert engine.system_prompt == PAPER_SYSTEM_PROMPT
+    questions = world.questions("test")[:3]
+    samples = [sample_of(q) for q in questions]
+    records = evaluate_greedy(engine, samples)
+    assert [r["id"] for r in records] == [q["id"] for q in questions]
+    for rec, q in zip(records, questions):
+        assert (rec["prompt"], rec["target"], rec["meta"]) == (q["question"], list(q["golds"]), {"hops": q["hops"]})
+        # Scores follow from the record's own response and golds.
+        pred = extract_answer(rec["response"])
+        assert rec["prediction"] == pred
+        assert rec["em"] == (exact_match(pred, q["golds"]) if pred is not None else 0.0)
+        assert rec["f1"] == pytest.approx(f1_score(pred, q["golds"]) if pred is not None else 0.0)
+        assert rec["format_ok"] == float(check_format(rec["response"], ("search",))[0])
+        assert rec["reward"] == (rec["em"] if rec["format_ok"] else -1.0)
+        assert 1 <= rec["turns"] <= 10 and 0 <= rec["tool_calls"] <= rec["turns"]
+    # The first turn is the model's own greedy continuation of the prompt (argmax, token by token,
+    # until EOS, a stop string or max_turn_tokens), decoded here without the engine.
+    stops = engine.protocol.stop_strings
+    eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if model.generation_config.eos_token_id
+                                      is not None else [])}
+    for rec, sample in zip(records, samples):
+        ids, gen = engine.prompt(sample).prompt_ids, []
+        with torch.no_grad():
+            while len(gen) < 8:
+                gen.append(int(model(torch.tensor([ids + gen])).logits[0, -1].argmax()))
+                if gen[-1] in eos or any(s in decode_ids(tokenizer, gen) for s in stops):
+                    break
+        assert rec["response"].startswith(decode_ids(tokenizer, gen))
+    means = mean_metrics(records, ["em", "format_ok", "tool_calls"])
+    assert means == pytest.approx({k: sum(r[k] for r in records) / 3 for k in ("em", "format_ok", "tool_calls")})

@@ -3,13 +3,16 @@ import time
 
 import pytest
 
+from at2po.retriever.bm25 import BM25Index
 from at2po.tools import (
+    TOOLS,
     HTTPSearchTool,
     LocalSearchTool,
     PythonTool,
     Tool,
     ToolResult,
     build_tool,
+    register_tool,
     run_tool_calls,
 )
 
@@ -128,10 +131,141 @@ def test_empty_round():
 def test_registry(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"id": "0", "contents": "Paris is the capital of France."}\n')
-    assert isinstance(build_tool("search_bm25", corpus_path=corpus), LocalSearchTool)
-    http = build_tool("search_http", url="http://127.0.0.1:9", timeout=1.0)
+    bm25 = build_tool("search", corpus_file=str(corpus))
+    assert isinstance(bm25, LocalSearchTool) and (bm25.topk, bm25.max_chars) == (3, 1000)
+    assert bm25("capital of France") == ToolResult("Page 1: Paris is the capital of France.", ok=True)
+    http = build_tool("search", backend="http", retriever_url="http://127.0.0.1:9")
     assert isinstance(http, HTTPSearchTool) and http.endpoint == "http://127.0.0.1:9/retrieve"
     python = build_tool("python", timeout=2.0)
     assert isinstance(python, PythonTool) and python.timeout == 2.0
-    with pytest.raises(ValueError, match="unknown tool 'calculator'; valid choices: python, search_bm25, search_http"):
+    assert {"python", "search"} <= set(TOOLS)
+    with pytest.raises(ValueError) as err:
         build_tool("calculator")
+    assert str(err.value) == f"unknown tool 'calculator'; registered tools: {', '.join(sorted(TOOLS))}"
+    if set(TOOLS) == {"python", "search"}:  # nothing else registered in this process
+        assert str(err.value) == "unknown tool 'calculator'; registered tools: python, search"
+    # the old registry names are gone
+    for old_name in ("search_bm25", "search_http"):
+        with pytest.raises(ValueError, match=f"unknown tool '{old_name}'"):
+            build_tool(old_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# registry: options, validation, plug-in tools
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def clean_registry():
+    """Remove whatever a test registers from TOOLS, so other tests see the built-ins only."""
+    before = dict(TOOLS)
+    try:
+        yield TOOLS
+    finally:
+        for key in set(TOOLS) - set(before):
+            del TOOLS[key]
+        TOOLS.update(before)
+
+
+def test_search_builder_options(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(
+        '{"id": "0", "contents": "Paris is the capital of France."}\n'
+        '{"id": "1", "contents": "Rome is the capital of Italy."}\n'
+    )
+    tool = build_tool("search", backend="bm25", corpus_file=str(corpus), topk=1, max_passage_chars=5)
+    assert (tool.topk, tool.max_chars) == (1, 5)
+    assert tool("capital of Italy") == ToolResult("Page 1: Rome ", ok=True)
+    index_dir = tmp_path / "index"
+    BM25Index(["Paris is the capital of France.", "Rome is the capital of Italy."]).save(index_dir)
+    from_index = build_tool("search", index_dir=str(index_dir), topk=2)
+    assert isinstance(from_index, LocalSearchTool) and from_index.index.docs == tool.index.docs
+    http = build_tool("search", backend="http", retriever_url="http://host:1/retrieve", topk=4, max_passage_chars=7)
+    assert (http.endpoint, http.topk, http.max_chars) == ("http://host:1/retrieve", 4, 7)
+    with pytest.raises(ValueError, match="tools.search.corpus_file"):
+        build_tool("search")  # bm25 needs a corpus or an index
+    with pytest.raises(ValueError, match="tools.search.topk must be >= 1, got 0"):
+        build_tool("search", backend="http", topk=0)
+
+
+def test_build_tool_rejects_bad_options():
+    with pytest.raises(ValueError, match="tools.search.backend='ftp' is not one of bm25, http"):
+        build_tool("search", backend="ftp")
+    with pytest.raises(ValueError, match="tools.python.timeout must be > 0 seconds, got 0"):
+        build_tool("python", timeout=0)
+    with pytest.raises(ValueError, match="tools.python.timeout must be > 0"):
+        build_tool("python", timeout=-1.5)
+    with pytest.raises(ValueError, match="^tool 'python': .*colour") as err:
+        build_tool("python", colour="red")
+    assert "unexpected keyword argument" in str(err.value)
+    with pytest.raises(ValueError, match="^tool 'search': .*corpus_path"):
+        build_tool("search", corpus_path="c.jsonl")  # the old option name of search_bm25
+
+
+def test_register_tool_class_and_build(clean_registry):
+    @register_tool()
+    class Calc(Tool):
+        name = "calc"
+        max_input_chars = 5
+
+        def __init__(self, precision: int = 2) -> None:
+            self.precision = precision
+
+        def run(self, query: str) -> ToolResult:
+            return ToolResult(f"{eval(query, {}):.{self.precision}f}", ok=True)
+
+    assert TOOLS["calc"] is Calc
+    tool = build_tool("calc", precision=1)
+    assert isinstance(tool, Calc) and tool("1/4") == ToolResult("0.2", ok=True)
+    assert build_tool("calc")("1/4") == ToolResult("0.25", ok=True)
+    with pytest.raises(ValueError, match="^tool 'calc': .*digits"):
+        build_tool("calc", digits=3)
+    with pytest.raises(ValueError) as err:
+        build_tool("nope")
+    assert "calc, python, search" in str(err.value)
+
+
+def test_register_tool_function_under_a_name(clean_registry):
+    @register_tool("echo")
+    def make_echo() -> Tool:
+        return Echo()
+
+    assert TOOLS["echo"] is make_echo
+    assert build_tool("echo")("hi") == ToolResult("HI", ok=True)
+
+
+def test_builder_returning_another_tool_is_rejected(clean_registry):
+    register_tool("shout")(lambda: Echo())  # an Echo is named "echo", not "shout"
+    with pytest.raises(ValueError, match="tool builder 'shout' must return a Tool whose name is 'shout'"):
+        build_tool("shout")
+    register_tool("text")(lambda: "not a tool")
+    with pytest.raises(ValueError, match="tool builder 'text' must return a Tool"):
+        build_tool("text")
+
+
+@pytest.mark.parametrize("reserved", ["answer", "think", "result"])
+def test_register_tool_rejects_reserved_names(clean_registry, reserved):
+    with pytest.raises(ValueError, match=f"tool name '{reserved}' is reserved"):
+        register_tool(reserved)(lambda: Echo())
+
+    class Reserved(Tool):
+        name = reserved
+
+        def run(self, query: str) -> ToolResult:
+            return ToolResult(query, ok=True)
+
+    with pytest.raises(ValueError, match="reserved"):
+        register_tool()(Reserved)
+    assert reserved not in TOOLS
+
+
+@pytest.mark.parametrize("bad", ["two words", "a-b", "", "<x>"])
+def test_register_tool_needs_an_identifier(clean_registry, bad):
+    with pytest.raises(ValueError, match="must be an identifier"):
+        register_tool(bad)(lambda: Echo())
+    assert bad not in TOOLS
+
+
+def test_register_tool_needs_a_name(clean_registry):
+    with pytest.raises(ValueError, match="must be an identifier"):
+        register_tool()(lambda: Echo())  # a function has no `name`

@@ -1,8 +1,11 @@
+import re
 import json
 
 import pytest
 
-from at2po.tools import BM25Index, LocalSearchTool, ToolResult, format_passages, load_corpus
+from at2po.retriever import bm25
+from at2po.tools import LocalSearchTool, ToolResult, format_passages
+from at2po.tools.search import BM25Index, load_corpus
 
 DOCS = [
     '"Paris"\nParis is the capital and most populous city of France.',
@@ -112,12 +115,12 @@ def test_load_corpus(tmp_path):
 @pytest.mark.parametrize(
     "bad_row, message",
     [
-        ("{not json", "line 2: invalid JSON"),
-        ('["a list"]', "line 2: expected a JSON object, got list"),
-        ({"contents": "no id"}, "line 2: missing field 'id'"),
-        ({"id": None, "contents": "x"}, "line 2: field 'id' must be a string or integer"),
-        ({"id": "1"}, "line 2: missing field 'contents'"),
-        ({"id": "1", "contents": 5}, "line 2: field 'contents' must be a string, got int"),
+        ("{not json", ":2: not valid JSON"),
+        ('["a list"]', ":2: expected a JSON object, got list"),
+        ({"contents": "no id"}, ":2: missing field 'id'"),
+        ({"id": None, "contents": "x"}, ":2: field 'id' must be a string or integer"),
+        ({"id": "1"}, ":2: missing field 'contents'"),
+        ({"id": "1", "contents": 5}, ":2: field 'contents' must be a string, got int"),
     ],
 )
 def test_load_corpus_rejects_bad_rows(tmp_path, bad_row, message):
@@ -125,7 +128,7 @@ def test_load_corpus_rejects_bad_rows(tmp_path, bad_row, message):
     write_corpus(path, [{"id": "0", "contents": "fine"}, bad_row])
     with pytest.raises(ValueError) as excinfo:
         load_corpus(path)
-    assert str(excinfo.value).startswith(f"{path}, {message}")
+    assert str(excinfo.value).startswith(f"{path}{message}")
 
 
 def test_save_load_roundtrip(index, tmp_path):
@@ -143,3 +146,21 @@ def test_tool_from_corpus_file(tmp_path):
     write_corpus(path, [{"id": str(i), "contents": doc} for i, doc in enumerate(DOCS)])
     result = LocalSearchTool(corpus_path=path, topk=1)("largest river discharge")
     assert result == ToolResult("Page 1: " + " ".join(DOCS[4].split()), ok=True)
+
+
+def test_bm25_lives_in_the_retriever_package():
+    # at2po.retriever.bm25 is the home; at2po.tools.search re-exports it.
+    assert BM25Index is bm25.BM25Index and load_corpus is bm25.load_corpus
+
+
+def test_search_tool_self_description():
+    assert LocalSearchTool.name == "search" and LocalSearchTool.max_input_chars == 2000
+    assert LocalSearchTool.dedent_input is False
+    assert "<search> </search>" in LocalSearchTool.description
+
+
+def test_load_corpus_names_the_file_of_non_utf8_text(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes('{"id": "0", "contents": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"^{re.escape(str(path))}: not UTF-8 text"):
+        load_corpus(path)

@@ -28,7 +28,6 @@ __all__ = [
     "encode_observation",
     "format_error_observation",
     "format_observation",
-    "parse_action",
     "render_prompt",
 ]
 

@@ -6,6 +6,28 @@ import argparse
 import os
 import sys
 
+# Optional dependencies and the extra that installs each (pyproject.toml). A core install
+# (`pip install at2po`) has the algorithms only; commands that need more say which extra.
+EXTRA_OF_MODULE = {
+    **dict.fromkeys(("transformers", "tokenizers", "bm25s", "requests", "safetensors"), "agent"),
+    **dict.fromkeys(("accelerate", "yaml", "tqdm", "tensorboard", "matplotlib"), "train"),
+    **dict.fromkeys(("pyarrow", "fastapi", "uvicorn", "faiss", "sentence_transformers", "pydantic"), "retriever"),
+}
+
+
+# The extra that gives a command everything it needs (an extra includes the ones it builds on).
+EXTRA_OF_COMMAND = {"quickstart": "train", "train": "train", "config": "train", "eval": "train",
+                    "retriever": "retriever", "data": "retriever"}
+
+
+def missing_extra_message(exc: ModuleNotFoundError, command: str) -> str | None:
+    """The one-line install hint for a missing optional dependency, or None for any other module."""
+    root = (exc.name or "").split(".")[0]
+    if root not in EXTRA_OF_MODULE:
+        return None
+    extra = EXTRA_OF_COMMAND.get(command, EXTRA_OF_MODULE[root])
+    return f"this command needs {root!r}, which the {extra!r} extra installs: pip install 'at2po[{extra}]'"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -80,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
             from at2po.demo import run_demo
 
             run_demo(seed=args.seed, m=args.chains, rounds=args.rounds, k=args.top_k)
+    except ModuleNotFoundError as e:
+        message = missing_extra_message(e, args.command)
+        if message is None or os.environ.get("AT2PO_DEBUG"):
+            raise
+        print(f"at2po {args.command}: error: {message}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         # Configuration and data problems: one clear line. AT2PO_DEBUG=1 shows the traceback.
         if os.environ.get("AT2PO_DEBUG"):

@@ -84,6 +84,11 @@ class ToolsConfig:
     python: PythonToolConfig = field(default_factory=PythonToolConfig)
     options: dict = field(default_factory=dict)  # options of plug-in tools by name: {my_tool: {key: value}}
 
+    def __post_init__(self) -> None:
+        builtin = sorted(k for k in self.options if dataclasses.is_dataclass(getattr(self, k, None)))
+        if builtin:
+            raise ValueError(f"tools.options.{builtin[0]} would be ignored: set tools.{builtin[0]}.* instead")
+
     def tool_options(self, name: str) -> dict:
         """The keyword arguments of tool ``name``: its section for a built-in, else ``options[name]``."""
         section = getattr(self, name, None)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -30,20 +32,31 @@ def row_from_dict(d: dict, where: str) -> QARow:
     return QARow(id=str(rid), question=question.strip(), golds=tuple(g.strip() for g in golds))
 
 
-def load_qa_jsonl(path: str | Path) -> list[QARow]:
+def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str, Any]]:
+    """``(where, record)`` for every non-blank line of a jsonl file; ``where`` is "file:line".
+
+    A missing file, a line that is not JSON and text that is not UTF-8 raise errors that name the
+    file (and the line); what a record must hold is the caller's to check.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"QA file {path} does not exist")
-    rows = []
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-            rows.append(row_from_dict(d, f"{path}:{line_no}"))
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        yield f"{path}:{line_no}", record
+
+
+def load_qa_jsonl(path: str | Path) -> list[QARow]:
+    rows = [row_from_dict(record, where) for where, record in read_jsonl(path, "QA file")]
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows

@@ -15,29 +15,21 @@ _DOCS_FILE = "docs.jsonl"
 
 def load_corpus(path: str | Path) -> list[dict[str, Any]]:
     """Read a Search-R1/FlashRAG corpus: one JSON object ``{"id", "contents"}`` per line."""
+    from at2po.data import read_jsonl
+
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
-            if "id" not in row:
-                raise ValueError(f"{where}: missing field 'id'")
-            if not isinstance(row["id"], (str, int)):
-                raise ValueError(f"{where}: field 'id' must be a string or integer")
-            if "contents" not in row:
-                raise ValueError(f"{where}: missing field 'contents'")
-            if not isinstance(row["contents"], str):
-                raise ValueError(
-                    f"{where}: field 'contents' must be a string, got {type(row['contents']).__name__}"
-                )
-            rows.append(row)
+    for where, row in read_jsonl(path, "corpus file"):
+        if not isinstance(row, dict):
+            raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
+        if "id" not in row:
+            raise ValueError(f"{where}: missing field 'id'")
+        if not isinstance(row["id"], (str, int)):
+            raise ValueError(f"{where}: field 'id' must be a string or integer")
+        if "contents" not in row:
+            raise ValueError(f"{where}: missing field 'contents'")
+        if not isinstance(row["contents"], str):
+            raise ValueError(f"{where}: field 'contents' must be a string, got {type(row['contents']).__name__}")
+        rows.append(row)
     return rows
 
 

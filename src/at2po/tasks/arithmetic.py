@@ -25,8 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from at2po.agent import format_observation
 from at2po.rewards import extract_answer
-from at2po.tasks.base import Sample, Score, Task, register_task
-from at2po.tasks.base import Demonstration
+from at2po.tasks.base import Demonstration, Sample, Score, Task, register_task
 
 if TYPE_CHECKING:
     from at2po.agent import AgentProtocol

@@ -16,7 +16,6 @@ config selects it with ``task.name`` and passes ``task.options`` to its construc
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -65,24 +64,9 @@ class Task(ABC):
     # -- data ------------------------------------------------------------------------------------
     def load(self, path: str | Path) -> list[Sample]:
         """Rows of a jsonl file (one JSON object a line) through ``sample_from_dict``."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"data file {path} does not exist")
-        samples = []
-        with path.open(encoding="utf-8", errors="strict") as f:
-            try:
-                lines = list(f)
-            except UnicodeDecodeError as exc:
-                raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        for line_no, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from None
-            samples.append(self.sample_from_dict(record, where))
+        from at2po.data import read_jsonl
+
+        samples = [self.sample_from_dict(record, where) for where, record in read_jsonl(path)]
         if not samples:
             raise ValueError(f"{path}: no rows")
         return samples

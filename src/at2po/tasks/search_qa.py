@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from at2po.rewards import exact_match, extract_answer, f1_score
+from at2po.tasks.atpo_scorer import atpo_score
 from at2po.tasks.base import Sample, Score, Task, register_task
 
 if TYPE_CHECKING:
@@ -37,12 +38,24 @@ PAPER_SYSTEM_PROMPT = (
     "part of the answer, the final exact answer is enclosed within \\boxed{} with latex format."
 )
 
-REWARD_METRICS = ("em", "f1")
+REWARD_METRICS = ("em", "f1", "atpo_em", "atpo_em_eval")
 
 
 @register_task
 class SearchQATask(Task):
-    """Question answering with search; ``reward`` is "em" (the paper's) or "f1"."""
+    """Question answering with search. ``reward`` picks the scorer:
+
+    * "em" (default): the paper's reward with our strict format check and answer extraction
+      (``at2po.rewards``); use it to train and evaluate.
+    * "f1": the same with token F1 in place of EM.
+    * "atpo_em": the authors' training reward, quirks included (their looser format check, -1
+      when it fails, EM, or F1 + 0.1 when both ``</search>`` and ``</python>`` occur); use it
+      to reproduce their training signal.
+    * "atpo_em_eval": their validation mode (no format gate, -1 only when no answer can be
+      extracted, same bonus); use it to compare with the paper's numbers. For both atpo modes
+      ``em`` is their EM, ``f1`` our F1 of their extracted answer and ``format_ok`` their
+      format verdict (reported, not enforced, in eval mode).
+    """
 
     name = "search_qa"
     tools = ("search",)
@@ -82,6 +95,12 @@ class SearchQATask(Task):
         return f"Question: {sample.prompt.strip()}"
 
     def score(self, response: str, sample: Sample, protocol: AgentProtocol) -> Score:
+        if self.reward in ("atpo_em", "atpo_em_eval"):
+            # The authors' scorer knows the search and python tags itself; protocol is unused.
+            out = atpo_score(response, sample.target, validate=self.reward == "atpo_em_eval")
+            f1 = f1_score(out.answer, sample.target) if out.answer is not None else 0.0
+            metrics = {"em": out.em, "f1": f1, "format_ok": float(out.format_ok)}
+            return Score(float(out.score), metrics, out.answer, out.reason)
         format_ok, reason = protocol.check_format(response)
         answer = extract_answer(response)
         em = exact_match(answer, sample.target) if answer is not None else 0.0
