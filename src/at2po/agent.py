@@ -144,9 +144,11 @@ class AgentProtocol:
         self.tool_names: tuple[str, ...] = tuple(self.tools)
         self.stop_strings: tuple[str, ...] = (*(f"</{n}>" for n in self.tool_names), f"</{ANSWER_TAG}>")
 
-    def parse(self, text: str) -> Action:
+    def parse(self, text: str, stop: str | None = None) -> Action:
         """Read one turn's generated text. Never raises.
 
+        * a turn whose generation stopped on a tool's closing tag (``stop``, e.g. "</search>")
+          is that tool call, as in the authors' code, even if it mentions ``<answer>`` earlier;
         * ``<answer>`` anywhere in the turn -> "answer" (error "unclosed <answer>" if no
           ``</answer>`` follows it);
         * else the tool call whose closing tag comes last; its query is the text between that
@@ -157,6 +159,9 @@ class AgentProtocol:
         * else an opening tool tag without its closing tag -> "none", error "unclosed <tool>";
         * else "none" without error.
         """
+        stopped_on = stop[2:-1] if stop and stop.startswith("</") and stop.endswith(">") else None
+        if stopped_on in self.tools:
+            return self._tool_call(text, stopped_on)
         answer_at = text.find(f"<{ANSWER_TAG}>")
         if answer_at >= 0:
             closed = text.find(f"</{ANSWER_TAG}>", answer_at) >= 0
@@ -165,20 +170,25 @@ class AgentProtocol:
         if self.tools:
             close_at, name = max((text.rfind(f"</{n}>"), n) for n in self.tool_names)
             if close_at >= 0:
-                open_at = text.rfind(f"<{name}>", 0, close_at)
-                if open_at < 0:
-                    return Action("none", None, f"</{name}> without <{name}>")
-                tool = self.tools[name]
-                query = text[open_at + len(f"<{name}>") : close_at]
-                if tool.dedent_input:
-                    query = textwrap.dedent(query)
-                query = query.strip()[: tool.max_input_chars]
-                return Action(name, query, None if query else "empty query")
+                return self._tool_call(text, name)
 
         for name in self.tool_names:
             if f"<{name}>" in text:
                 return Action("none", None, f"unclosed <{name}>")
         return Action("none")
+
+    def _tool_call(self, text: str, name: str) -> Action:
+        """The call of tool ``name`` whose closing tag comes last in ``text``."""
+        close_at = text.rfind(f"</{name}>")
+        open_at = text.rfind(f"<{name}>", 0, close_at)
+        if open_at < 0:
+            return Action("none", None, f"</{name}> without <{name}>")
+        tool = self.tools[name]
+        query = text[open_at + len(f"<{name}>") : close_at]
+        if tool.dedent_input:
+            query = textwrap.dedent(query)
+        query = query.strip()[: tool.max_input_chars]
+        return Action(name, query, None if query else "empty query")
 
     def check_format(self, response: str) -> tuple[bool, str]:
         """The format rule of docs/method.md §1 for these tools (``at2po.rewards.check_format``)."""

@@ -109,10 +109,11 @@ class RolloutConfig:
     top_k: int = 6  # K: siblings added per tree and round
     samples_per_tree: int = 22  # N: leaves returned per tree (0 keeps every leaf)
     alpha: float = 0.05  # branching penalty of the expansion score
+    root_fallback: bool = True  # the root competes in the selection: fresh chains when < K turns qualify (authors)
     expansion_mode: str = "entropy"  # "entropy" or "random"
     max_tool_calls: int = 6  # a further call gets the masked limit notice instead
     max_turns: int = 10  # hard stop for a trajectory that never answers
-    max_turn_tokens: int = 512  # new tokens per generation call
+    chunk_tokens: int = 512  # new tokens per generation call; a turn that reaches it goes on in the next call
     max_response_tokens: int = 6192  # response budget of a whole trajectory (tokens after the prompt)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -125,7 +126,7 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.schedule not in ("async", "sync"):
             raise ValueError(f"rollout.schedule={self.schedule!r} is not one of async, sync")
-        for name in ("n_initial", "max_turns", "max_turn_tokens", "max_response_tokens", "tool_workers"):
+        for name in ("n_initial", "max_turns", "chunk_tokens", "max_response_tokens", "tool_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("expansion_rounds", "top_k", "samples_per_tree", "max_tool_calls"):
@@ -154,6 +155,9 @@ class AlgoConfig:
     normalize_leaves: bool = True
     kl_coef: float = 0.0  # KL to a frozen reference policy (0 in the paper's AT²PO runs)
     kl_kind: str = "low_var_kl"
+    recompute_old_logprobs: bool = True  # the trainer's own forward pass gives π_old (authors); false: the sampler's
+    rollout_correction: bool = False  # truncated importance weights min(π_trainer/π_sampler, cap) on the advantages
+    rollout_correction_cap: float = 2.0
 
     def __post_init__(self) -> None:
         checks = (("loss_level", LEVELS), ("loss_agg", AGGS), ("value_mode", VALUE_MODES),
@@ -173,6 +177,10 @@ class AlgoConfig:
             raise ValueError("algo.clip_low and algo.clip_high must be >= 0")
         if self.kl_coef < 0:
             raise ValueError(f"algo.kl_coef must be >= 0, got {self.kl_coef}")
+        if self.rollout_correction and not self.recompute_old_logprobs:
+            raise ValueError("algo.rollout_correction needs the trainer's log-probs: set algo.recompute_old_logprobs=true")
+        if not self.rollout_correction_cap >= 1:
+            raise ValueError(f"algo.rollout_correction_cap must be >= 1, got {self.rollout_correction_cap}")
 
 
 @dataclass
@@ -278,6 +286,20 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
+# Keys of earlier versions and what replaced them: an old config fails with the way forward.
+RENAMED_KEYS = {
+    "rollout.max_turn_tokens": "rollout.chunk_tokens (a turn that reaches it now goes on in the next call)",
+    "algo.turn_credit": "algo.advantage (true -> tree, false -> grpo)",
+    "algo.reward_fn": "task.options.reward (qa_em -> em, qa_f1 -> f1)",
+    "tools.corpus_file": "tools.search.corpus_file",
+    "tools.index_dir": "tools.search.index_dir",
+    "tools.retriever_url": "tools.search.retriever_url",
+    "tools.topk": "tools.search.topk",
+    "tools.max_passage_chars": "tools.search.max_passage_chars",
+    "tools.python_timeout": "tools.python.timeout",
+}
+
+
 def _build(cls, data: dict, prefix: str):
     if not isinstance(data, dict):
         raise ValueError(f"{prefix or 'config'} must be a mapping, got {type(data).__name__}")
@@ -286,6 +308,8 @@ def _build(cls, data: dict, prefix: str):
     unknown = sorted(set(data) - names)
     if unknown:
         key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        if key in RENAMED_KEYS:
+            raise ValueError(f"config key {key!r} was replaced by {RENAMED_KEYS[key]}")
         raise ValueError(f"unknown config key {key!r}; valid keys here: {', '.join(sorted(names))}")
     kwargs = {}
     for name, value in data.items():

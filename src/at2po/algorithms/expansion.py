@@ -1,13 +1,16 @@
 """Entropy-guided expansion selection (docs/method.md §2, paper Eqs. 2 and 4).
 
-Among the candidates C (non-root turns that ended in a tool call) pick K nodes to branch from:
+Among the candidates C (turns that ended in a tool call, and the root) pick K nodes to branch from:
 
-    s(n) = H(n) − α · |children(parent(n))|
+    s(n) = H(n) − α · |children(parent(n))|        s(root) = 0 − α · |children(root)|
 
 The penalty discourages piling siblings under one parent. Scores are computed once per round
-(the authors' code does the same), so the K picks of a round see the same child counts.
-The authors score the root too and use α·(|children| − 1); both give the same ranking of the
-candidates, which is all that matters here.
+(the authors' code does the same), so the K picks of a round see the same child counts. The
+authors' score uses α·(|children| − 1): the same for every node, so the same ranking. The root
+competes as the authors' code has it: it ranks below every turn with positive entropy whose
+parent has no more children than the root, so in practice it is picked only when fewer than K
+real candidates exist, and a "sibling" of the root is a fresh chain. A tree whose chains never
+called a tool therefore still ends with M + L·K distinct trajectories.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ EXPANSION_MODES = ("entropy", "random")
 
 
 def expansion_scores(parent, entropy, alpha: float = 0.05) -> np.ndarray:
-    """s(n) = H(n) − α·|children(parent(n))| for every node (the root gets −inf)."""
+    """s(n) = H(n) − α·|children(parent(n))| for every node; the root's is 0 − α·|children(root)|."""
     parent = np.asarray(parent, dtype=np.int64)
     entropy = np.asarray(entropy, dtype=np.float64)
     n_children = np.bincount(parent[parent >= 0], minlength=parent.shape[0])
-    scores = entropy - alpha * n_children[np.clip(parent, 0, None)]
-    scores[parent < 0] = -np.inf
+    # The root is its own "parent" here: a fresh chain is a sibling of the root's other chains.
+    own_group = np.where(parent >= 0, parent, np.arange(parent.shape[0]))
+    scores = entropy - alpha * n_children[own_group]
+    scores[parent < 0] = -alpha * n_children[parent < 0]
     return scores
 
 
@@ -70,8 +75,11 @@ def select_from_tree(
     alpha: float = 0.05,
     mode: str = "entropy",
     rng: np.random.Generator | None = None,
+    include_root: bool = True,
 ) -> list[int]:
-    """``select_expansion`` over a live tree's candidates (turns that ended in a tool call)."""
+    """``select_expansion`` over a live tree's candidates: the turns that ended in a tool call and,
+    with ``include_root`` (the authors' fallback, the default), the root."""
     parent = [n.parent for n in tree.nodes]
     entropy = [n.entropy for n in tree.nodes]
-    return select_expansion(parent, entropy, tree.expansion_candidates(), k, alpha=alpha, mode=mode, rng=rng).tolist()
+    candidates = ([0] if include_root else []) + tree.expansion_candidates()
+    return select_expansion(parent, entropy, candidates, k, alpha=alpha, mode=mode, rng=rng).tolist()

@@ -224,3 +224,35 @@ def kl_penalty(log_prob: torch.Tensor, ref_log_prob: torch.Tensor, kind: str = "
     if kind == "k2":
         return 0.5 * diff.square()
     return (torch.exp(-diff) + diff - 1.0).clamp(-10.0, 10.0)
+
+
+def logprob_mismatch(
+    rollout_log_prob: torch.Tensor,
+    trainer_log_prob: torch.Tensor,
+    loss_mask: torch.Tensor,
+    turn_ids: torch.Tensor,
+    clip_low: float,
+    clip_high: float,
+) -> dict[str, float]:
+    """How far the sampler's log-probs are from the trainer's on the same tokens (docs/method.md §6).
+
+    ``diff_mean``/``diff_max``: mean and max of |log π_trainer − log π_rollout| over trained
+    tokens. ``turns_outside_clip``: the share of turns (row, turn id) whose mean log-ratio
+    log π_trainer − log π_rollout puts the turn ratio outside [1 − clip_low, 1 + clip_high]:
+    the turns the ATPO objective would clip before any update if the sampler's log-probs were
+    used as π_old. All 0 when nothing is trained.
+    """
+    mask = loss_mask.bool()
+    diff = (trainer_log_prob.float() - rollout_log_prob.float()).masked_fill(~mask, 0.0)
+    if not bool(mask.any()):
+        return {"diff_mean": 0.0, "diff_max": 0.0, "turns_outside_clip": 0.0}
+    index, n_groups = _group_index(turn_ids, mask)
+    flat_idx, w = index.reshape(-1), mask.reshape(-1).float()
+    sums = torch.zeros(n_groups, device=diff.device).index_add_(0, flat_idx, diff.reshape(-1) * w)
+    counts = torch.zeros(n_groups, device=diff.device).index_add_(0, flat_idx, w)
+    turns = counts > 0
+    turn_ratio = torch.exp(sums[turns] / counts[turns])
+    outside = (turn_ratio < 1.0 - clip_low) | (turn_ratio > 1.0 + clip_high)
+    absdiff = diff.abs()[mask]
+    return {"diff_mean": float(absdiff.mean()), "diff_max": float(absdiff.max()),
+            "turns_outside_clip": float(outside.float().mean())}

@@ -107,6 +107,18 @@ class TurnTree:
         self.nodes[parent].children.append(node.index)
         return node.index
 
+    def extend_turn(self, index: int, gen_ids: list[int], gen_logprobs: list[float]) -> None:
+        """Append tokens to the turn of node ``index``: a generation call that stopped on its chunk
+        size goes on with the same turn (docs/method.md §2), so the turn stays one node."""
+        node = self.nodes[index]
+        if node.is_root or node.is_terminal or node.children:
+            raise ValueError(f"node {index} cannot be extended: only an unfinished turn without children can")
+        if len(gen_logprobs) != len(gen_ids):
+            raise ValueError(f"gen_logprobs has {len(gen_logprobs)} entries for {len(gen_ids)} gen_ids")
+        node.gen_ids += list(gen_ids)
+        node.gen_logprobs += [float(x) for x in gen_logprobs]
+        node.gen_mask += [1] * len(gen_ids)
+
     # -- queries ------------------------------------------------------------------------------
     def leaves(self) -> list[int]:
         """Finished trajectories' last turns (status leaf or failed)."""

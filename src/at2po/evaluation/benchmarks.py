@@ -143,8 +143,9 @@ def _settings(cfg: Config, system_prompt: str) -> dict[str, Any]:
         "task": {"name": cfg.task.name, "options": cfg.task.options},
         "system_prompt": system_prompt,
         "tools": {"enabled": t.enabled, "search": search, "python": dataclasses.asdict(t.python), "options": t.options},
+        # Not chunk_tokens: a turn that reaches it goes on in the next call, the answer is the same.
         "rollout": {"max_tool_calls": r.max_tool_calls, "max_turns": r.max_turns,
-                    "max_turn_tokens": r.max_turn_tokens, "max_response_tokens": r.max_response_tokens},
+                    "max_response_tokens": r.max_response_tokens},
     }
 
 

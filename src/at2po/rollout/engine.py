@@ -32,7 +32,7 @@ from at2po.agent import (
 from at2po.algorithms.expansion import select_from_tree
 from at2po.algorithms.tree import ACTIVE, FAILED, LEAF, LeafSequence, TurnTree
 from at2po.config import RolloutConfig
-from at2po.rollout.generator import FINISH_STOP, Generator, SamplingParams
+from at2po.rollout.generator import FINISH_LENGTH, FINISH_STOP, Generator, SamplingParams
 from at2po.tasks.base import Sample, Score, Task
 from at2po.tools.base import Tool, run_tool_calls
 
@@ -90,13 +90,15 @@ class RolloutResult:
 
 @dataclass
 class _Open:
-    """A trajectory waiting for its next turn: where the turn hangs and what it starts with."""
+    """A trajectory waiting for its next generation call: where the turn hangs, what it starts
+    with, and (``node`` >= 0) the unfinished turn it continues."""
 
     tree: int
     parent: int  # node the new turn hangs under
     obs_ids: list[int]  # observation shown before the new turn
     tool_calls: int  # tool calls made on the path so far
-    turns: int  # turns on the path so far
+    turns: int  # turns on the path so far (the continued turn included)
+    node: int = -1  # the turn being continued after a call stopped on its chunk size
 
 
 class TreeRolloutEngine:
@@ -131,7 +133,7 @@ class TreeRolloutEngine:
     def rollout(self, prompts: Sequence[Prompt], *, greedy: bool = False, config: RolloutConfig | None = None) -> RolloutResult:
         cfg = config or self.config
         params = SamplingParams(
-            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_turn_tokens,
+            temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.chunk_tokens,
             stop=self.protocol.stop_strings, greedy=greedy,
         )
         trees = [TurnTree(p.prompt_ids, meta={"id": p.sample.id}) for p in prompts]
@@ -180,15 +182,21 @@ class TreeRolloutEngine:
     def _expand(self, tree: TurnTree, t: int, cfg: RolloutConfig) -> list[_Open]:
         """Siblings of the K selected turns (docs/method.md §2): each starts from exactly the turn's state."""
         opened = []
-        for n in select_from_tree(tree, cfg.top_k, alpha=cfg.alpha, mode=cfg.expansion_mode, rng=self.rng):
+        for n in select_from_tree(tree, cfg.top_k, alpha=cfg.alpha, mode=cfg.expansion_mode, rng=self.rng,
+                                  include_root=cfg.root_fallback):
+            if n == 0:  # the root's "sibling" (the authors' fallback): a fresh chain
+                opened.append(_Open(t, 0, [], 0, 0))
+                continue
             node = tree.nodes[n]
             # Same parent, same observation, same tool-call count (not the authors' count − 1).
             opened.append(_Open(t, node.parent, list(node.obs_ids), node.tool_calls_at_start, tree.depth(n) - 1))
         return opened
 
     def _advance(self, trees, stats, opened: list[_Open], params, cfg) -> list[_Open]:
-        """Generate one turn for every open trajectory, run its tool calls, return what stays open."""
-        contexts = [trees[o.tree].full_ids(o.parent) + o.obs_ids for o in opened]
+        """Generate the next chunk of every open trajectory's turn, run the tool calls of the turns
+        that ended in one, and return what stays open."""
+        contexts = [trees[o.tree].full_ids(o.node) if o.node >= 0 else trees[o.tree].full_ids(o.parent) + o.obs_ids
+                    for o in opened]
         budgets = [cfg.max_response_tokens - (len(c) - len(trees[o.tree].prompt_ids)) for o, c in zip(opened, contexts)]
 
         # A trajectory whose observation already used up the response budget cannot take a turn:
@@ -196,7 +204,7 @@ class TreeRolloutEngine:
         # from a state that once had budget, so only continuing chains get here.)
         live = []
         for o, ctx, b in zip(opened, contexts, budgets):
-            if b < 1 and o.parent > 0 and not trees[o.tree].nodes[o.parent].children:
+            if b < 1 and o.node < 0 and o.parent > 0 and not trees[o.tree].nodes[o.parent].children:
                 node = trees[o.tree].nodes[o.parent]
                 node.status = FAILED
                 node.info["end"] = "response budget exhausted by the observation"
@@ -206,7 +214,8 @@ class TreeRolloutEngine:
             return []
         opened = [o for o, _, _ in live]
         contexts = [c for _, c, _ in live]
-        limits = [min(cfg.max_turn_tokens, b) for _, _, b in live]
+        budgets = [b for _, _, b in live]
+        limits = [min(cfg.chunk_tokens, b) for b in budgets]
 
         t0 = time.perf_counter()
         gens = self.generator.generate(contexts, params, max_new_tokens=limits)
@@ -216,13 +225,25 @@ class TreeRolloutEngine:
         next_open: list[_Open] = []
         calls: list[tuple[Tool, str]] = []
         call_slots: list[tuple[_Open, int]] = []  # (trajectory, new node) waiting for a tool result
-        for o, ctx, gen in zip(opened, contexts, gens):
+        for o, ctx, gen, budget in zip(opened, contexts, gens, budgets):
             tree, st = trees[o.tree], stats[o.tree]
             st.generated_tokens += len(gen.token_ids)
             st.prefill_tokens += len(ctx)
-            text = decode_ids(self.tokenizer, gen.token_ids)
-            action = self.protocol.parse(text)
-            turns = o.turns + 1
+            if o.node >= 0:
+                node, turns = o.node, o.turns
+                tree.extend_turn(node, gen.token_ids, gen.logprobs)
+            else:
+                node, turns = tree.add_turn(o.parent, obs_ids=o.obs_ids, gen_ids=gen.token_ids, gen_logprobs=gen.logprobs,
+                                            tool_calls_at_start=o.tool_calls), o.turns + 1
+            st.depth = max(st.depth, turns)
+            if gen.finish_reason == FINISH_LENGTH and len(gen.token_ids) < budget:
+                # The call stopped on its chunk size, not on the response budget: the same turn
+                # goes on in the next call (the authors have no per-turn cap).
+                next_open.append(_Open(o.tree, o.parent, o.obs_ids, o.tool_calls, turns, node=node))
+                continue
+            # The whole turn decides; a turn that stopped on a tool's closing tag is that tool call.
+            text = decode_ids(self.tokenizer, tree.nodes[node].gen_ids)
+            action = self.protocol.parse(text, stop=gen.stop_string if gen.finish_reason == FINISH_STOP else None)
             info = {"finish": gen.finish_reason, "action": action.kind}
             is_call = gen.finish_reason == FINISH_STOP and action.kind in self.tools
             if not is_call:
@@ -233,9 +254,8 @@ class TreeRolloutEngine:
                 info["end"] = f"turn limit ({cfg.max_turns}) reached"
             else:
                 status = ACTIVE
-            node = tree.add_turn(o.parent, obs_ids=o.obs_ids, gen_ids=gen.token_ids, gen_logprobs=gen.logprobs,
-                                 tool_calls_at_start=o.tool_calls, status=status, info=info)
-            st.depth = max(st.depth, turns)
+            tree.nodes[node].status = status
+            tree.nodes[node].info.update(info)
             if status != ACTIVE:
                 continue
             if o.tool_calls >= cfg.max_tool_calls:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from at2po.algorithms.advantages import compute_advantages
-from at2po.algorithms.losses import aggregate, kl_penalty, policy_loss
+from at2po.algorithms.losses import aggregate, kl_penalty, logprob_mismatch, policy_loss
 from at2po.config import Config, config_to_dict, save_config
 from at2po.evaluation.evaluator import evaluate_greedy, mean_metrics
 from at2po.factory import build_engine, build_task, build_tools, load_model, load_tokenizer
@@ -410,6 +410,48 @@ class Trainer:
         self.step += 1
         return metrics
 
+    def _epoch_plan(self, batch: TrainBatch, n_trees: int) -> list[tuple[list[int], list[list[int]]]]:
+        """One PPO epoch: mini-batches of whole trees in a shuffled order, each as (its rows, its
+        micro-batches' rows)."""
+        tc = self.cfg.trainer
+        order = torch.randperm(n_trees, generator=self.shuffle_rng).tolist()
+        mb_trees = max(1, tc.mini_batch_prompts // self.accelerator.num_processes)
+        plan = []
+        for start in range(0, n_trees, mb_trees):
+            trees = set(order[start:start + mb_trees])
+            rows = [i for i, t in enumerate(batch.tree_of_row) if t in trees]
+            if rows:
+                plan.append((rows, [rows[m:m + tc.micro_batch_rows] for m in range(0, len(rows), tc.micro_batch_rows)]))
+        return plan
+
+    def _recompute_old_log_probs(self, batch: TrainBatch, plan) -> dict[str, float]:
+        """Replace the sampler's log-probs by the trainer's own (no grad), micro-batch by micro-batch
+        exactly as the first epoch will run them, so that every first-epoch ratio starts at 1
+        (docs/method.md §6). Returns the sampler-vs-trainer mismatch, and applies the truncated
+        importance-sampling correction of the advantages when ``algo.rollout_correction``."""
+        algo, device = self.cfg.algo, self.accelerator.device
+        rollout_lp = batch.old_log_probs.clone()
+        with torch.no_grad():
+            for _, micros in plan:
+                for rows in micros:
+                    lp = response_log_probs(self.model, batch.rows(rows), self.cfg.rollout.temperature)
+                    batch.old_log_probs[rows] = (lp.float() * batch.response_mask[rows].to(device)).cpu()
+        m = logprob_mismatch(rollout_lp, batch.old_log_probs, batch.response_mask, batch.turn_ids,
+                             algo.clip_low, algo.clip_high)
+        metrics = {f"rollout/logprob_{k}": v for k, v in m.items()}
+        if algo.rollout_correction:
+            # Truncated importance sampling: the data came from the sampler's distribution, the
+            # objective is the trainer's; weight each token by min(π_trainer / π_sampler, cap).
+            mask = batch.response_mask.bool()
+            weight = torch.exp(batch.old_log_probs - rollout_lp).clamp(max=algo.rollout_correction_cap)
+            weight = torch.where(mask, weight, torch.zeros_like(weight))
+            batch.advantages.mul_(weight)
+            trained = weight[mask]
+            metrics["rollout/tis_weight_mean"] = float(trained.mean()) if trained.numel() else 0.0
+            metrics["rollout/tis_capped_frac"] = (
+                float((trained >= algo.rollout_correction_cap).float().mean()) if trained.numel() else 0.0)
+        return metrics
+
     def _update(self, batch: TrainBatch, n_trees: int) -> dict[str, float]:
         """PPO epochs over mini-batches of whole trees, accumulating micro-batch gradients."""
         cfg, tc, algo = self.cfg, self.cfg.trainer, self.cfg.algo
@@ -419,19 +461,15 @@ class Trainer:
         model.train()
         sums: dict[str, float] = {}
         n_updates = 0
-        mb_trees = max(1, tc.mini_batch_prompts // acc.num_processes)
-        for _ in range(tc.ppo_epochs):
-            order = torch.randperm(n_trees, generator=self.shuffle_rng).tolist()
-            for start in range(0, n_trees, mb_trees):
-                trees = set(order[start:start + mb_trees])
-                rows = [i for i, t in enumerate(batch.tree_of_row) if t in trees]
-                if not rows:
-                    continue
+        plans = [self._epoch_plan(batch, n_trees) for _ in range(tc.ppo_epochs)]
+        extra = self._recompute_old_log_probs(batch, plans[0]) if algo.recompute_old_logprobs else {}
+        for plan in plans:
+            for rows, micros in plan:
                 mini = batch.rows(rows)
                 weight_den = float(len(rows)) if algo.loss_agg != "token-mean" else float(mini.response_mask.sum().clamp(min=1))
                 stats_mb: dict[str, float] = {}
-                for ms in range(0, len(rows), tc.micro_batch_rows):
-                    micro = mini.rows(list(range(ms, min(ms + tc.micro_batch_rows, len(rows)))))
+                for micro_rows in micros:
+                    micro = batch.rows(micro_rows)
                     mask = micro.response_mask.to(device)
                     logp = response_log_probs(model, micro, cfg.rollout.temperature)
                     loss, m = policy_loss(
@@ -461,7 +499,7 @@ class Trainer:
         # The next rollout samples from the updated policy (a no-op for a backend that runs the
         # training module itself, a weight copy for one that does not).
         self.generator.load_weights(acc.unwrap_model(model))
-        return {f"loss/{k}": v / max(n_updates, 1) for k, v in sums.items()} | {"loss/updates": float(n_updates)}
+        return {f"loss/{k}": v / max(n_updates, 1) for k, v in sums.items()} | {"loss/updates": float(n_updates)} | extra
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
