@@ -91,7 +91,7 @@ COMMON_OVERRIDES = ["trainer.progress=false", "trainer.tensorboard=false"]
 # --quick: a tiny world and model, a few SFT steps, 2 prompts a step, a budget of 2 full-row steps.
 QUICK_OVERRIDES = [
     "trainer.steps=2", "trainer.val_every=1", "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2",
-    "rollout.max_turn_tokens=16", "rollout.max_response_tokens=64", "rollout.max_turns=3", "data.val_size=4",
+    "rollout.chunk_tokens=16", "rollout.max_response_tokens=64", "rollout.max_turns=3", "data.val_size=4",
 ]
 
 

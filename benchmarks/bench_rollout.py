@@ -57,7 +57,7 @@ def main() -> None:
     task = build_task(base)
     tools = build_tools(base, task)
     rows = task.load(assets / "train.jsonl")[: args.prompts]
-    common = dict(max_turn_tokens=48, max_response_tokens=400, max_turns=6, max_tool_calls=4)
+    common = dict(chunk_tokens=48, max_response_tokens=400, max_turns=6, max_tool_calls=4)
     configs = {
         "tree": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, **common),
         "tree_sync": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, schedule="sync", **common),

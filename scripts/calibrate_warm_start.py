@@ -23,7 +23,7 @@ from at2po.tasks.multihop import MultiHopConfig
 from at2po.tasks.search_qa import SearchQATask
 
 # The rollout limits the calibration evaluates under (the engine's defaults for the rest).
-LIMITS = ["rollout.max_turn_tokens=64", "rollout.max_response_tokens=1024", "rollout.max_turns=10",
+LIMITS = ["rollout.chunk_tokens=64", "rollout.max_response_tokens=1024", "rollout.max_turns=10",
           "rollout.max_tool_calls=6"]
 
 

@@ -6,6 +6,13 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from at2po.agent import render_prompt
+from at2po.rollout.engine import Prompt
+from at2po.rollout.generator import Generation
+from at2po.tasks.base import Sample
+from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT
+from at2po.tools.base import Tool, ToolResult
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -20,3 +27,64 @@ def load_script(relative: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# -- a scripted generator and tool: pin a rollout's shape exactly (the real path is tested too) --
+class ScriptedGenerator:
+    """Answers each context with script(context_text, n_results_seen, call_index) -> (text, logprob).
+
+    A text that ends with a stop string stops there; one longer than the call's limit is cut
+    ("length"); any other ends with EOS."""
+
+    def __init__(self, tok, script):
+        self.tok, self.script = tok, script
+        self.eos_token_id = tok.eos_token_id
+        self.contexts: list[list[int]] = []
+        self.greedy_flags: list[bool] = []
+        self.n = 0
+
+    def generate(self, contexts, params, max_new_tokens=None):
+        self.greedy_flags.append(params.greedy)
+        out = []
+        for ctx, lim in zip(contexts, max_new_tokens or [params.max_new_tokens] * len(contexts)):
+            self.contexts.append(list(ctx))
+            text_ctx = self.tok.decode(ctx)
+            response = text_ctx.split("<|im_start|>assistant\n", 1)[-1]  # the system prompt names the tags too
+            text, lp = self.script(response, response.count("<result>"), self.n)
+            self.n += 1
+            ids = self.tok.encode(text, add_special_tokens=False) if isinstance(text, str) else list(text)
+            stop = next((s for s in params.stop if isinstance(text, str) and text.endswith(s)), None)
+            if len(ids) > lim:  # cut at the call's limit: the engine continues the turn if budget is left
+                ids, finish = ids[:lim], "length"
+            elif stop:
+                finish = "stop"
+            else:  # the scripted turn is over without a stop string: the model ended it with EOS
+                if not ids or ids[-1] != self.eos_token_id:
+                    ids = ids + [self.eos_token_id]
+                finish = "eos"
+            out.append(Generation(ids, [lp] * len(ids), finish, stop if finish == "stop" else None))
+        return out
+
+
+class EchoSearch(Tool):
+    name = "search"
+
+    def __init__(self):
+        self.queries = []
+
+    def run(self, query):
+        self.queries.append(query)
+        return ToolResult(f"Page 1: facts about {query}", ok=True)
+
+
+def make_sample(q="Who?", golds=("paris",)):
+    return Sample(f"id-{q}", q, tuple(golds))
+
+
+def make_prompt(tok, q="Who?", golds=("paris",)):
+    """A search-QA prompt rendered as the engine renders it (the paper's system prompt)."""
+    return Prompt(render_prompt(tok, f"Question: {q}", PAPER_SYSTEM_PROMPT), make_sample(q, golds))
+
+
+SEARCH = "<think> look </think> <search> {q} </search>"
+ANSWER = "<think> ok </think> <answer> The final answer is \\[ \\boxed{{{a}}} \\] </answer>"

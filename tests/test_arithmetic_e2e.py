@@ -44,7 +44,7 @@ def test_arithmetic_warm_start_then_rl(warm_started):
         "task.name=arithmetic", f"model.path={out / 'model'}", f"data.train_file={out / 'train.jsonl'}",
         f"data.val_file={out / 'test.jsonl'}", f"trainer.output_dir={out / 'run'}",
         "rollout.n_initial=3", "rollout.expansion_rounds=1", "rollout.top_k=2", "rollout.samples_per_tree=4",
-        "rollout.max_turn_tokens=40", "rollout.max_response_tokens=160", "rollout.max_turns=3",
+        "rollout.chunk_tokens=40", "rollout.max_response_tokens=160", "rollout.max_turns=3",
         "rollout.tool_workers=2", "trainer.steps=2", "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=2",
         "trainer.micro_batch_rows=8", "trainer.val_every=0", "trainer.save_every=0", "trainer.progress=false",
         "trainer.tensorboard=false", "optim.lr=1e-4",

@@ -15,69 +15,16 @@ from at2po.rollout.generator import Generation
 from at2po.tiny import synthetic_agent_texts, train_tokenizer
 from at2po.tools.base import Tool, ToolResult
 from at2po.algorithms.tree import ACTIVE, FAILED, LEAF
+from conftest import ANSWER, SEARCH, EchoSearch, ScriptedGenerator
+from conftest import make_prompt as prompt
+from conftest import make_sample as sample
+
+qa_reward = SearchQATask()  # the task whose score was the old qa_reward (EM, -1 on bad format)
 
 
 @pytest.fixture(scope="module")
 def tok():
     return train_tokenizer(synthetic_agent_texts(200), vocab_size=600)
-
-
-class ScriptedGenerator:
-    """Answers each context with script(context_text, n_results_seen, call_index) -> (text, logprob)."""
-
-    def __init__(self, tok, script):
-        self.tok, self.script = tok, script
-        self.eos_token_id = tok.eos_token_id
-        self.contexts: list[list[int]] = []
-        self.greedy_flags: list[bool] = []
-        self.n = 0
-
-    def generate(self, contexts, params, max_new_tokens=None):
-        self.greedy_flags.append(params.greedy)
-        out = []
-        for ctx, lim in zip(contexts, max_new_tokens or [params.max_new_tokens] * len(contexts)):
-            self.contexts.append(list(ctx))
-            text_ctx = self.tok.decode(ctx)
-            response = text_ctx.split("<|im_start|>assistant\n", 1)[-1]  # the system prompt names the tags too
-            text, lp = self.script(response, response.count("<result>"), self.n)
-            self.n += 1
-            ids = self.tok.encode(text, add_special_tokens=False) if isinstance(text, str) else list(text)
-            finish = "length"
-            stop = next((s for s in params.stop if isinstance(text, str) and text.endswith(s)), None)
-            if len(ids) > lim:
-                ids = ids[:lim]
-            elif stop:
-                finish = "stop"
-            elif ids and ids[-1] == self.eos_token_id:
-                finish = "eos"
-            out.append(Generation(ids, [lp] * len(ids), finish, stop if finish == "stop" else None))
-        return out
-
-
-class EchoSearch(Tool):
-    name = "search"
-
-    def __init__(self):
-        self.queries = []
-
-    def run(self, query):
-        self.queries.append(query)
-        return ToolResult(f"Page 1: facts about {query}", ok=True)
-
-
-qa_reward = SearchQATask()  # the task whose score was the old qa_reward (EM, -1 on bad format)
-
-
-def sample(q="Who?", golds=("paris",)):
-    return Sample(f"id-{q}", q, tuple(golds))
-
-
-def prompt(tok, q="Who?", golds=("paris",)):
-    return Prompt(render_prompt(tok, f"Question: {q}", PAPER_SYSTEM_PROMPT), sample(q, golds))
-
-
-SEARCH = "<think> look </think> <search> {q} </search>"
-ANSWER = "<think> ok </think> <answer> The final answer is \\[ \\boxed{{{a}}} \\] </answer>"
 
 
 def test_tree_shape_selection_and_sibling_state(tok):
@@ -248,7 +195,7 @@ def test_malformed_output_never_crashes(tok, text):
     tool = EchoSearch()
     gen = ScriptedGenerator(tok, script)
     eng = TreeRolloutEngine(gen, tok, [tool], qa_reward,
-                            RolloutConfig(n_initial=2, expansion_rounds=1, top_k=2, samples_per_tree=4, max_turn_tokens=64))
+                            RolloutConfig(n_initial=2, expansion_rounds=1, top_k=2, samples_per_tree=4, chunk_tokens=64))
     res = eng.rollout([prompt(tok)])
     assert len(res.rows) == 4
     for q in tool.queries:
@@ -269,7 +216,7 @@ def test_invalid_utf8_token_ids(tok):
 
 def test_call_of_a_disabled_tool_is_plain_text(tok):
     # Only search is enabled: "<python>" is plain text, "</python>" no stop string, so the turn
-    # runs to its token limit and the trajectory ends there (no tool call, no error observation).
+    # runs on to its end (EOS here) and the trajectory ends there (no tool call, no error observation).
     gen = ScriptedGenerator(tok, lambda c, k, n: ("<python> print(1) </python>", -1.0) if k < 1 else (ANSWER.format(a="x"), -1.0))
     eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward,
                             RolloutConfig(n_initial=1, expansion_rounds=0, samples_per_tree=0))
@@ -277,7 +224,7 @@ def test_call_of_a_disabled_tool_is_plain_text(tok):
     res = eng.rollout([prompt(tok)])
     tree = res.trees[0]
     assert len(tree) == 2 and tree.nodes[1].status == LEAF
-    assert tree.nodes[1].info == {"finish": "length", "action": "none", "end": "length"}
+    assert tree.nodes[1].info == {"finish": "eos", "action": "none", "end": "eos"}
     assert res.stats[0].tool_calls == 0 and res.stats[0].tool_failures == 0
     assert gen.n == 1
     score = res.rows[0].score

@@ -65,7 +65,7 @@ def reference_credit(parent, entropy, reward, eps=1e-6):
 def test_tree_rollout_with_real_model_and_tools(setup):
     tok, model, tool, prompt = setup
     gen = HFGenerator(model, tok, seed=1)
-    cfg = RolloutConfig(n_initial=4, expansion_rounds=2, top_k=2, samples_per_tree=6, max_turn_tokens=40,
+    cfg = RolloutConfig(n_initial=4, expansion_rounds=2, top_k=2, samples_per_tree=6, chunk_tokens=40,
                         max_response_tokens=200, temperature=1.0)
     eng = TreeRolloutEngine(gen, tok, [tool], SearchQATask(), cfg)
     res = eng.rollout([prompt, prompt])
@@ -107,7 +107,7 @@ def test_tree_rollout_with_real_model_and_tools(setup):
 def test_validation_is_greedy_and_deterministic(setup):
     tok, model, tool, prompt = setup
     eng = TreeRolloutEngine(HFGenerator(model, tok, seed=5), tok, [tool], SearchQATask(),
-                            RolloutConfig(max_turn_tokens=40, max_response_tokens=200))
+                            RolloutConfig(chunk_tokens=40, max_response_tokens=200))
     a = eng.validate([prompt])
     b = eng.validate([prompt])
     assert a.rows[0].sequence.response_ids.tolist() == b.rows[0].sequence.response_ids.tolist()

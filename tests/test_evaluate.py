@@ -94,7 +94,7 @@ def datasets(root):
 def make_cfg(root, *extra):
     return load_config(None, [
         f"model.path={root / 'model'}", f"tools.search.corpus_file={root / 'corpus.jsonl'}", "tools.search.topk=2",
-        "rollout.max_turn_tokens=40", "rollout.max_response_tokens=200", "rollout.max_turns=4", *extra,
+        "rollout.chunk_tokens=40", "rollout.max_response_tokens=200", "rollout.max_turns=4", *extra,
     ])
 
 
@@ -231,7 +231,7 @@ def test_resume_evaluates_only_missing_samples(assets, full_run, tmp_path, monke
 def test_resume_refuses_other_settings_unless_told(assets, full_run, tmp_path):
     out = tmp_path / "out"
     evaluate(make_cfg(assets), {"bamboogle": assets / "bamboogle.jsonl"}, out, limit=1, progress=False)
-    other = make_cfg(assets, "rollout.max_turn_tokens=30")
+    other = make_cfg(assets, "rollout.max_response_tokens=150")
     with pytest.raises(ValueError, match="rollout"):
         evaluate(other, {"bamboogle": assets / "bamboogle.jsonl"}, out, progress=False)
     res = evaluate(other, {"bamboogle": assets / "bamboogle.jsonl"}, out, resume=False, progress=False)
@@ -270,7 +270,7 @@ def test_cli(assets, tmp_path, capsys):
         "eval", "--dataset", f"musique={assets / 'bamboogle.jsonl'}", "--dataset", str(assets / "nq" / "test.jsonl"),
         "--out", str(out), "--name", "AT2PO-tiny", "--limit", "1", "--batch-size", "1", "--no-resume",
         f"model.path={assets / 'model'}", f"tools.search.corpus_file={assets / 'corpus.jsonl'}",
-        "rollout.max_turn_tokens=40", "rollout.max_response_tokens=200", "trainer.progress=false",
+        "rollout.chunk_tokens=40", "rollout.max_response_tokens=200", "trainer.progress=false",
     ])
     assert args.func(args) == 0
     results = json.loads((out / "results.json").read_text())

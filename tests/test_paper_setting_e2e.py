@@ -121,7 +121,7 @@ def test_train_then_evaluate_through_the_http_retriever(server, tmp_path):
 
     # -- one AT²PO step, search over HTTP ------------------------------------------------------
     common = ["tools.search.backend=http", f"tools.search.retriever_url={url}", "tools.search.topk=3",
-              "rollout.max_turn_tokens=40", "rollout.max_response_tokens=200", "rollout.max_turns=4"]
+              "rollout.chunk_tokens=40", "rollout.max_response_tokens=200", "rollout.max_turns=4"]
     cfg = load_config(None, [
         f"model.path={tmp_path / 'model'}", f"data.train_file={tmp_path / 'train.jsonl'}", *common,
         "rollout.n_initial=3", "rollout.expansion_rounds=1", "rollout.top_k=2", "rollout.samples_per_tree=4",

@@ -210,7 +210,7 @@ def test_quickstart_assets_and_greedy_evaluation(tmp_path):
 
     # Greedy evaluation of the warm-started model with the real rollout engine (the shared evaluator).
     engine = TreeRolloutEngine(HFGenerator(model, tokenizer), tokenizer, [tool], TASK,
-                               RolloutConfig(max_turn_tokens=8, max_response_tokens=32))
+                               RolloutConfig(chunk_tokens=8, max_response_tokens=32))
     assert engine.system_prompt == PAPER_SYSTEM_PROMPT
     questions = world.questions("test")[:3]
     samples = [sample_of(q) for q in questions]
@@ -227,7 +227,7 @@ def test_quickstart_assets_and_greedy_evaluation(tmp_path):
         assert rec["reward"] == (rec["em"] if rec["format_ok"] else -1.0)
         assert 1 <= rec["turns"] <= 10 and 0 <= rec["tool_calls"] <= rec["turns"]
     # The first turn is the model's own greedy continuation of the prompt (argmax, token by token,
-    # until EOS, a stop string or max_turn_tokens), decoded here without the engine.
+    # until EOS, a stop string or chunk_tokens), decoded here without the engine.
     stops = engine.protocol.stop_strings
     eos = {tokenizer.eos_token_id, *([model.generation_config.eos_token_id] if model.generation_config.eos_token_id
                                       is not None else [])}

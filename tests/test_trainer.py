@@ -48,7 +48,7 @@ def make_cfg(assets, out, *extra):
         f"model.path={assets / 'model'}", f"data.train_file={assets / 'train.jsonl'}",
         f"data.val_file={assets / 'train.jsonl'}", f"tools.search.corpus_file={assets / 'corpus.jsonl'}",
         "rollout.n_initial=3", "rollout.expansion_rounds=1", "rollout.top_k=2", "rollout.samples_per_tree=4",
-        "rollout.max_turn_tokens=12", "rollout.max_response_tokens=40", "rollout.max_turns=3",
+        "rollout.chunk_tokens=12", "rollout.max_response_tokens=40", "rollout.max_turns=3",
         "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=1", "trainer.micro_batch_rows=3",
         "trainer.val_every=0", "trainer.val_before_train=false", "trainer.save_every=1", "trainer.progress=false",
         "trainer.tensorboard=false", "optim.lr=1e-3", f"trainer.output_dir={out}", *extra,
@@ -289,7 +289,7 @@ def test_validation_and_logs(assets, tmp_path):
         ("trainer.tensorboard=maybe", "trainer.tensorboard must be true or false"),
         ("trainer.prompts_per_step=10", "multiple of trainer.mini_batch_prompts"),
         ("algo", "must look like section.key=value"),
-        ("algo.turn_credit=false", "unknown config key 'algo.turn_credit'"),
+        ("algo.turn_credit=false", "config key 'algo.turn_credit' was replaced by algo.advantage"),
         ("algo.advantage=ppo", "algo.advantage='ppo'"),
         ("data.val_size=-1", "data.val_size must be >= 0"),
         ("tools.enabled=search", "tools.enabled must be a list"),
@@ -520,7 +520,7 @@ def test_a_new_task_and_tool_train_through_the_real_trainer(capital_assets, tmp_
         f"data.val_file={root / 'capitals.jsonl'}", f"task.name={CapitalTask.name}", "tools.enabled=[lookup]",
         f"tools.options={{lookup: {{table: {table}, missing: no such country}}}}",
         "rollout.n_initial=3", "rollout.expansion_rounds=1", "rollout.top_k=2", "rollout.samples_per_tree=4",
-        "rollout.max_turn_tokens=40", "rollout.max_response_tokens=120", "rollout.max_turns=3",
+        "rollout.chunk_tokens=40", "rollout.max_response_tokens=120", "rollout.max_turns=3",
         "trainer.steps=2", "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=1", "trainer.micro_batch_rows=4",
         "trainer.val_every=0", "trainer.val_before_train=false", "trainer.save_every=0", "trainer.progress=false",
         "trainer.tensorboard=false", "optim.lr=1e-4", f"trainer.output_dir={tmp_path / 'run'}",
@@ -623,3 +623,65 @@ def test_generator_samples_from_the_updated_weights(assets, tmp_path):
         before = sequence_logprobs(initial, seq, [len(prompt)])[0]
     torch.testing.assert_close(torch.tensor(gen.logprobs), now, atol=1e-5, rtol=1e-5)
     assert (torch.tensor(gen.logprobs) - before).abs().max() > 1e-3
+
+
+# -- old log-probs recomputed by the trainer (docs/method.md §6) ------------------------------------------
+@pytest.fixture(scope="module")
+def bf16_model(assets, tmp_path_factory):
+    """A model large enough (2 layers, hidden 64) for bf16 decoding and a full forward pass to
+    round differently (the 1-layer test model happens to agree exactly)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets / "model")
+    path = tmp_path_factory.mktemp("bf16") / "model"
+    model = build_tiny_model(tok, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128, seed=0)
+    save_pretrained_dir(model, tok, path)
+    return path
+
+
+def test_recomputed_old_logprobs_make_first_ratios_exactly_one_in_bf16(assets, bf16_model, tmp_path):
+    # One mini-batch per step and one epoch: every forward of the update sees untouched weights.
+    extra = (f"model.path={bf16_model}", "model.dtype=bfloat16", "trainer.mini_batch_prompts=2", "trainer.save_every=0")
+    trainer = use_length_reward(Trainer(make_cfg(assets, tmp_path / "on", *extra)))
+    m = trainer.train_step()
+    assert m["loss/updates"] == 1.0
+    assert m["loss/clipfrac"] == 0.0 and m["loss/ratio_min"] == 1.0 and m["loss/ratio_max"] == 1.0
+    # The sampler's bf16 log-probs do differ from the trainer's: that is what the recompute removes.
+    assert m["rollout/logprob_diff_max"] > 0 and m["rollout/logprob_diff_mean"] > 0
+    assert 0.0 <= m["rollout/logprob_turns_outside_clip"] <= 1.0
+
+    off = use_length_reward(Trainer(make_cfg(assets, tmp_path / "off", *extra, "algo.recompute_old_logprobs=false")))
+    m_off = off.train_step()
+    assert "rollout/logprob_diff_max" not in m_off
+    assert (m_off["loss/ratio_min"], m_off["loss/ratio_max"]) != (1.0, 1.0)  # the sampler's π_old: ratios off 1
+
+
+def test_recompute_uses_the_first_epochs_micro_batches_and_the_truncated_correction(assets, bf16_model, tmp_path):
+    cfg = make_cfg(assets, tmp_path / "run", f"model.path={bf16_model}", "model.dtype=bfloat16", "algo.rollout_correction=true",
+                   "algo.rollout_correction_cap=1.002", "trainer.save_every=0")
+    trainer = use_length_reward(Trainer(cfg))
+    prompts = [trainer.engine.prompt(s) for s in trainer.train_rows[:2]]
+    batch, _ = build_train_batch(trainer.engine.rollout(prompts), cfg.algo)
+    rollout_lp, advantages = batch.old_log_probs.clone(), batch.advantages.clone()
+    plan = trainer._epoch_plan(batch, n_trees=2)
+    metrics = trainer._recompute_old_log_probs(batch, plan)
+    mask = batch.response_mask.bool()
+    # π_old is now the trainer's forward pass of exactly these micro-batches.
+    for _, micros in plan:
+        for rows in micros:
+            with torch.no_grad():
+                expected = response_log_probs(trainer.model, batch.rows(rows), cfg.rollout.temperature).float()
+            assert torch.equal(batch.old_log_probs[rows], expected * mask[rows])
+    # Truncated importance weights min(π_trainer / π_sampler, cap) scale the advantages.
+    weight = torch.where(mask, torch.exp(batch.old_log_probs - rollout_lp).clamp(max=1.002), torch.zeros(()))
+    assert torch.equal(batch.advantages, advantages * weight)
+    capped = float((weight[mask] >= 1.002).float().mean())
+    assert metrics["rollout/tis_capped_frac"] == pytest.approx(capped)
+    assert metrics["rollout/tis_weight_mean"] == pytest.approx(float(weight[mask].mean()))
+
+
+def test_rollout_correction_needs_the_recompute():
+    with pytest.raises(ValueError, match="algo.recompute_old_logprobs=true"):
+        load_config(None, ["algo.rollout_correction=true", "algo.recompute_old_logprobs=false"])
+    with pytest.raises(ValueError, match="algo.rollout_correction_cap must be >= 1"):
+        load_config(None, ["algo.rollout_correction_cap=0.5"])

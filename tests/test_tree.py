@@ -111,7 +111,8 @@ def test_scores_apply_branching_penalty():
     entropy = [0, 1.0, 1.0, 2.0, 1.0, 0.5]
     s = expansion_scores(parent, entropy, alpha=0.1)
     np.testing.assert_allclose(s[1:], [1.0 - 0.2, 1.0 - 0.2, 2.0 - 0.3, 1.0 - 0.3, 0.5 - 0.3])
-    assert s[0] == -np.inf
+    # The root competes too (the authors' fallback): 0 − α·|children(root)|.
+    assert s[0] == pytest.approx(0.0 - 0.1 * 2)
 
 
 def test_topk_with_penalty_changes_the_ranking():
@@ -157,4 +158,7 @@ def test_select_errors():
 
 def test_select_from_tree_uses_live_candidates():
     t, (a, b, c, d) = build_tree()
-    assert select_from_tree(t, 2) == [a, a]
+    # One live turn (a: H = 2.0, score 2.0 − 0.05·2) and the root (0 − 0.05·2): a, then a fresh chain.
+    assert select_from_tree(t, 2) == [a, 0]
+    assert select_from_tree(t, 3) == [a, 0, a]
+    assert select_from_tree(t, 2, include_root=False) == [a, a]

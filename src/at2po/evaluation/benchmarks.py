@@ -40,6 +40,7 @@ PathLike = str | Path
 DatasetSpec = Mapping[str, PathLike] | Sequence[PathLike | tuple[str | None, PathLike]]
 
 RESULTS_JSON = "results.json"
+SCORER_NOTE = "em: at2po's format-checked EM; atpo_em_eval: the authors' validation scorer, no format gate"
 RESULTS_MD = "results.md"
 SETTINGS_FILE = "eval_settings.json"  # what produced the per-sample files; a resume must match it
 
@@ -210,7 +211,9 @@ def _row(cells: Sequence[str]) -> str:
 def results_markdown(results: Sequence[dict[str, Any]]) -> str:
     """Table 1's layout (one row per method, EM %), then F1 %, turns and tool calls per column."""
     cols = _columns(results)
-    lines = ["## EM (%), greedy", "", _row(["Method", *(label for _, _, label in cols)]),
+    scorers = ", ".join(dict.fromkeys(r.get("scorer", "em") for r in results))
+    lines = ["## EM (%), greedy", "", f"Scorer: {scorers} ({SCORER_NOTE})", "",
+             _row(["Method", *(label for _, _, label in cols)]),
              _row(["---", *("---:" for _ in cols)])]
     for r in results:
         cells = [r[kind].get(key) for kind, key, _ in cols]
@@ -291,6 +294,9 @@ def evaluate(
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     task = build_task(cfg)
+    if getattr(task, "reward", None) == "atpo_em":
+        # A run trained with the authors' scorer is evaluated as they validate: without the format gate.
+        task = type(task)(reward="atpo_em_eval")
     if not {"em", "f1", "format_ok"} <= set(task.metrics):
         raise ValueError(f"at2po eval reports EM/F1 on the QA benchmarks; task.name={cfg.task.name!r} has no em/f1")
     data = {d: rows[:limit] for d, rows in load_eval_datasets(datasets).items()}
@@ -311,6 +317,7 @@ def evaluate(
 
     records = {d: [done[d][row.id] for row in rows] for d, rows in data.items()}
     results = summarize(records, name=name or default_name(cfg), model=cfg.model.path)
+    results["scorer"] = getattr(task, "reward", cfg.task.name)
     (out_dir / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out_dir / RESULTS_MD).write_text(results_markdown([results]), encoding="utf-8")
     return results
