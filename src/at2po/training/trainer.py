@@ -382,6 +382,7 @@ class Trainer:
         t_rollout = time.perf_counter() - t0
 
         batch, adv_stats = build_train_batch(result, cfg.algo)
+        lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses (the scheduler steps inside it)
         update = self._update(batch, n_trees=len(prompts))
         totals = result.totals()
         scores = [r.score for r in result.rows if not r.duplicate]
@@ -405,7 +406,7 @@ class Trainer:
             "time/step": dt,
             "perf/gen_tokens_per_s": totals["generated_tokens"] / max(t_rollout, 1e-9),
             **{f"time/phase_{k}": v for k, v in result.phase_seconds.items()},
-            "lr": self.scheduler.get_last_lr()[0],
+            "lr": lr,
         }
         self.step += 1
         return metrics

@@ -115,10 +115,14 @@ def test_infinite_loop_is_killed(workroot):
     start = time.monotonic()
     result = run("print('started')\nwhile True:\n    pass", workroot, timeout=1.0)
     elapsed = time.monotonic() - start
+    # The text shows the wall-clock timeout killed it (not the CPU-time backstop, which would
+    # report SIGXCPU, and not an exit of the endless loop).
     assert result == ToolResult(
         "started\npython timed out after 1s (process killed)", ok=False, error="timeout"
     )
-    assert elapsed < 2.5, elapsed
+    # Generous on purpose: on a loaded machine starting the interpreter alone can take seconds;
+    # the bound only guards against the 1 s timeout being grossly overrun.
+    assert elapsed < 15, elapsed
 
 
 @pytest.mark.parametrize(

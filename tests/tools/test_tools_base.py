@@ -28,6 +28,36 @@ class SleepTool(Tool):
         return ToolResult(f"slept {query}", ok=True)
 
 
+class GatedTool(Tool):
+    """Counts the calls that have started and are running; each call holds its slot until the test
+    opens the gate for it, so concurrency is observed through events, not through wall time."""
+
+    name = "gated"
+
+    def __init__(self) -> None:
+        self.changed = threading.Condition()
+        self.gate = threading.Semaphore(0)
+        self.started = 0
+        self.running = 0
+        self.max_running = 0
+
+    def run(self, query: str) -> ToolResult:
+        with self.changed:
+            self.started += 1
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+            self.changed.notify_all()
+        if not self.gate.acquire(timeout=30):  # a test that never opens the gate fails, not hangs
+            return ToolResult(f"gate stayed shut for {query}", ok=False, error="stuck")
+        with self.changed:
+            self.running -= 1
+        return ToolResult(f"done {query}", ok=True)
+
+    def wait_started(self, n: int) -> None:
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.started >= n, timeout=30), (self.started, n)
+
+
 class StuckTool(Tool):
     """Blocks until released: a tool that never returns on its own."""
 
@@ -60,32 +90,67 @@ def test_tool_call_never_raises():
     assert result == ToolResult("boom failed: RuntimeError: index exploded on q", ok=False, error="exception")
 
 
+def _run_in_background(calls, **kwargs):
+    """run_tool_calls in a thread: (thread, list that receives its results)."""
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(run_tool_calls(calls, **kwargs)), daemon=True)
+    thread.start()
+    return thread, out
+
+
 def test_calls_run_concurrently():
-    tool = SleepTool(0.5)
-    start = time.monotonic()
-    results = run_tool_calls([(tool, str(i)) for i in range(4)], max_workers=4, timeout=5)
-    elapsed = time.monotonic() - start
-    assert [r.text for r in results] == ["slept 0", "slept 1", "slept 2", "slept 3"]
+    # All four calls are inside the tool at the same time (none is let out before the fourth
+    # started): run one after the other, the second would never start and the gate's own
+    # 30 s limit would fail the calls.
+    tool = GatedTool()
+    thread, out = _run_in_background([(tool, str(i)) for i in range(4)], max_workers=4, timeout=60)
+    tool.wait_started(4)
+    assert tool.running == 4
+    tool.gate.release(4)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    [results] = out
+    assert [r.text for r in results] == ["done 0", "done 1", "done 2", "done 3"]
     assert all(r.ok for r in results)
-    assert elapsed < 1.2, elapsed  # sequential would take 2 s
+    assert tool.max_running == 4
 
 
 def test_max_workers_bounds_concurrency():
-    tool = SleepTool(0.3)
-    start = time.monotonic()
-    run_tool_calls([(tool, str(i)) for i in range(4)], max_workers=2, timeout=5)
-    assert 0.55 < time.monotonic() - start < 1.2  # two waves of two
+    # Two waves of two: two calls start, and a third starts only when one of them finishes.
+    tool = GatedTool()
+    thread, out = _run_in_background([(tool, str(i)) for i in range(4)], max_workers=2, timeout=60)
+    tool.wait_started(2)
+    time.sleep(0.2)  # room for a third call to start if the bound leaked (a pass never depends on it)
+    assert tool.started == 2 and tool.running == 2
+    tool.gate.release()  # one call finishes: its slot goes to the next
+    tool.wait_started(3)
+    time.sleep(0.1)
+    assert tool.started == 3 and tool.running == 2
+    tool.gate.release(3)
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    [results] = out
+    assert [r.text for r in results] == ["done 0", "done 1", "done 2", "done 3"]
+    assert tool.max_running == 2
 
 
 def test_stuck_tool_times_out_without_blocking_the_round():
     stuck = StuckTool()
     try:
         start = time.monotonic()
-        results = run_tool_calls([(Echo(), "a"), (stuck, "b"), (Echo(), "c")], max_workers=2, timeout=0.3)
+        thread, out = _run_in_background([(Echo(), "a"), (stuck, "b"), (Echo(), "c")], max_workers=2, timeout=0.3)
+        thread.join(timeout=30)
         elapsed = time.monotonic() - start
+        # The round came back while the stuck call was still stuck (its release is only set below):
+        # it did not wait for the tool.
+        assert not thread.is_alive() and not stuck.release.is_set()
     finally:
         stuck.release.set()
-    assert elapsed < 1.0, elapsed
+    # Generous on purpose (a loaded machine may stall threads for seconds): the bound only has to
+    # separate "about the 0.3 s timeout" from "waited for the stuck tool", which the check above
+    # already rules out.
+    assert elapsed < 10, elapsed
+    [results] = out
     assert results[0] == ToolResult("A", ok=True)
     assert results[1] == ToolResult("tool 'stuck' timed out after 0.3s", ok=False, error="timeout")
     assert results[2] == ToolResult("C", ok=True)

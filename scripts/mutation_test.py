@@ -1,0 +1,233 @@
+#!/usr/bin/env python
+"""Mutation testing of selected modules with mutmut 3 (not part of CI).
+
+    pip install mutmut            # 3.x
+    python scripts/mutation_test.py                                  # every module below, all mutants
+    python scripts/mutation_test.py --modules credit losses --max-mutants 30 --out DIR
+
+Each module is mutated on its own, in a throw-away copy of the repository (src/, tests/,
+pyproject.toml and a generated setup.cfg holding mutmut's [mutmut] section), so the working
+tree and its editable install are never touched. mutmut copies src/ to mutants/src/, puts it
+first on sys.path (ahead of the editable install's .pth entry), runs the module's tests once to
+learn which test touches which function, then runs, per mutant, only the tests that reach the
+mutated function, in forked children.
+
+Prints per module: mutants generated, run, killed, survived, timed out, kill rate, and each
+surviving mutant (file:line and the diff). Writes report.md and report.json to --out.
+
+--max-mutants N samples N mutants per module with a fixed seed (--seed, default 0), for quick
+runs on the slow modules (the trainer's and the engine's tests take minutes per pass).
+Kill rate = (killed + timed out) / mutants run; the target is >= 90 % per module.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# module (under src/at2po/) -> pytest arguments selecting its tests
+MODULES: dict[str, list[str]] = {
+    "algorithms/credit.py": ["tests/algorithms/test_credit.py"],
+    "algorithms/losses.py": ["tests/algorithms/test_losses.py"],
+    "algorithms/expansion.py": ["tests/algorithms/test_tree.py", "tests/rollout/test_fidelity.py"],
+    "algorithms/advantages.py": [
+        "tests/training/test_trainer.py", "tests/training/test_glue.py", "-k", "advantage",
+    ],  # "-k advantage" also matches "advantages" (test_glue.py -k advantages)
+    "rewards.py": ["tests/tasks/test_rewards.py"],
+    "rollout/engine.py": ["tests/rollout/test_engine.py", "tests/rollout/test_fidelity.py"],
+    "rollout/generator.py": ["tests/rollout/test_generator.py"],
+    "training/trainer.py": ["tests/training/test_trainer.py", "tests/training/test_glue.py"],
+    "evaluation/evaluator.py": ["tests/evaluation/test_evaluate.py"],
+}
+
+STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 2: "check was interrupted by user",
+          None: "not checked", 33: "no tests", 34: "skipped", 35: "suspicious", 36: "timeout",
+          -24: "timeout", 24: "timeout", 152: "timeout", 255: "timeout", -11: "segfault",
+          -9: "segfault", 37: "caught by type check"}
+
+
+def short(module: str) -> str:
+    return Path(module).stem
+
+
+def resolve(names: list[str] | None) -> list[str]:
+    if not names:
+        return list(MODULES)
+    out = []
+    for n in names:
+        hits = [m for m in MODULES if n in (m, short(m), f"src/at2po/{m}")]
+        if not hits:
+            sys.exit(f"unknown module {n!r}; choose from: {', '.join(short(m) for m in MODULES)}")
+        out += hits
+    return out
+
+
+def workspace(module: str, tests: list[str], root: Path, timeout_multiplier: float) -> Path:
+    ws = root / short(module)
+    ws.mkdir(parents=True)
+    shutil.copytree(REPO / "src", ws / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(REPO / "tests", ws / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+    for extra in ("pyproject.toml", "configs", "docs", "README.md"):  # some tests read these
+        p = REPO / extra
+        if p.is_dir():
+            shutil.copytree(p, ws / extra)
+        elif p.exists():
+            shutil.copy(p, ws / extra)
+    lines = ["[mutmut]", "source_paths = src/", f"only_mutate = src/at2po/{module}",
+             "pytest_add_cli_args =", "    -p", "    no:cacheprovider",
+             "pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests] + [
+             f"timeout_multiplier = {timeout_multiplier}", "use_git_change_detection = False", ""]
+    (ws / "setup.cfg").write_text("\n".join(lines))
+    return ws
+
+
+def mutmut(ws: Path, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    exe = shutil.which("mutmut") or sys.exit("mutmut not found: pip install mutmut")
+    try:
+        return subprocess.run(["nice", "-n", "19", exe, *args], cwd=ws, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:  # results so far stay in the .meta file
+        out = lambda b: b.decode(errors="replace") if isinstance(b, bytes) else (b or "")
+        return subprocess.CompletedProcess(e.cmd, -1, out(e.stdout), out(e.stderr) + "\n[timed out]")
+
+
+def read_meta(ws: Path, module: str) -> dict[str, int | None]:
+    meta = ws / "mutants" / "src" / "at2po" / (module + ".meta")
+    if not meta.exists():
+        return {}
+    return json.loads(meta.read_text())["exit_code_by_key"]
+
+
+def locate(diff: str, source: list[str], func: str) -> int | None:
+    """Line (1-based) in the original file of the first removed line of a mutant's diff."""
+    removed = [l[1:] for l in diff.splitlines() if l.startswith("-") and not l.startswith("---")]
+    if not removed:
+        return None
+    name = func.split("ǁ")[-1]
+    start = next((i for i, l in enumerate(source) if re.match(rf"\s*(async\s+)?def {re.escape(name)}\b", l)), 0)
+    target = removed[0].strip()
+    for i in range(start, len(source)):
+        if source[i].strip() == target:
+            return i + 1
+    return start + 1
+
+
+def run_module(module: str, tests: list[str], args, root: Path) -> dict:
+    t0 = time.time()
+    ws = workspace(module, tests, root, args.timeout_multiplier)
+    deadline = args.module_timeout
+    res: dict = {"module": f"src/at2po/{module}", "tests": " ".join(tests)}
+    if args.max_mutants:
+        # generate + collect coverage stats only (a name that matches nothing), then sample
+        p = mutmut(ws, ["run", "--max-children", str(args.jobs), "__none__"], deadline)
+        keys = sorted(read_meta(ws, module))
+        res["generated"] = len(keys)
+        chosen = sorted(random.Random(args.seed).sample(keys, min(args.max_mutants, len(keys))))
+        if chosen:
+            p = mutmut(ws, ["run", "--max-children", str(args.jobs), *chosen],
+                       max(60.0, deadline - (time.time() - t0)))
+    else:
+        p = mutmut(ws, ["run", "--max-children", str(args.jobs)], deadline)
+        chosen = None
+    codes = read_meta(ws, module)
+    res.setdefault("generated", len(codes))
+    if chosen is not None:
+        codes = {k: v for k, v in codes.items() if k in chosen}
+    if not codes:
+        res["error"] = (p.stdout[-3000:] + p.stderr[-3000:])
+    status = {k: STATUS.get(v, f"exit {v}") for k, v in codes.items()}
+    count = lambda s: sum(1 for v in status.values() if v == s)
+    run = sum(1 for v in status.values() if v not in ("not checked",))
+    res.update(run=run, killed=count("killed"), survived=count("survived"), timeout=count("timeout"),
+               no_tests=count("no tests"), not_checked=count("not checked"),
+               other=run - count("killed") - count("survived") - count("timeout") - count("no tests"))
+    tested = res["killed"] + res["survived"] + res["timeout"] + res["no_tests"]
+    res["kill_rate"] = round(100.0 * (res["killed"] + res["timeout"]) / tested, 1) if tested else None
+    source = (REPO / "src" / "at2po" / module).read_text().splitlines()
+    survivors = []
+    for k in sorted(k for k, s in status.items() if s in ("survived", "no tests")):
+        diff = mutmut(ws, ["show", k], 120).stdout
+        func = k.rsplit("__mutmut_", 1)[0].split(".")[-1].lstrip("x_").lstrip("ǁ")
+        line = locate(diff, source, func)
+        survivors.append({"mutant": k, "status": status[k], "line": line,
+                          "where": f"src/at2po/{module}:{line}", "diff": diff.strip()})
+    res["survivors"] = survivors
+    res["wall_s"] = round(time.time() - t0, 1)
+    if not args.keep:
+        shutil.rmtree(ws, ignore_errors=True)
+    return res
+
+
+def print_module(r: dict) -> None:
+    print(f"\n== {r['module']}  ({r['tests']})")
+    if r.get("error"):
+        print("  mutmut produced no results:\n" + r["error"])
+    print(f"  generated {r['generated']}, run {r['run']}, killed {r['killed']}, survived {r['survived']}, "
+          f"timed out {r['timeout']}, no tests {r['no_tests']}, kill rate {r['kill_rate']} %, {r['wall_s']} s")
+    for s in r["survivors"]:
+        print(f"  -- {s['status']}: {s['where']}  [{s['mutant']}]")
+        print("     " + s["diff"].replace("\n", "\n     "))
+
+
+def write_report(results: list[dict], args, wall: float) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import mutmut as mm
+    meta = {"command": "python scripts/mutation_test.py " + " ".join(sys.argv[1:]),
+            "tool": f"mutmut {getattr(mm, '__version__', '3')}", "python": platform.python_version(),
+            "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPU cores",
+            "wall_s": round(wall, 1), "seed": args.seed, "max_mutants": args.max_mutants,
+            "modules": results}
+    (out / "report.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
+    md = [f"# Mutation testing ({meta['tool']})", "", f"Command: `{meta['command']}`  ",
+          f"Machine: {meta['machine']}, Python {meta['python']}; wall time {meta['wall_s']} s", "",
+          "| module | tests | generated | run | killed | survived | timed out | kill rate |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        md.append(f"| `{r['module']}` | `{r['tests']}` | {r['generated']} | {r['run']} | {r['killed']} | "
+                  f"{r['survived'] + r['no_tests']} | {r['timeout']} | {r['kill_rate']} % |")
+    md += ["", "## Surviving mutants", ""]
+    for r in results:
+        for s in r["survivors"]:
+            md += [f"### `{s['where']}` — `{s['mutant']}` ({s['status']})", "", "```diff", s["diff"], "```", ""]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    print(f"\nreport: {out / 'report.md'}, {out / 'report.json'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modules", nargs="*", help="short names (credit, losses, ...) or paths; default: all")
+    ap.add_argument("--max-mutants", type=int, default=0, help="sample N mutants per module (0 = all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="mutation-report")
+    ap.add_argument("--jobs", type=int, default=2, help="mutmut --max-children")
+    ap.add_argument("--timeout-multiplier", type=float, default=15.0, help="mutmut timeout_multiplier")
+    ap.add_argument("--module-timeout", type=float, default=3600.0, help="seconds per module")
+    ap.add_argument("--keep", action="store_true", help="keep the work copies (printed path)")
+    args = ap.parse_args()
+    t0 = time.time()
+    root = Path(tempfile.mkdtemp(prefix="at2po-mutation-"))
+    results = []
+    for m in resolve(args.modules):
+        r = run_module(m, MODULES[m], args, root)
+        print_module(r)
+        results.append(r)
+        write_report(results, args, time.time() - t0)  # partial report after each module
+    if args.keep:
+        print(f"work copies in {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
