@@ -42,7 +42,9 @@ def load_model(cfg: ModelConfig, device: Any = None) -> torch.nn.Module:
         raise ValueError("model.path is empty: point it at a Hugging Face model directory (or hub id)")
     model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=getattr(torch, cfg.dtype))
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        # transformers 5 renamed it; 4.x has only the old name.
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     return model if device is None else model.to(device)
 
 
