@@ -155,3 +155,20 @@ def test_logprob_mismatch_by_hand():
     assert m["turns_outside_clip"] == pytest.approx(1 / 3)
     empty = logprob_mismatch(rollout, trainer, torch.zeros_like(mask), turn_ids, 3e-3, 4e-3)
     assert empty == {"diff_mean": 0.0, "diff_max": 0.0, "turns_outside_clip": 0.0}
+
+
+def test_a_chunked_tool_turn_counts_once_towards_the_turn_limit(tok):
+    # Turn 1: a long search written in chunks of 4 tokens; turn 2: a short search; turn 3: the answer.
+    plans = [SEARCH.format(q="long query about paris"), " " + SEARCH.format(q="q2"), " " + ANSWER.format(a="paris")]
+
+    def script(response, n_results, call):  # every turn is written 4 tokens a call, continued where it stopped
+        turn_so_far = response.rsplit("</result>", 1)[-1] if n_results else response
+        return plans[n_results][len(turn_so_far):], -0.5
+
+    cfg = RolloutConfig(n_initial=1, expansion_rounds=0, samples_per_tree=1, chunk_tokens=4, max_turns=3)
+    res = TreeRolloutEngine(ScriptedGenerator(tok, script), tok, [EchoSearch()], SearchQATask(), cfg).rollout(
+        [make_prompt(tok)])
+    tree = res.trees[0]
+    # Three turns, the third an answer within the limit of 3 (a chunk is not a turn).
+    assert [n.status for n in tree.nodes[1:]] == ["active", "active", "leaf"]
+    assert res.stats[0].depth == 3 and res.rows[0].score.reward == 1.0

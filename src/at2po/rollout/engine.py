@@ -224,7 +224,7 @@ class TreeRolloutEngine:
 
         next_open: list[_Open] = []
         calls: list[tuple[Tool, str]] = []
-        call_slots: list[tuple[_Open, int]] = []  # (trajectory, new node) waiting for a tool result
+        call_slots: list[tuple[_Open, int, int]] = []  # (trajectory, node, its turn count) awaiting a tool result
         for o, ctx, gen, budget in zip(opened, contexts, gens, budgets):
             tree, st = trees[o.tree], stats[o.tree]
             st.generated_tokens += len(gen.token_ids)
@@ -269,18 +269,18 @@ class TreeRolloutEngine:
                 next_open.append(_Open(o.tree, node, obs, o.tool_calls + 1, turns))
                 continue
             calls.append((self.tools[action.kind], action.query))
-            call_slots.append((o, node))
+            call_slots.append((o, node, turns))
 
         if calls:
             t0 = time.perf_counter()
             results = run_tool_calls(calls, max_workers=cfg.tool_workers, timeout=cfg.tool_timeout)
             self._seconds["tools"] += time.perf_counter() - t0
-            for (o, node), res in zip(call_slots, results):
+            for (o, node, turns), res in zip(call_slots, results):
                 if not res.ok:
                     stats[o.tree].tool_failures += 1
                 trees[o.tree].nodes[node].info["tool_ok"] = res.ok
                 obs = encode_observation(self.tokenizer, format_observation(res.text))
-                next_open.append(_Open(o.tree, node, obs, o.tool_calls + 1, o.turns + 1))
+                next_open.append(_Open(o.tree, node, obs, o.tool_calls + 1, turns))
         return next_open
 
     # -- leaves -> rows -----------------------------------------------------------------------
