@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from at2po.agent import render_prompt
 from at2po.rollout.engine import Prompt
@@ -88,3 +92,32 @@ def make_prompt(tok, q="Who?", golds=("paris",)):
 
 SEARCH = "<think> look </think> <search> {q} </search>"
 ANSWER = "<think> ok </think> <answer> The final answer is \\[ \\boxed{{{a}}} \\] </answer>"
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models gain nothing from intra-op threads, which crawl when other processes share the
+    CPU (use with ``pytestmark = pytest.mark.usefixtures("single_thread")``)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def hand_credit(tree, leaf_reward):
+    """Leaf normalisation within this tree only (population std, eps 1e-6), then entropy-softmax
+    values (Eq. 3) by recursion: the naive reference of docs/method.md §3."""
+    leaves = sorted(leaf_reward)
+    rs = [leaf_reward[n] for n in leaves]
+    mean = sum(rs) / len(rs)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs))
+    r_hat = {n: (leaf_reward[n] - mean) / (std + 1e-6) for n in leaves}
+
+    def value(n):
+        node = tree.nodes[n]
+        if not node.children:
+            return r_hat[n]
+        weights = [math.exp(tree.nodes[c].entropy) for c in node.children]
+        return sum(w * value(c) for w, c in zip(weights, node.children)) / sum(weights)
+
+    return r_hat, value

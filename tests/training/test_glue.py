@@ -26,18 +26,12 @@ from at2po.tasks.base import TASKS, Sample, Score, register_task
 from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
 from at2po.training.trainer import Trainer, build_train_batch, latest_checkpoint, response_log_probs
-from conftest import ANSWER, SEARCH, EchoSearch, ScriptedGenerator, make_prompt
+from conftest import ANSWER, SEARCH, EchoSearch, ScriptedGenerator, hand_credit, make_prompt
 
 QA = SearchQATask()  # EM reward, −1 on a bad format
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models gain nothing from intra-op threads, which crawl when other processes share the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
@@ -63,25 +57,6 @@ class QuestionScripted(ScriptedGenerator):
             self.limits.append(lim)
             out += ScriptedGenerator.generate(self, [ctx], params, [lim])
         return out
-
-
-def hand_credit(tree, leaf_reward):
-    """Leaf normalisation within this tree only (population std, eps 1e-6), then entropy-softmax
-    values (Eq. 3) by recursion: the naive reference of docs/method.md §3."""
-    leaves = sorted(leaf_reward)
-    rs = [leaf_reward[n] for n in leaves]
-    mean = sum(rs) / len(rs)
-    std = math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs))
-    r_hat = {n: (leaf_reward[n] - mean) / (std + 1e-6) for n in leaves}
-
-    def value(n):
-        node = tree.nodes[n]
-        if not node.children:
-            return r_hat[n]
-        weights = [math.exp(tree.nodes[c].entropy) for c in node.children]
-        return sum(w * value(c) for w, c in zip(weights, node.children)) / sum(weights)
-
-    return r_hat, value
 
 
 def leaf_rewards_of(result, t):

@@ -18,6 +18,7 @@ from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_te
 from at2po.tools.base import TOOLS, Tool, ToolResult, register_tool
 from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.training.trainer import Trainer, build_train_batch, latest_checkpoint, response_log_probs
+from conftest import hand_credit
 
 CORPUS = [
     "Zorbex was founded by Mila Tarn.",
@@ -402,24 +403,6 @@ def test_tree_and_grpo_advantages_on_a_branching_tree():
     torch.testing.assert_close(td.advantages[2], torch.tensor([rd - v_root, 0.0, 0.0, 0.0, 0.0]))
 
 
-def _hand_credit(tree, leaf_reward):
-    """Normalised leaf rewards and entropy-softmax values (Eq. 3), by recursion over the tree."""
-    leaves = tree.leaves()
-    rs = [leaf_reward[n] for n in leaves]
-    mean = sum(rs) / len(rs)
-    std = math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs))
-    r_hat = {n: (leaf_reward[n] - mean) / (std + 1e-6) for n in leaves}
-
-    def value(n):
-        node = tree.nodes[n]
-        if not node.children:
-            return r_hat[n]
-        weights = [math.exp(tree.nodes[c].entropy) for c in node.children]
-        return sum(w * value(c) for w, c in zip(weights, node.children)) / sum(weights)
-
-    return r_hat, value
-
-
 def test_tree_and_grpo_advantages_of_a_real_rollout(assets, tmp_path):
     cfg = make_cfg(assets, tmp_path / "run")
     tr = use_length_reward(Trainer(cfg))
@@ -431,7 +414,7 @@ def test_tree_and_grpo_advantages_of_a_real_rollout(assets, tmp_path):
         tree = result.trees[row.tree]
         rewards = {r.sequence.leaf: r.score.reward for r in result.rows if r.tree == row.tree and not r.duplicate}
         assert sorted(rewards) == tree.leaves()  # the distinct leaves, each scored once
-        r_hat, value = _hand_credit(tree, rewards)
+        r_hat, value = hand_credit(tree, rewards)
         seq = row.sequence
         n = len(seq.loss_mask)
         want_grpo = [r_hat[seq.leaf] if m else 0.0 for m in seq.loss_mask]
