@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -121,3 +122,13 @@ def hand_credit(tree, leaf_reward):
         return sum(w * value(c) for w, c in zip(weights, node.children)) / sum(weights)
 
     return r_hat, value
+
+
+def write_search_qa_files(root, corpus, questions):
+    """``corpus.jsonl`` ({"id", "contents"}) and ``train.jsonl`` (FlashRAG rows) under ``root``."""
+    with open(root / "corpus.jsonl", "w") as f:
+        for i, c in enumerate(corpus):
+            f.write(json.dumps({"id": str(i), "contents": c}) + "\n")
+    with open(root / "train.jsonl", "w") as f:
+        for i, (q, a) in enumerate(questions):
+            f.write(json.dumps({"id": str(i), "question": q, "golden_answers": [a]}) + "\n")

@@ -26,7 +26,7 @@ from at2po.tasks.base import TASKS, Sample, Score, register_task
 from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
 from at2po.training.trainer import Trainer, build_train_batch, latest_checkpoint, response_log_probs
-from conftest import ANSWER, SEARCH, EchoSearch, ScriptedGenerator, hand_credit, make_prompt
+from conftest import ANSWER, SEARCH, EchoSearch, ScriptedGenerator, hand_credit, make_prompt, write_search_qa_files
 
 QA = SearchQATask()  # EM reward, −1 on a bad format
 
@@ -142,12 +142,7 @@ def run_assets(tmp_path_factory):
     model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64,
                              seed=0)
     save_pretrained_dir(model, tok, root / "model")
-    with open(root / "corpus.jsonl", "w") as f:
-        for i, c in enumerate(CORPUS):
-            f.write(json.dumps({"id": str(i), "contents": c}) + "\n")
-    with open(root / "train.jsonl", "w") as f:
-        for i, (q, a) in enumerate(QUESTIONS):
-            f.write(json.dumps({"id": str(i), "question": q, "golden_answers": [a]}) + "\n")
+    write_search_qa_files(root, CORPUS, QUESTIONS)
     return root
 
 
@@ -690,12 +685,7 @@ def warm_assets(tmp_path_factory):
                 for q, d in demos]
     sft_warm_start(model, tok, examples, steps=100, batch_size=2, lr=1e-2, progress=False)
     save_pretrained_dir(model, tok, root / "model")
-    with open(root / "corpus.jsonl", "w") as f:
-        for i, c in enumerate(CORPUS):
-            f.write(json.dumps({"id": str(i), "contents": c}) + "\n")
-    with open(root / "train.jsonl", "w") as f:
-        for i, (q, a) in enumerate(QUESTIONS):
-            f.write(json.dumps({"id": str(i), "question": q, "golden_answers": [a]}) + "\n")
+    write_search_qa_files(root, CORPUS, QUESTIONS)
     return root
 
 

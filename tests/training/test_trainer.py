@@ -18,7 +18,7 @@ from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_te
 from at2po.tools.base import TOOLS, Tool, ToolResult, register_tool
 from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.training.trainer import Trainer, build_train_batch, latest_checkpoint, response_log_probs
-from conftest import hand_credit
+from conftest import hand_credit, write_search_qa_files
 
 CORPUS = [
     "Zorbex was founded by Mila Tarn.",
@@ -34,13 +34,8 @@ def assets(tmp_path_factory):
     tok = train_tokenizer(synthetic_agent_texts(200) + CORPUS * 5, vocab_size=600)
     model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0)
     save_pretrained_dir(model, tok, root / "model")
-    with open(root / "corpus.jsonl", "w") as f:
-        for i, c in enumerate(CORPUS):
-            f.write(json.dumps({"id": str(i), "contents": c}) + "\n")
-    with open(root / "train.jsonl", "w") as f:
-        for i, (q, a) in enumerate([("Who founded Zorbex?", "Mila Tarn"), ("Where was Mila Tarn born?", "Quovia"),
-                                    ("Which country is Quovia in?", "Belmark"), ("What flows through Quovia?", "Drelto")]):
-            f.write(json.dumps({"id": str(i), "question": q, "golden_answers": [a]}) + "\n")
+    write_search_qa_files(root, CORPUS, [("Who founded Zorbex?", "Mila Tarn"), ("Where was Mila Tarn born?", "Quovia"),
+                                         ("Which country is Quovia in?", "Belmark"), ("What flows through Quovia?", "Drelto")])
     return root
 
 
