@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from at2po.config import load_config
+
 from at2po.agent import render_prompt
 from at2po.rollout.engine import Prompt
 from at2po.rollout.generator import Generation
@@ -132,3 +134,17 @@ def write_search_qa_files(root, corpus, questions):
     with open(root / "train.jsonl", "w") as f:
         for i, (q, a) in enumerate(questions):
             f.write(json.dumps({"id": str(i), "question": q, "golden_answers": [a]}) + "\n")
+
+
+def make_run_cfg(assets, out, *extra, val=True):
+    """The trainer tests' tiny search-QA run over ``assets`` (model/, corpus.jsonl, train.jsonl)."""
+    return load_config(None, [
+        f"model.path={assets / 'model'}", f"data.train_file={assets / 'train.jsonl'}",
+        *([f"data.val_file={assets / 'train.jsonl'}"] if val else []),
+        f"tools.search.corpus_file={assets / 'corpus.jsonl'}",
+        "rollout.n_initial=3", "rollout.expansion_rounds=1", "rollout.top_k=2", "rollout.samples_per_tree=4",
+        "rollout.chunk_tokens=12", "rollout.max_response_tokens=40", "rollout.max_turns=3",
+        "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=1", "trainer.micro_batch_rows=3",
+        "trainer.val_every=0", "trainer.val_before_train=false", "trainer.save_every=1", "trainer.progress=false",
+        "trainer.tensorboard=false", "optim.lr=1e-3", f"trainer.output_dir={out}", *extra,
+    ])

@@ -8,16 +8,14 @@ import pytest
 
 from at2po.agent import TOOL_LIMIT_MESSAGE, render_prompt
 from at2po.algorithms.credit import turn_credit
-from at2po.rollout.engine import Prompt, RolloutConfig, TreeRolloutEngine
+from at2po.rollout.engine import RolloutConfig, TreeRolloutEngine
 from at2po.tasks.base import Sample
 from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
-from at2po.rollout.generator import Generation
 from at2po.tiny import synthetic_agent_texts, train_tokenizer
 from at2po.tools.base import Tool, ToolResult
 from at2po.algorithms.tree import ACTIVE, FAILED, LEAF
 from conftest import ANSWER, SEARCH, EchoSearch, ScriptedGenerator
 from conftest import make_prompt as prompt
-from conftest import make_sample as sample
 
 qa_reward = SearchQATask()  # the task whose score was the old qa_reward (EM, -1 on bad format)
 

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from at2po.agent import AgentProtocol, render_prompt
+from at2po.agent import AgentProtocol
 from at2po.algorithms.expansion import expansion_scores, select_expansion
 from at2po.algorithms.losses import logprob_mismatch
-from at2po.config import load_config
 from at2po.rollout.engine import RolloutConfig, TreeRolloutEngine
-from at2po.rollout.generator import Generation, HFGenerator, sequence_logprobs
-from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
+from at2po.rollout.generator import HFGenerator, sequence_logprobs
+from at2po.tasks.search_qa import SearchQATask
 from at2po.tiny import build_tiny_model, synthetic_agent_texts, train_tokenizer
 from at2po.tools import LocalSearchTool, PythonTool
 

@@ -26,7 +26,16 @@ from at2po.tasks.base import TASKS, Sample, Score, register_task
 from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
 from at2po.training.trainer import Trainer, build_train_batch, latest_checkpoint, response_log_probs
-from conftest import ANSWER, SEARCH, EchoSearch, ScriptedGenerator, hand_credit, make_prompt, write_search_qa_files
+from conftest import (
+    ANSWER,
+    SEARCH,
+    EchoSearch,
+    ScriptedGenerator,
+    hand_credit,
+    make_prompt,
+    make_run_cfg,
+    write_search_qa_files,
+)
 
 QA = SearchQATask()  # EM reward, −1 on a bad format
 
@@ -64,19 +73,6 @@ def leaf_rewards_of(result, t):
 
 
 # == trainer helpers (tests/training/test_trainer.py's tiny setting) ===========================================
-def make_run_cfg(assets, out, *extra, val=True):
-    return load_config(None, [
-        f"model.path={assets / 'model'}", f"data.train_file={assets / 'train.jsonl'}",
-        *([f"data.val_file={assets / 'train.jsonl'}"] if val else []),
-        f"tools.search.corpus_file={assets / 'corpus.jsonl'}",
-        "rollout.n_initial=3", "rollout.expansion_rounds=1", "rollout.top_k=2", "rollout.samples_per_tree=4",
-        "rollout.chunk_tokens=12", "rollout.max_response_tokens=40", "rollout.max_turns=3",
-        "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=1", "trainer.micro_batch_rows=3",
-        "trainer.val_every=0", "trainer.val_before_train=false", "trainer.save_every=1", "trainer.progress=false",
-        "trainer.tensorboard=false", "optim.lr=1e-3", f"trainer.output_dir={out}", *extra,
-    ])
-
-
 class LengthRewardQA(SearchQATask):
     """search_qa with a reward that varies on a random policy's output (a test double for EM): odd length wins."""
 

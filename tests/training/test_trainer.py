@@ -18,7 +18,7 @@ from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_te
 from at2po.tools.base import TOOLS, Tool, ToolResult, register_tool
 from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.training.trainer import Trainer, build_train_batch, latest_checkpoint, response_log_probs
-from conftest import hand_credit, write_search_qa_files
+from conftest import hand_credit, make_run_cfg, write_search_qa_files
 
 CORPUS = [
     "Zorbex was founded by Mila Tarn.",
@@ -37,18 +37,6 @@ def assets(tmp_path_factory):
     write_search_qa_files(root, CORPUS, [("Who founded Zorbex?", "Mila Tarn"), ("Where was Mila Tarn born?", "Quovia"),
                                          ("Which country is Quovia in?", "Belmark"), ("What flows through Quovia?", "Drelto")])
     return root
-
-
-def make_cfg(assets, out, *extra):
-    return load_config(None, [
-        f"model.path={assets / 'model'}", f"data.train_file={assets / 'train.jsonl'}",
-        f"data.val_file={assets / 'train.jsonl'}", f"tools.search.corpus_file={assets / 'corpus.jsonl'}",
-        "rollout.n_initial=3", "rollout.expansion_rounds=1", "rollout.top_k=2", "rollout.samples_per_tree=4",
-        "rollout.chunk_tokens=12", "rollout.max_response_tokens=40", "rollout.max_turns=3",
-        "trainer.prompts_per_step=2", "trainer.mini_batch_prompts=1", "trainer.micro_batch_rows=3",
-        "trainer.val_every=0", "trainer.val_before_train=false", "trainer.save_every=1", "trainer.progress=false",
-        "trainer.tensorboard=false", "optim.lr=1e-3", f"trainer.output_dir={out}", *extra,
-    ])
 
 
 class LengthRewardQA(SearchQATask):
@@ -80,7 +68,7 @@ def keep_rollouts(trainer):
 
 
 def test_one_step_raises_logprob_of_positive_advantage_turns(assets, tmp_path):
-    cfg = make_cfg(assets, tmp_path / "run", "trainer.mini_batch_prompts=2", "algo.clip_low=0.2", "algo.clip_high=0.2",
+    cfg = make_run_cfg(assets, tmp_path / "run", "trainer.mini_batch_prompts=2", "algo.clip_low=0.2", "algo.clip_high=0.2",
                    "optim.lr=1e-4")
     tr = use_length_reward(Trainer(cfg))
     prompts = [tr.engine.prompt(r) for r in tr.train_rows[:2]]
@@ -108,7 +96,7 @@ def test_resume_is_bit_identical(assets, tmp_path):
     def final_state(out, plan):
         weights = None
         for i, steps in enumerate(plan):
-            cfg = make_cfg(assets, out, f"trainer.steps={sum(plan[:i + 1])}")
+            cfg = make_run_cfg(assets, out, f"trainer.steps={sum(plan[:i + 1])}")
             tr = use_length_reward(Trainer(cfg))
             res = tr.fit(resume=i > 0)
             weights = {k: v.clone() for k, v in tr.accelerator.unwrap_model(tr.model).state_dict().items()}
@@ -180,7 +168,7 @@ class SearchThenAnswer(GarbageGenerator):
 
 def test_step_survives_failing_tool_and_garbage_generator(assets, tmp_path):
     # One update per step (both trees in one mini-batch): the step's ratio is exactly on-policy.
-    cfg = make_cfg(assets, tmp_path / "run", "trainer.steps=1", "trainer.mini_batch_prompts=2")
+    cfg = make_run_cfg(assets, tmp_path / "run", "trainer.steps=1", "trainer.mini_batch_prompts=2")
     tr = Trainer(cfg, tools=[AlwaysFails()])
     batches = []
     update = tr._update
@@ -233,7 +221,7 @@ def _means_of(records, keys):
 
 
 def test_validation_and_logs(assets, tmp_path):
-    cfg = make_cfg(assets, tmp_path / "run", "trainer.steps=1", "trainer.val_before_train=true",
+    cfg = make_run_cfg(assets, tmp_path / "run", "trainer.steps=1", "trainer.val_before_train=true",
                    "trainer.tensorboard=true")
     tr = Trainer(cfg)
     val_records = []
@@ -399,7 +387,7 @@ def test_tree_and_grpo_advantages_on_a_branching_tree():
 
 
 def test_tree_and_grpo_advantages_of_a_real_rollout(assets, tmp_path):
-    cfg = make_cfg(assets, tmp_path / "run")
+    cfg = make_run_cfg(assets, tmp_path / "run")
     tr = use_length_reward(Trainer(cfg))
     result = tr.engine.rollout([tr.engine.prompt(r) for r in tr.train_rows[:2]])
     grpo, _ = build_train_batch(result, AlgoConfig(advantage="grpo"))
@@ -570,7 +558,7 @@ def test_a_new_task_and_tool_train_through_the_real_trainer(capital_assets, tmp_
 
 
 def test_generator_samples_from_the_updated_weights(assets, tmp_path):
-    cfg = make_cfg(assets, tmp_path / "run", "trainer.steps=2", "optim.lr=1e-2")
+    cfg = make_run_cfg(assets, tmp_path / "run", "trainer.steps=2", "optim.lr=1e-2")
     tr = use_length_reward(Trainer(cfg))  # rewards that vary: the steps move the weights
     model = tr.accelerator.unwrap_model(tr.model)
     # The HF backend runs the training module itself: no copy to fall out of date.
@@ -620,7 +608,7 @@ def bf16_model(assets, tmp_path_factory):
 def test_recomputed_old_logprobs_make_first_ratios_exactly_one_in_bf16(assets, bf16_model, tmp_path):
     # One mini-batch per step and one epoch: every forward of the update sees untouched weights.
     extra = (f"model.path={bf16_model}", "model.dtype=bfloat16", "trainer.mini_batch_prompts=2", "trainer.save_every=0")
-    trainer = use_length_reward(Trainer(make_cfg(assets, tmp_path / "on", *extra)))
+    trainer = use_length_reward(Trainer(make_run_cfg(assets, tmp_path / "on", *extra)))
     m = trainer.train_step()
     assert m["loss/updates"] == 1.0
     assert m["loss/clipfrac"] == 0.0 and m["loss/ratio_min"] == 1.0 and m["loss/ratio_max"] == 1.0
@@ -628,14 +616,14 @@ def test_recomputed_old_logprobs_make_first_ratios_exactly_one_in_bf16(assets, b
     assert m["rollout/logprob_diff_max"] > 0 and m["rollout/logprob_diff_mean"] > 0
     assert 0.0 <= m["rollout/logprob_turns_outside_clip"] <= 1.0
 
-    off = use_length_reward(Trainer(make_cfg(assets, tmp_path / "off", *extra, "algo.recompute_old_logprobs=false")))
+    off = use_length_reward(Trainer(make_run_cfg(assets, tmp_path / "off", *extra, "algo.recompute_old_logprobs=false")))
     m_off = off.train_step()
     assert "rollout/logprob_diff_max" not in m_off
     assert (m_off["loss/ratio_min"], m_off["loss/ratio_max"]) != (1.0, 1.0)  # the sampler's π_old: ratios off 1
 
 
 def test_recompute_uses_the_first_epochs_micro_batches_and_the_truncated_correction(assets, bf16_model, tmp_path):
-    cfg = make_cfg(assets, tmp_path / "run", f"model.path={bf16_model}", "model.dtype=bfloat16", "algo.rollout_correction=true",
+    cfg = make_run_cfg(assets, tmp_path / "run", f"model.path={bf16_model}", "model.dtype=bfloat16", "algo.rollout_correction=true",
                    "algo.rollout_correction_cap=1.002", "trainer.save_every=0")
     trainer = use_length_reward(Trainer(cfg))
     prompts = [trainer.engine.prompt(s) for s in trainer.train_rows[:2]]

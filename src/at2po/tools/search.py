@@ -7,7 +7,6 @@ that in ``<result>...</result>``.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path

@@ -8,7 +8,6 @@ the task, tools and generator backend come from the registries through ``at2po.f
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import shutil
@@ -23,7 +22,7 @@ import torch
 from at2po.algorithms.advantages import compute_advantages
 from at2po.algorithms.losses import aggregate, kl_penalty, logprob_mismatch, policy_loss
 from at2po.config import Config, config_to_dict, save_config
-from at2po.evaluation.evaluator import evaluate_greedy, mean_metrics
+from at2po.evaluation.evaluator import evaluate_greedy
 from at2po.factory import build_engine, build_task, build_tools, load_model, load_tokenizer
 from at2po.rollout.engine import RolloutResult
 from at2po.rollout.generator import sequence_logprobs
