@@ -212,6 +212,18 @@ def quickstart_config(assets_dir: Path, out_dir: Path, seed: int, overrides: lis
     ])
 
 
+def _package_versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in ("at2po", "torch", "transformers", "tokenizers", "numpy", "bm25s"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
 def run_quickstart(out_dir: str | Path = "runs/quickstart", seed: int = 0, overrides: list[str] | None = None,
                    progress: bool = True) -> dict:
     from at2po.training.trainer import Trainer, plot_metrics
@@ -242,6 +254,9 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", seed: int = 0, overr
         "format_before": before["val/format_ok"], "format_after": after["val/format_ok"],
         "tool_calls_before": before["val/tool_calls"], "tool_calls_after": after["val/tool_calls"],
         "seconds_warm_start": t_assets, "seconds_total": t_total,
+        # The numbers depend on these (tokenizer training, kernels, summation order): keep them with
+        # the result so that two runs can be compared.
+        "torch_threads": torch.get_num_threads(), "versions": _package_versions(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print("[3/3] held-out results (greedy, one chain per question)")
