@@ -175,6 +175,50 @@ def test_atpo_loss_refuses_a_missing_config():
         get_policy_loss_fn("atpo")(old, logp, adv, mask, "token-mean", None, None)
 
 
+def actor_loss_inputs(old, logp, adv, mask, rows, prompt_len=3, **global_info):
+    """The micro-batch verl's actor hands its loss (``verl.workers.utils.losses.ppo_loss``): padded
+    prompts/responses, and the model's log-probs flat over every sequence, shifted by one token."""
+    from tensordict import TensorDict
+    from verl.utils import tensordict_utils as tu
+
+    bsz, width = len(rows), mask.shape[1]
+    attention = torch.ones(bsz, prompt_len + width, dtype=torch.int64)
+    flat = []
+    for r in rows:
+        flat += [torch.zeros(prompt_len - 1), logp[r], torch.zeros(1)]
+    data = TensorDict({"prompts": torch.ones(bsz, prompt_len, dtype=torch.int64),
+                       "responses": torch.ones(bsz, width, dtype=torch.int64), "attention_mask": attention,
+                       "response_mask": mask[rows].long(), "old_log_probs": old[rows], "advantages": adv[rows]},
+                      batch_size=bsz)
+    tu.assign_non_tensor(data, **global_info)
+    return {"log_probs": torch.cat(flat)}, data
+
+
+def test_verl_actor_loss_with_atpo_adds_up_to_the_global_batch_loss():
+    """verl's own actor loss path (ppo_loss: config -> get_policy_loss_fn -> agg with the global batch
+    info) with loss_mode=atpo, on two micro-batches: their losses and gradients add up to at2po's
+    policy_loss over the whole batch, i.e. gradient accumulation gives the global-batch objective."""
+    from verl.workers.config.actor import PolicyLossConfig
+    from verl.workers.utils.losses import ppo_loss
+
+    old, logp, adv, mask = random_turn_batch(10, bsz=6, empty_row=False)
+    cfg = ActorConfig(strategy="fsdp", rollout_n=1, ppo_micro_batch_size_per_gpu=3, clip_ratio_low=0.03,
+                      clip_ratio_high=0.04, loss_agg_mode="seq-mean-token-mean",
+                      policy_loss=PolicyLossConfig(loss_mode="atpo"))
+    total = 0
+    for rows in ([0, 2, 4], [1, 3, 5]):
+        output, data = actor_loss_inputs(old, logp, adv, mask, rows, dp_size=1, batch_num_tokens=int(mask.sum()),
+                                         global_batch_size=6)
+        loss, metrics = ppo_loss(cfg, output, data)
+        assert "actor/turn_kl_entropy" in metrics
+        total = total + loss
+    logp2 = logp.detach().clone().requires_grad_(True)
+    ref, _ = policy_loss(logp2, old, adv, mask, level="turn", clip_low=0.03, clip_high=0.04)
+    torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.autograd.grad(total, logp)[0], torch.autograd.grad(ref, logp2)[0],
+                               rtol=1e-5, atol=1e-8)
+
+
 # -- the tree credit ---------------------------------------------------------------------------------
 def random_tree(rng, max_turns):
     """A finished tree of random shape: turns branch from random open turns; every open turn is
