@@ -169,7 +169,7 @@ def _build_tree(tree_id, rows, paths, entropies, rewards, n_turns):
         if n_turns[r] > path.shape[0] - 1:
             raise ValueError(
                 f"row {r} (uid {tree_id!r}) has {n_turns[r]} turns in response_mask but {NODE_PATH} names "
-                f"{path.shape[0] - 1}: every turn needs its node (and turns must be separated by masked tokens)")
+                f"{path.shape[0] - 1}: every turn needs its node on the path, and a turn's tokens must be contiguous")
         if root is None:
             root = int(path[0])
         elif int(path[0]) != root:
