@@ -270,3 +270,11 @@ def test_minimal_environment(workroot, monkeypatch):
     result = run("import os\nprint(sorted(os.environ))\nprint(os.getcwd() == os.environ['HOME'])", workroot)
     assert result.ok and "AT2PO_TEST_SECRET" not in result.text
     assert result.text.splitlines()[-1] == "True"
+
+
+def test_death_by_signal_is_reported(workroot):
+    # Inside the kernel-level sandbox bwrap reports a signal death as exit 128 + N.
+    result = run("import os, signal\nprint('before', flush=True)\nos.kill(os.getpid(), signal.SIGSEGV)", workroot)
+    assert result == ToolResult(
+        "before\npython was killed by signal SIGSEGV (the interpreter crashed)", ok=False, error="exit_code"
+    )
