@@ -165,6 +165,32 @@ def test_libc_system_without_audit_hooks(tmp_path, victim):
     assert processes_with(marker) == []
 
 
+def test_seccomp_refuses_what_no_snippet_needs():
+    """Native calls the namespaces alone would allow: each must fail and change nothing."""
+    code = (
+        "import ctypes, os, socket\n"
+        "libc = ctypes.CDLL(None, use_errno=True)\n"
+        "ns = os.readlink('/proc/self/ns/user')\n"
+        "results = {\n"
+        "    'unshare': libc.unshare(0x10000000),\n"  # CLONE_NEWUSER
+        "    'ptrace': libc.ptrace(0, 0, None, None),\n"  # PTRACE_TRACEME
+        "    'bpf': libc.syscall(321, 0, None, 0),\n"
+        "    'keyctl': libc.syscall(250, 0, 0, 0, 0, 0),\n"
+        "    'pidfd_open': libc.syscall(434, os.getpid(), 0),\n"
+        "}\n"
+        "try:\n"
+        "    socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "    results['socket'] = 0\n"
+        "except OSError:\n"
+        "    results['socket'] = -1\n"
+        "print(sorted(name for name, value in results.items() if value != -1))\n"
+        "print(os.readlink('/proc/self/ns/user') == ns)\n"
+        "print(socket.socketpair()[0].family.name)"  # AF_UNIX stays allowed
+    )
+    result = run_contained(kernel_only(), code)
+    assert result == ToolResult("[]\nTrue\nAF_UNIX", ok=True), result.text
+
+
 # --- processes outliving the call --------------------------------------------------------------
 
 

@@ -292,6 +292,10 @@ def _init_pidfd(info: bytes) -> int | None:
         return None
 
 
+_USERNS_HINT = (" (user namespaces may be disabled: check the sysctls user.max_user_namespaces and "
+                "kernel.unprivileged_userns_clone, or the container's seccomp/AppArmor profile)")
+
+
 @functools.lru_cache(maxsize=None)
 def probe(python: str) -> Isolation:
     """Check once that a sandbox starts here and runs ``python``; raise IsolationUnavailable
@@ -310,8 +314,11 @@ def probe(python: str) -> Isolation:
             raise IsolationUnavailable("util-linux's `unshare` is not installed; Debian/Ubuntu: `apt install util-linux`")
     isolation = Isolation(bwrap=bwrap, unshare=unshare)
     check = f"import os; print(os.getuid(), os.getgid(), os.getgroups(), open('{WORKDIR}/main.py').read())"
-    proc, init = launch(isolation, python, ["-I", "-c", check], child_source=b"", snippet=b"ok",
-                        disk_bytes=1 << 20, env={"PATH": "/usr/bin:/bin"})
+    try:
+        proc, init = launch(isolation, python, ["-I", "-c", check], child_source=b"", snippet=b"ok",
+                            disk_bytes=1 << 20, env={"PATH": "/usr/bin:/bin"})
+    except IsolationUnavailable as exc:  # the user namespace could not be made
+        raise IsolationUnavailable(f"{exc}{_USERNS_HINT}") from None
     try:
         out, err = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -324,9 +331,6 @@ def probe(python: str) -> Isolation:
     if proc.returncode != 0 or out.decode().split() != [str(SANDBOX_UID), str(SANDBOX_UID), "[]", "ok"]:
         lines = err.decode(errors="replace").strip().splitlines()
         detail = lines[-1] if lines else f"exit code {proc.returncode}, output {out[:200]!r}"
-        hint = ""
-        if "namespace" in detail or "Operation not permitted" in detail:
-            hint = (" (user namespaces may be disabled: check the sysctls user.max_user_namespaces "
-                    "and kernel.unprivileged_userns_clone, or the container's seccomp/AppArmor profile)")
+        hint = _USERNS_HINT if "namespace" in detail or "Operation not permitted" in detail else ""
         raise IsolationUnavailable(f"a trial bubblewrap sandbox failed: {detail}{hint}")
     return isolation
