@@ -26,7 +26,8 @@ from at2po.tools import PythonTool, ToolResult, build_tool
 from at2po.tools import isolation, python_sandbox
 from at2po.tools.isolation import CHILD_PATH, IsolationUnavailable
 
-EXPLOIT = Path(__file__).with_name("native_exploit.py").read_text()
+# Python source kept in a .txt file so that nothing imports (and runs) it by accident.
+EXPLOIT = Path(__file__).with_name("native_exploit.txt").read_text()
 SITE_PACKAGES = Path(sysconfig.get_paths()["purelib"])
 
 
