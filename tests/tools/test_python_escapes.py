@@ -186,10 +186,14 @@ def test_seccomp_refuses_what_no_snippet_needs():
         "    results['socket'] = -1\n"
         "print(sorted(name for name, value in results.items() if value != -1))\n"
         "print(os.readlink('/proc/self/ns/user') == ns)\n"
-        "print(socket.socketpair()[0].family.name)"  # AF_UNIX stays allowed
+        "print(socket.socketpair()[0].family.name)\n"  # AF_UNIX stays allowed
+        # Every process in the sandbox is filtered (mode 2), bwrap's init included: an
+        # unfiltered one would be a way around the filter (the snippet can write /proc/1/mem).
+        "pids = [p for p in os.listdir('/proc') if p.isdigit()]\n"
+        "print(len(pids), {open(f'/proc/{p}/status').read().split('Seccomp:')[1].split()[0] for p in pids})"
     )
     result = run_contained(kernel_only(), code)
-    assert result == ToolResult("[]\nTrue\nAF_UNIX", ok=True), result.text
+    assert result == ToolResult("[]\nTrue\nAF_UNIX\n2 {'2'}", ok=True), result.text
 
 
 # --- processes outliving the call --------------------------------------------------------------

@@ -18,6 +18,7 @@ Every call runs in a fresh sandbox made by ``bwrap`` (bubblewrap):
   refuses the system calls no snippet needs: tracing and reading other processes' memory,
   pidfd signalling, mounting, namespaces, kernel keyrings, BPF, perf, io_uring, modules,
   clocks, and sockets other than AF_UNIX (see ``DENIED_SYSCALLS``);
+* every process inside runs under the filter, bwrap's own init (PID 1) included;
 * the sandbox dies with its parent, and killing its PID-namespace init kills every process
   in it, so nothing outlives the call.
 
