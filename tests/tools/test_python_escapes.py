@@ -8,6 +8,7 @@ found past the hooks (ctypes memory access, readline, sqlite, descriptor calls, 
 run with the hooks on.
 """
 
+import errno
 import os
 import random
 import select
@@ -419,6 +420,24 @@ def test_fork_bomb_leaves_nothing_behind():
     code = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass"
     result = run_contained(kernel_only(timeout=2.0), code)
     assert result.error == "timeout"
+
+
+def test_process_count_is_bounded():
+    # RLIMIT_NPROC, which the kernel enforces because the sandbox is not root on the host.
+    code = (
+        "import os, time\nforks = 0\n"
+        "try:\n"
+        "    while True:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(60)\n"
+        "            os._exit(0)\n"
+        "        forks += 1\n"
+        "except OSError as e:\n"
+        "    print(forks, e.errno)"
+    )
+    result = run_contained(kernel_only(max_processes=8), code)
+    forks, error = result.text.split()
+    assert 0 < int(forks) < 8 and int(error) == errno.EAGAIN, result.text
 
 
 def test_memory_is_limited():

@@ -136,7 +136,9 @@ class PythonTool(Tool):
         max_output_chars: int = 2000,
         max_file_mb: int = 16,
         max_open_files: int = 64,
-        max_processes: int = 64,
+        # Processes and threads of one call. Memory is limited per process, so a call can
+        # hold up to max_processes * memory_mb (8 GB by default).
+        max_processes: int = 16,
         disk_mb: int = 64,
         workdir_root: str | Path | None = None,
         python: str = sys.executable,
