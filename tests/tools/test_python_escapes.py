@@ -495,6 +495,16 @@ def test_tool_refuses_without_isolation_unless_unsafe(monkeypatch, tmp_path):
         weak = build_tool("python", timeout=5, unsafe_allow_weak_isolation=True, workdir_root=tmp_path)
     assert not weak.isolated
     assert weak("print(6 * 7)") == ToolResult("42", ok=True)
+    # The config field reaches the tool.
+    from at2po.config import load_config
+    from at2po.factory import build_tools
+
+    with pytest.raises(IsolationUnavailable, match="bubblewrap"):
+        build_tools(load_config(overrides=["tools.enabled=[python]"]), task=None)
+    cfg = load_config(overrides=["tools.enabled=[python]", "tools.python.unsafe_allow_weak_isolation=true"])
+    with pytest.warns(UserWarning, match="WITHOUT kernel-level isolation"):
+        (weak,) = build_tools(cfg, task=None)
+    assert not weak.isolated
 
 
 def test_python_timeout_is_capped_at_the_round_timeout():
