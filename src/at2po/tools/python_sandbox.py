@@ -197,6 +197,7 @@ class PythonTool(Tool):
         return self._run_isolated(query, self._isolation)
 
     def _run_isolated(self, query: str, isolation: Isolation) -> ToolResult:
+        started = time.monotonic()
         config = json.dumps(self._limits(WORKDIR))
         proc, sandbox_init = launch(
             isolation, self.python, ["-I", "-B", "-u", CHILD_PATH, config],
@@ -205,7 +206,7 @@ class PythonTool(Tool):
             disk_bytes=self.disk_mb << 20,
             env=_child_env(WORKDIR),
         )
-        return self._supervise(proc, sandbox_init)
+        return self._supervise(proc, sandbox_init, started)
 
     def _run_weak(self, query: str) -> ToolResult:
         with tempfile.TemporaryDirectory(
@@ -222,16 +223,21 @@ class PythonTool(Tool):
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # its own process group, killed as a whole
             )
-            return self._supervise(proc, sandbox_init=None)
+            return self._supervise(proc, sandbox_init=None, started=time.monotonic())
 
-    def _supervise(self, proc: subprocess.Popen[bytes], sandbox_init: int | None) -> ToolResult:
+    def _supervise(
+        self, proc: subprocess.Popen[bytes], sandbox_init: int | None, started: float
+    ) -> ToolResult:
         """Collect the output until exit or timeout, then make sure nothing of the call is left.
 
         ``sandbox_init`` is a pidfd of the sandbox's PID-namespace init: killing it makes the
-        kernel kill every process in the namespace, however it was started.
+        kernel kill every process in the namespace, however it was started. The timeout
+        counts from ``started`` (before the sandbox was made), so that a call ends within its
+        round's timeout when both are equal.
         """
         try:
-            out, err, timed_out = _collect(proc, self.timeout, self.max_output_chars)
+            remaining = max(0.0, self.timeout - (time.monotonic() - started))
+            out, err, timed_out = _collect(proc, remaining, self.max_output_chars)
         finally:
             if proc.returncode is None:  # still running (or not yet reaped): kill all
                 if sandbox_init is not None:
