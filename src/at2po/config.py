@@ -70,7 +70,10 @@ class SearchToolConfig:
 
 @dataclass
 class PythonToolConfig:
-    timeout: float = 5.0  # wall-clock seconds per call
+    timeout: float = 5.0  # wall-clock seconds per call (capped at rollout.tool_timeout)
+    # Run without the kernel-level sandbox where it cannot be set up (audit hooks only: NOT safe
+    # against hostile code). False: the tool refuses to start and says what is missing.
+    unsafe_allow_weak_isolation: bool = False
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
