@@ -53,7 +53,7 @@ DATA = {
     "bamboogle": _rows("bb", [("Which country is Quovia in?", ["Belmark"]), ("Who is Mila Tarn?", ["a founder"])]),
 }
 RECORD_KEYS = {"id", "prompt", "target", "prediction", "reward", "em", "f1", "format_ok", "turns", "tool_calls",
-               "response"}
+               "tool_failures", "infra_failures", "response"}
 SINGLE, MULTI = ("nq", "triviaqa"), ("hotpotqa", "bamboogle")
 LABELS = {"nq": "NQ", "triviaqa": "TriviaQA", "hotpotqa": "HotpotQA", "bamboogle": "Bamboogle"}
 

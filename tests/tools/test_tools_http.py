@@ -132,6 +132,7 @@ def test_always_5xx_fails_after_bounded_retries(server):
         f"search failed: retriever at {server.url}/retrieve returned HTTP 503 after 3 attempt(s)",
         ok=False,
         error="http_status",
+        infra=True,  # a 5xx is the service's failure, not the query's
     )
     assert len(server.requests) == 3
 
@@ -167,6 +168,7 @@ def test_slow_server_times_out_quickly(server):
         f"search failed: retriever at {server.url}/retrieve did not answer within 0.3s",
         ok=False,
         error="timeout",
+        infra=True,
     )
     assert gave_up_first
     # Generous on purpose (a loaded machine may stall for seconds): waiting for the server would
@@ -222,6 +224,7 @@ def test_server_down(monkeypatch):
         "after 3 attempt(s) (Connection refused)",
         ok=False,
         error="connection",
+        infra=True,
     )
     assert waits == [0.01, 0.02]  # backoff · 2^k before each retry, nothing else
 
