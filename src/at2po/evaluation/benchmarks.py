@@ -297,6 +297,7 @@ def evaluate(
     import torch
 
     from at2po.factory import build_engine, build_task, build_tools, load_model, load_tokenizer
+    from at2po.tools.health import preflight_tools
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -313,9 +314,7 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     tools = tools if tools is not None else build_tools(cfg, task)
     system_prompt = cfg.data.system_prompt or task.system_prompt(tools)
-    from at2po.tools.health import preflight_tools
-
-    preflight_tools(tools)
+    preflight_tools(tools)  # an unreachable retriever stops here, not after a table of EM 0
     _check_settings(out_dir, _settings(cfg, system_prompt), resume)
     done = {d: _resume_file(out_dir / f"{d}.jsonl", resume) for d in data}
 
