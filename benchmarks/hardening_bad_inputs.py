@@ -44,8 +44,12 @@ def seen(r: dict) -> str:
     """What the user sees, in one cell."""
     err_lines = [l for l in r["err"].splitlines() if l.strip() and "it/s]" not in l and not l.startswith("[retriever]")]
     err_lines = [l.replace("  (AT2PO_DEBUG=1 for the traceback)", "") for l in err_lines]
+    if r["rc"] == "timeout":
+        return f"still running after {r['seconds']}s (killed)"
     if "Traceback (most recent call last)" in r["err"]:
-        return f"exit {r['rc']}, traceback: `{_cut(err_lines[-1] if err_lines else '')}`"
+        # The exception line: the last one that is not indented (a YAML error adds a caret line).
+        last = [l for l in err_lines if not l.startswith((" ", "\t"))]
+        return f"exit {r['rc']}, traceback: `{_cut(last[-1] if last else '')}`"
     if r["rc"] == 0:
         return "exit 0, no error"
     return f"exit {r['rc']}: `{_cut(err_lines[-1] if err_lines else r['out'].strip().splitlines()[-1:])}`"
@@ -97,7 +101,7 @@ def missing_model_path(src, work, assets):
 
 def output_dir_case(kind):
     def case(src, work, assets):
-        target = work / "a_file" if kind == "file" else Path("/proc/at2po_run")
+        target = work / "a_file" if kind == "file" else Path("/sys/at2po_run")
         if kind == "file":
             target.write_text("x")
         return seen(cli(src, ["train", "--config", str(assets / "config.yaml"), "trainer.steps=1",
@@ -109,6 +113,12 @@ def retriever_case(args_of):
     def case(src, work, assets):
         return seen(cli(src, args_of(work, assets), work))
     return case
+
+
+def serve_bad_port(src, work, assets):
+    r = cli(src, ["retriever", "build", "--corpus", str(assets / "corpus.jsonl"), "--out", str(work / "idx")], work)
+    assert r["rc"] == 0, r["err"]
+    return seen(cli(src, ["retriever", "serve", "--index", str(work / "idx"), "--port", "99999"], work, timeout=120))
 
 
 def stop_word_corpus(work, assets):
@@ -266,6 +276,37 @@ def huge_request(src, work, assets):
         server.close()
 
 
+def allowed_large_request(src, work, assets):
+    """The largest request the new limits let through (64 x topk 1000 = 64000 hits): /health meanwhile."""
+    import requests
+
+    r = cli(src, ["retriever", "build", "--corpus", str(big_corpus(work)), "--out", str(work / "idx")], work)
+    assert r["rc"] == 0, r["err"]
+    server = Server(src, work / "idx", work)
+    try:
+        waits, done = [], threading.Event()
+
+        def poll_health():
+            while not done.is_set():
+                t0 = time.monotonic()
+                requests.get(f"{server.url}/health", timeout=120)
+                waits.append(time.monotonic() - t0)
+                time.sleep(0.05)
+
+        poller = threading.Thread(target=poll_health)
+        poller.start()
+        t0 = time.monotonic()
+        resp = requests.post(f"{server.url}/retrieve", json={"queries": ["river town bridge"] * 64, "topk": 1000},
+                             timeout=600)
+        seconds = time.monotonic() - t0
+        done.set()
+        poller.join()
+        return (f"HTTP {resp.status_code}, {len(resp.content) / 1e6:.1f} MB in {seconds:.1f}s; "
+                f"/health waited up to {max(waits):.2f}s ({len(waits)} polls)")
+    finally:
+        server.close()
+
+
 def empty_queries(src, work, assets):
     import requests
 
@@ -302,9 +343,8 @@ CASES = [
     ("data file not UTF-8 (`eval --dataset`)", train_not_utf8),
     ("missing `model.path`", missing_model_path),
     ("`trainer.output_dir` is a file", output_dir_case("file")),
-    ("`trainer.output_dir` not writable (`/proc/...`, refused even to root)", output_dir_case("ro")),
-    ("`retriever serve --port 99999`", retriever_case(lambda w, a: ["retriever", "serve", "--index", str(w),
-                                                                      "--port", "99999"])),
+    ("`trainer.output_dir` not writable (`/sys/at2po_run`: refused even to root)", output_dir_case("ro")),
+    ("`retriever serve --port 99999` (a valid index)", serve_bad_port),
     ("`retriever build --corpus <dir>`", retriever_case(lambda w, a: ["retriever", "build", "--corpus", str(w),
                                                                         "--out", str(w / "idx")])),
     ("stop-word-only corpus", retriever_case(stop_word_corpus)),
@@ -317,6 +357,7 @@ CASES = [
     ("`--resume` with `trainer.steps` below the checkpoint", resume_steps_below),
     ("100 KB question, longer than the model's context (2048)", long_question),
     ("`POST /retrieve {queries: [1024 x], topk: 1000}` (2000 docs)", huge_request),
+    ("`POST /retrieve {queries: [64 x], topk: 1000}`: the largest allowed, /health meanwhile", allowed_large_request),
     ("`POST /retrieve {queries: []}` (Search-R1's agent)", empty_queries),
     ("`at2po eval` with an unreachable retriever", eval_unreachable),
 ]
@@ -328,7 +369,7 @@ def main(argv=None) -> int:
     parser.add_argument("--after", type=Path, default=ROOT / "src")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/hardening-2026-12-02")
     parser.add_argument("--work", type=Path, default=Path("/tmp/at2po_bad_inputs"))
-    parser.add_argument("--only", help="run the cases whose label contains this text")
+    parser.add_argument("--only", help="run the cases whose label contains one of these comma-separated texts")
     args = parser.parse_args(argv)
     if args.work.exists():
         shutil.rmtree(args.work)  # the script's own scratch directory
@@ -337,7 +378,7 @@ def main(argv=None) -> int:
     tiny_run.write_config(assets, steps=2)
     rows = []
     for i, (label, case) in enumerate(CASES):
-        if args.only and args.only not in label:
+        if args.only and not any(o in label for o in args.only.split(",")):
             continue
         row = {"input": label}
         for tag, src in (("before", args.before), ("after", args.after)):
@@ -350,7 +391,13 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         rows.append(row)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bad-inputs.json").write_text(json.dumps(rows, indent=1))
+    saved = args.out / "bad-inputs.json"
+    if args.only and saved.is_file():  # a partial rerun replaces its rows in the full table
+        fresh = {r["input"]: r for r in rows}
+        order = {label: i for i, (label, _) in enumerate(CASES)}
+        merged = {r["input"]: r for r in json.loads(saved.read_text()) if r["input"] in order} | fresh
+        rows = sorted(merged.values(), key=lambda r: order[r["input"]])
+    saved.write_text(json.dumps(rows, indent=1))
     lines = ["| bad input | before | after |", "|---|---|---|"]
     lines += [f"| {r['input']} | {r['before']} | {r['after']} |" for r in rows]
     (args.out / "bad-inputs.md").write_text("\n".join(lines) + "\n")

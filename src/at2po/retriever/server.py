@@ -148,8 +148,11 @@ def _format_hit(hit: dict[str, Any], with_score: bool) -> dict[str, Any]:
 
 
 def _encode_result(hits: list[list[dict[str, Any]]], with_score: bool) -> bytes:
-    result = [[_format_hit(hit, with_score) for hit in per_query] for per_query in hits]
-    return json.dumps({"result": result}, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    # One json.dumps per query, not one for the whole answer: a single C-level dumps holds the GIL
+    # until it is done, and the event loop (/health) would wait for all of it.
+    parts = [json.dumps([_format_hit(hit, with_score) for hit in per_query], ensure_ascii=False,
+                        separators=(",", ":")).encode("utf-8") for per_query in hits]
+    return b'{"result":[' + b",".join(parts) + b"]}"
 
 
 class _BodyLimit:
