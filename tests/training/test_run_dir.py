@@ -136,15 +136,18 @@ def test_steps_below_the_checkpoint_refuse_and_operational_changes_resume(assets
     assert latest_checkpoint(run).name == "step_000003"
 
 
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter "
+                                                "failed writing file data/0: file write failed")])  # torch.save's
 def test_a_full_disk_during_a_save_leaves_no_temp_dir_and_names_the_last_checkpoint(assets, two_steps, tmp_path,
-                                                                                    monkeypatch):
+                                                                                    monkeypatch, error):
     run = copy_run(two_steps[0], tmp_path / "run")
     trainer = Trainer(cfg(assets, run, "trainer.steps=3"))
     real = trainer._write_checkpoint
 
     def disk_full(tmp):
         real(tmp)  # most of the checkpoint is written, then the disk fills up
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise error
 
     monkeypatch.setattr(trainer, "_write_checkpoint", disk_full)
     with pytest.raises(RunDirError, match="step 3 .* the disk is full; the last complete checkpoint is .*step_000002"):

@@ -153,11 +153,16 @@ def save_atomically(out_dir: str | Path, step: int, write: Callable[[Path], None
         tmp.mkdir()
         write(tmp)
         write_manifest(tmp)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half checkpoint must not fill the disk for the next try
+        # torch.save reports a full disk as RuntimeError("... failed writing file ..."), not as OSError.
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e) \
+            or "failed writing" in str(e)
+        if not (full or isinstance(e, OSError)):
+            raise
         done = completed_checkpoints(out_dir)
         last = f"the last complete checkpoint is {done[-1]}" if done else "no checkpoint is complete yet"
-        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        why = "the disk is full" if full else (e.strerror or str(e))
         raise RunDirError(f"could not save the checkpoint of step {step} in {root}: {why}; {last} "
                           "(free space, then rerun with --resume)") from None
     if final.exists():
