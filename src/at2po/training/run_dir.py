@@ -52,8 +52,6 @@ class RunDirError(ValueError):
 # -- fresh runs ------------------------------------------------------------------------------------
 def _check_dir(out_dir: Path) -> None:
     """``out_dir`` exists as a directory we can write into, or a RunDirError naming the cause."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RunDirError(f"trainer.output_dir={out_dir} is a file, not a directory: choose another path")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / f".write_test_{os.getpid()}"
@@ -64,16 +62,25 @@ def _check_dir(out_dir: Path) -> None:
                           "choose a directory you can write to") from None
 
 
-def prepare_fresh(out_dir: str | Path, overwrite: bool = False) -> None:
-    """Make ``out_dir`` ready for a run from step 0. A directory that holds anything is refused
-    (a second run must not eat the first one's results) unless ``overwrite``, which removes only
-    the run files of RUN_FILES."""
+def check_fresh(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse a run from step 0 into a directory that holds anything (a second run must not eat
+    the first one's results) unless ``overwrite``. Changes nothing: every process of a
+    multi-process run calls it, so that all of them stop together."""
     out_dir = Path(out_dir)
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise RunDirError(
-                f"trainer.output_dir={out_dir} is not empty: pass --resume to continue the run in it, "
-                "--overwrite to start over (deletes its checkpoints and logs), or choose another output_dir")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"trainer.output_dir={out_dir} is a file, not a directory: choose another path")
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise RunDirError(
+            f"trainer.output_dir={out_dir} is not empty: pass --resume to continue the run in it, "
+            "--overwrite to start over (deletes its checkpoints and logs), or choose another output_dir")
+
+
+def prepare_fresh(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Make ``out_dir`` ready for a run from step 0 (``check_fresh``); with ``overwrite`` the run
+    files of RUN_FILES are removed, nothing else. One process does this."""
+    out_dir = Path(out_dir)
+    check_fresh(out_dir, overwrite)
+    if overwrite and out_dir.is_dir():
         for name in RUN_FILES:
             p = out_dir / name
             if p.is_dir() and not p.is_symlink():

@@ -26,8 +26,9 @@ from at2po.rollout.engine import RolloutResult
 from at2po.rollout.generator import sequence_logprobs
 from at2po.tools.health import check_tools, preflight_tools
 from at2po.training.prompt_limits import drop_long_prompts
-from at2po.training.run_dir import (CHECKPOINT_STATE, check_resume_config, completed_checkpoints, load_newest_valid,
-                                    prepare_fresh, remove_stale_temps, rewrite_metrics, save_atomically)
+from at2po.training.run_dir import (CHECKPOINT_STATE, check_fresh, check_resume_config, completed_checkpoints,
+                                    load_newest_valid, prepare_fresh, remove_stale_temps, rewrite_metrics,
+                                    save_atomically)
 
 
 # -- data order ------------------------------------------------------------------------------------
@@ -533,8 +534,10 @@ class Trainer:
                 say(f"resumed from {ckpt} at step {self.step}")
             else:
                 say(f"no checkpoint in {self.out_dir}: starting from step 0")
-        elif self.is_main:
-            prepare_fresh(self.out_dir, overwrite=overwrite)
+        else:
+            check_fresh(self.out_dir, overwrite=overwrite)  # on every process: a refusal stops them all
+            if self.is_main:
+                prepare_fresh(self.out_dir, overwrite=overwrite)
         self.accelerator.wait_for_everyone()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
