@@ -126,6 +126,22 @@ def test_resume_with_another_train_file_refuses_and_forced_does_not_crash(assets
     assert latest_checkpoint(run).name == "step_000003"
 
 
+def test_a_train_file_whose_rows_changed_under_the_same_path_refuses(assets, two_steps, tmp_path, capsys):
+    import shutil
+
+    run = copy_run(two_steps[0], tmp_path / "run")
+    data = tmp_path / "assets"
+    shutil.copytree(assets, data)
+    with open(data / "train.jsonl", "a") as f:  # one more row, same path as far as the config goes
+        f.write(json.dumps({"id": "9", "question": "What flows through Quovia?", "golden_answers": ["Drelto"]}) + "\n")
+    moved = cfg(assets, run, "trainer.steps=3")
+    moved.data.train_file = str(assets / "train.jsonl")  # the config is unchanged ...
+    trainer = Trainer(cfg(data, run, "trainer.steps=3"))
+    trainer.cfg = moved  # ... while the rows are those of the grown file
+    with pytest.raises(RunDirError, match="data.train_file now has 4 usable rows, the checkpoint's run had 3"):
+        trainer.fit(resume=True)
+
+
 def test_steps_below_the_checkpoint_refuse_and_operational_changes_resume(assets, two_steps, tmp_path):
     run = copy_run(two_steps[0], tmp_path / "run")
     with pytest.raises(RunDirError, match="trainer.steps=1 is below the checkpoint's step 2"):

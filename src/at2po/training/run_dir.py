@@ -260,6 +260,16 @@ def check_resume_config(ckpt: Path, current: dict, step: int, force: bool,
     say(f"warning: resuming with a changed config (--force-resume): {listed}")
 
 
+def check_data_size(saved_rows: int | None, rows: int, force: bool, say: Callable[[str], None] = print) -> None:
+    """The same data.train_file path may hold other rows now: the data order would change."""
+    if saved_rows is None or saved_rows == rows:
+        return
+    message = f"data.train_file now has {rows} usable rows, the checkpoint's run had {saved_rows}"
+    if not force:
+        raise RunDirError(f"{message}: restore the file, start a new run in another output_dir, or pass --force-resume")
+    say(f"warning: {message}; resuming with a new epoch over the new rows (--force-resume)")
+
+
 def rewrite_metrics(path: str | Path, last_step: int) -> None:
     """Keep the metrics rows up to ``last_step`` (a resumed run replays what came after its
     checkpoint); a line cut short by a kill is dropped. Atomic: a kill mid-way keeps the old file."""

@@ -26,8 +26,8 @@ from at2po.rollout.engine import RolloutResult
 from at2po.rollout.generator import sequence_logprobs
 from at2po.tools.health import check_tools, preflight_tools
 from at2po.training.prompt_limits import drop_long_prompts
-from at2po.training.run_dir import (CHECKPOINT_STATE, check_fresh, check_resume_config, completed_checkpoints,
-                                    load_newest_valid, prepare_fresh, remove_stale_temps, rewrite_metrics,
+from at2po.training.run_dir import (CHECKPOINT_STATE, check_data_size, check_fresh, check_resume_config,
+                                    completed_checkpoints, load_newest_valid, prepare_fresh, remove_stale_temps, rewrite_metrics,
                                     save_atomically)
 
 
@@ -530,6 +530,7 @@ class Trainer:
             if found is not None:
                 ckpt, loaded = found
                 check_resume_config(ckpt, config_to_dict(cfg), int(loaded[1]["step"]), force_resume, say=say)
+                check_data_size(loaded[1]["sampler"].get("n"), len(self.train_rows), force_resume, say=say)
                 self.load_checkpoint(ckpt, loaded)
                 say(f"resumed from {ckpt} at step {self.step}")
             else:
