@@ -225,10 +225,12 @@ def _package_versions() -> dict[str, str]:
 
 
 def run_quickstart(out_dir: str | Path = "runs/quickstart", seed: int = 0, overrides: list[str] | None = None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, overwrite: bool = False) -> dict:
+    from at2po.training.run_dir import prepare_fresh
     from at2po.training.trainer import Trainer, plot_metrics
 
     out = Path(out_dir)
+    prepare_fresh(out / "train", overwrite=overwrite)  # refuse before minutes of warm start, not after
     t0 = time.perf_counter()
     assets_dir = out / "assets"
     print(f"[1/3] world, tokenizer, tiny model and warm start -> {assets_dir}", flush=True)
@@ -241,7 +243,7 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", seed: int = 0, overr
     save_config(cfg, out / "quickstart.yaml")
     print(f"[2/3] AT²PO RL ({cfg.trainer.steps} steps; the same run: at2po train --config {out / 'quickstart.yaml'})",
           flush=True)
-    result = Trainer(cfg).fit()
+    result = Trainer(cfg).fit(overwrite=overwrite)
     t_total = time.perf_counter() - t0
 
     vals = [h for h in result["history"] if "val/em" in h]
