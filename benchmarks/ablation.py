@@ -288,9 +288,10 @@ def write_markdown(path: Path, sweep: dict[str, Any], tables: dict[str, Any]) ->
         "# AT²PO ablations in miniature (tiny model, synthetic multi-hop task, equal token budget, paired seeds)", "",
         "Invocations (command, date, workers, wall time):", "",
         *(f"- `{i['command']}`, {i['date']}, {i['workers']} worker(s), "
-          f"{i.get('seconds', float('nan')):,.0f} s, {i.get('jobs_run', '?')} jobs run, "
-          f"{i.get('jobs_skipped', '?')} already done; {i['machine']['cpus']} CPUs, torch {i['machine']['torch']}"
-          for i in inv), "",
+          + (f"{i['seconds']:,.0f} s, {i['jobs_run']} jobs run, {i['jobs_skipped']} already done"
+             + (f", {len(i['jobs_failed'])} failed" if i["jobs_failed"] else "") if "seconds" in i
+             else "did not finish (killed, or still running)")
+          + f"; {i['machine']['cpus']} CPUs, torch {i['machine']['torch']}" for i in inv), "",
         "Budget B: " + ("fixed with --budget" if s["budget"] is not None else
                         "measured per variant and seed, the full AT²PO row's generated tokens over trainer.steps"),
         *(f"- {v}: " + ", ".join(f"seed {k}: {x:,.0f}" for k, x in sorted(bs.items())) for v, bs in b.items()), "",
