@@ -99,6 +99,19 @@ def test_parallel_workers_run_the_hard_variant_at_a_fixed_budget(tmp_path):
     assert sweep["invocations"][0]["workers"] == 2 and sweep["invocations"][0]["jobs_run"] == 4
 
 
+def test_task_variants_change_only_the_questions():
+    from dataclasses import replace
+
+    from at2po.evidence.runner import SPLIT_FIELDS
+    from at2po.tasks.multihop import build_world
+
+    for name, variant in ablation.VARIANTS.items():
+        assert set(variant["world"]) <= SPLIT_FIELDS, name
+        base = ablation.assets_config(1, quick=False).world
+        world, other = build_world(base), build_world(replace(base, **{k: tuple(v) for k, v in variant["world"].items()}))
+        assert other.corpus == world.corpus and other.facts == world.facts, name
+
+
 def test_resume_with_other_settings_is_refused(tmp_path, capsys):
     assets = tmp_path / "cache" / "seed0" / "assets"
     assets.mkdir(parents=True)

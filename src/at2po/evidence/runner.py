@@ -41,6 +41,9 @@ __all__ = ["SweepLocked", "SweepMismatch", "atomic_write_json", "check_jobs", "p
            "sweep_lock", "validation_steps"]
 
 PASS_KS = (1, 2, 4, 8, 16, 32, 64)
+# MultiHopConfig fields a task variant may change: build_world draws names, facts and held-out
+# facts before the splits, so these change the questions and nothing else.
+SPLIT_FIELDS = frozenset({"n_train", "n_test", "train_hop_weights", "test_hop_weights"})
 
 
 class SweepMismatch(ValueError):
@@ -259,8 +262,13 @@ def _variant_data(job: dict[str, Any]) -> tuple[Path, Path]:
     assets = out / "cache" / f"seed{seed}" / "assets"
     if not variant.get("world"):
         return assets / "train.jsonl", assets / "test.jsonl"
+    other = set(variant["world"]) - SPLIT_FIELDS
+    if other:
+        raise ValueError(f"task variant {variant['name']!r} changes {sorted(other)}: a variant may change only "
+                         f"{sorted(SPLIT_FIELDS)}, the fields that leave the warm start's world and corpus as they are")
     folder = out / "cache" / f"seed{seed}" / variant["name"]
-    if not (folder / "test.jsonl").is_file():
+    made = folder / "variant.json"  # what the cached splits were built from: rebuilt when it differs
+    if not made.is_file() or _canonical(json.loads(made.read_text())) != _canonical(variant["world"]):
         # Only the splits change: names, facts and corpus are a function of the world's seed and
         # sizes, so the warm start's world and search corpus serve every variant.
         world_cfg = _quickstart_config(job["spec"]["assets"]).world
@@ -269,6 +277,7 @@ def _variant_data(job: dict[str, Any]) -> tuple[Path, Path]:
         tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
         world.write(tmp)
         (tmp / "corpus.jsonl").unlink()  # the assets' corpus is the same one
+        (tmp / "variant.json").write_text(json.dumps(variant["world"]))
         if folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
