@@ -9,8 +9,8 @@ Rows (``ROWS``: the progressive ablation, the paper's Table 4; ``CREDIT_ROWS``: 
 credit variants, its Table 5, each on top of the full AT²PO row) are lists of config overrides
 on top of the quickstart's config: the same trainer runs all of them. Task variants
 (``VARIANTS``) change the question splits of the same world: ``standard`` is the quickstart's
-task, ``hard`` asks only 3-hop questions at evaluation, which the warm start never saw
-demonstrated (exploration is the bottleneck), with a longer run.
+task, ``hard`` asks only 3-hop questions (in training and held out), which the warm start never
+saw demonstrated (exploration is the bottleneck), with a longer run.
 
 Paired seeds: per seed the world, tokenizer and warm-started model are built once (cached under
 DIR/cache) and every row and variant of that seed starts from that model with the same seed, so
