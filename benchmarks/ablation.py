@@ -393,4 +393,8 @@ def main(argv: Sequence[str] | None = None, results_root: str | Path = "benchmar
 
 
 if __name__ == "__main__":
-    main(results_root=Path(__file__).resolve().parent / "results")
+    report = main(results_root=Path(__file__).resolve().parent / "results")["report"]
+    if report["failed"] or report["blocked"]:
+        print(f"{len(report['failed'])} job(s) failed and {len(report['blocked'])} could not run: "
+              "rerun the same command to retry them", file=sys.stderr)
+        sys.exit(1)

@@ -154,3 +154,23 @@ def test_bad_command_lines_say_what_is_wrong(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
         main([*argv, "--out", str(tmp_path)])
     assert message in capsys.readouterr().err
+
+
+def test_a_failed_job_blocks_only_the_jobs_that_need_it(tmp_path):
+    from at2po.evidence.runner import plan_jobs, run_jobs
+
+    good = ablation.assets_dict(ablation.assets_config(1, quick=True))
+
+    def assets(seed):  # seed 0's warm start cannot be built: its config has an unknown field
+        return {**good, "seed": seed, "bogus": 1} if seed == 0 else good
+
+    variants = {"standard": {"world": {}, "overrides": [*ablation.COMMON_OVERRIDES, *ablation.QUICK_OVERRIDES]}}
+    jobs = plan_jobs(tmp_path, [0, 1], assets, variants, {REFERENCE: ROWS[REFERENCE]}, REFERENCE, {}, None, 0)
+    logged = []
+    report = run_jobs(jobs, 1, logged.append)
+    assert list(report["failed"]) == ["assets/seed0"] and "bogus" in report["failed"]["assets/seed0"]
+    assert report["blocked"] == ["standard/warm-start/seed0", "standard/at2po-full/seed0"]
+    assert report["run"] == ["assets/seed1", "standard/warm-start/seed1", "standard/at2po-full/seed1"]
+    assert not (tmp_path / "runs" / "standard" / "warm-start" / "seed0.json").exists()
+    assert (tmp_path / "runs" / "standard" / "at2po-full" / "seed1.json").is_file()
+    assert any("Traceback" in line for line in logged)

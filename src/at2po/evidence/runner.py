@@ -185,8 +185,7 @@ def run_jobs(jobs: list[dict[str, Any]], workers: int = 1, log: Callable[[str], 
             try:
                 run_job(job)
             except Exception as e:  # noqa: BLE001 - one failed run must not stop the sweep
-                report["failed"][job["id"]] = f"{type(e).__name__}: {e}"
-                log(f"{job['id']}: FAILED: {type(e).__name__}: {e}")
+                _failed(report, job, e, log)
                 continue
             finished.add(job["id"])
             report["run"].append(job["id"])
@@ -212,12 +211,21 @@ def run_jobs(jobs: list[dict[str, Any]], workers: int = 1, log: Callable[[str], 
                 try:
                     fut.result()
                 except Exception as e:  # noqa: BLE001
-                    report["failed"][job["id"]] = f"{type(e).__name__}: {e}"
-                    log(f"{job['id']}: FAILED: {type(e).__name__}: {e}")
+                    _failed(report, job, e, log)
                     continue
                 finished.add(job["id"])
                 report["run"].append(job["id"])
     return report
+
+
+def _failed(report: dict[str, Any], job: dict[str, Any], e: BaseException, log: Callable[[str], None]) -> None:
+    """Record a failed job; its traceback (the worker's, for a job run in another process) goes
+    to the log, since a failure here is a bug or a broken environment, not a user error."""
+    import traceback
+
+    report["failed"][job["id"]] = f"{type(e).__name__}: {e}"
+    log("".join(traceback.format_exception(e)).rstrip())
+    log(f"{job['id']}: FAILED: {type(e).__name__}: {e}")
 
 
 def run_job(job: dict[str, Any]) -> str:
