@@ -262,8 +262,9 @@ def run_ablation(out_dir: str | Path, seeds: Sequence[int] = tuple(range(10)), r
         atomic_write_json(out / "tables.json", tables)
         text = write_markdown(out / "ablation.md", sweep, tables)
         plot_curves(out / "curves.png", sweep, tables)
+        plot_effects(out / "effects.png", tables)
     log("\n" + text)
-    log(f"\n{out / 'ablation.md'}  {out / 'curves.png'}  {out / 'tables.json'}  "
+    log(f"\n{out / 'ablation.md'}  {out / 'curves.png'}  {out / 'effects.png'}  {out / 'tables.json'}  "
         f"({invocation['seconds']:.0f} s after start-up; {len(report['run'])} jobs run, "
         f"{len(report['skipped'])} already done)")
     return {"tables": tables, "report": report, "sweep": sweep}
@@ -325,6 +326,37 @@ def plot_curves(path: Path, sweep: dict[str, Any], tables: dict[str, Any]) -> No
         ax.set_ylabel("EM")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_effects(path: Path, tables: dict[str, Any]) -> None:
+    """Per variant, each component's and each row's paired difference with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for variant, vt in tables.items():
+        items = [(c["component"], c) for c in vt["components"] if c.get("n")]
+        items += [(f"{name} − full", st["vs_reference"]) for t in ("progressive", "credit")
+                  for name, st in vt.get(t, {}).items() if st.get("vs_reference", {}).get("n")]
+        if items:
+            panels.append((variant, items))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 0.4 * max(len(i) for _, i in panels) + 1.5),
+                             squeeze=False)
+    for ax, (variant, items) in zip(axes[0], panels):
+        for y, (label, p) in enumerate(reversed(items)):
+            ax.errorbar(p["mean"], y, xerr=[[p["mean"] - p["ci95"][0]], [p["ci95"][1] - p["mean"]]], fmt="o",
+                        color="tab:green" if p["ci95"][0] > 0 else "tab:red" if p["ci95"][1] < 0 else "tab:gray")
+        ax.set_yticks(range(len(items)), [f"{label} (n={p['n']})" for label, p in reversed(items)], fontsize=7)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"{variant} task: paired difference in held-out EM, mean and 95% CI", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -55,7 +55,7 @@ def test_quick_ablation_with_credit_rows_resumes_where_it_stopped(tmp_path):
     assert pk["samples"] == 2 and len(pk["per_question"]) == warm["questions"]["val"] == 4
     assert all(n == 2 for _, _, n, _ in pk["per_question"])
 
-    assert {p.name for p in tmp_path.iterdir()} >= {"sweep.json", "tables.json", "ablation.md", "curves.png"}
+    assert {p.name for p in tmp_path.iterdir()} >= {"sweep.json", "tables.json", "ablation.md", "curves.png", "effects.png"}
     tables = json.loads((tmp_path / "tables.json").read_text())
     assert list(tables["standard"]["progressive"]) == list(ROWS)
     assert list(tables["standard"]["credit"]) == list(CREDIT_ROWS)
