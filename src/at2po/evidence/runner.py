@@ -77,9 +77,10 @@ def plan_jobs(out: Path, seeds: Sequence[int], assets: Callable[[int], dict[str,
     """Every job of the sweep, in an order where each job comes after the jobs it needs.
 
     ``assets(seed)``: the QuickstartConfig of the seed's warm start, as a dict; ``variants``:
-    name -> {"world": MultiHopConfig fields to change, "overrides": every row's config overrides
-    (before the row's own)}; ``rows``: name ->
-    overrides; ``aliases[variant]``: rows that are the same run as another row (no job of their own).
+    name -> {"world": MultiHopConfig fields to change, "overrides": every row's config overrides,
+    before the row's own}; ``rows``: name -> overrides; ``aliases[variant]``: rows that are the
+    same run as another row (no job of their own); ``budget``: None to measure it on
+    ``reference``, or generated tokens per row.
     """
     jobs: list[dict[str, Any]] = []
     for seed in seeds:
