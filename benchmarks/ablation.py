@@ -258,11 +258,7 @@ def run_ablation(out_dir: str | Path, seeds: Sequence[int] = tuple(range(10)), r
                           jobs_blocked=report["blocked"])
         invocation["machine"]["load_average_at_end"] = os.getloadavg()
         atomic_write_json(sweep_path, sweep)
-        tables = tables_from_files(out)
-        atomic_write_json(out / "tables.json", tables)
-        text = write_markdown(out / "ablation.md", sweep, tables)
-        plot_curves(out / "curves.png", sweep, tables)
-        plot_effects(out / "effects.png", tables)
+        tables, text = write_report(out, sweep)
     log("\n" + text)
     log(f"\n{out / 'ablation.md'}  {out / 'curves.png'}  {out / 'effects.png'}  {out / 'tables.json'}  "
         f"({invocation['seconds']:.0f} s after start-up; {len(report['run'])} jobs run, "
@@ -271,6 +267,16 @@ def run_ablation(out_dir: str | Path, seeds: Sequence[int] = tuple(range(10)), r
 
 
 # -- report ------------------------------------------------------------------------------------------
+def write_report(out: Path, sweep: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """tables.json, ablation.md, curves.png and effects.png of the sweep in ``out``, from its files."""
+    tables = tables_from_files(out)
+    atomic_write_json(out / "tables.json", tables)
+    text = write_markdown(out / "ablation.md", sweep, tables)
+    plot_curves(out / "curves.png", sweep, tables)
+    plot_effects(out / "effects.png", tables)
+    return tables, text
+
+
 def budgets(out: Path, sweep: dict[str, Any]) -> dict[str, dict[int, float]]:
     """Budget B per variant and seed, read from the reference row's files."""
     ref = slug(sweep["plan"]["reference_row"])
@@ -389,7 +395,16 @@ def main(argv: Sequence[str] | None = None, results_root: str | Path = "benchmar
                     help="generated tokens per row (default: the full AT²PO row's tokens over trainer.steps steps)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every row, before the row's own (repeatable)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: rewrite the tables, ablation.md and plots of --out from its files")
     args = ap.parse_args(argv)
+    if args.report_only:
+        if not (Path(args.out) / "sweep.json").is_file():
+            ap.error(f"--report-only needs --out, a folder a sweep wrote (no sweep.json in {args.out or '.'!r})")
+        sweep = json.loads((Path(args.out) / "sweep.json").read_text())
+        tables, text = write_report(Path(args.out), sweep)
+        print(text)
+        return {"tables": tables, "report": {"run": [], "skipped": [], "failed": {}, "blocked": []}, "sweep": sweep}
 
     seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(range(10)))
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:

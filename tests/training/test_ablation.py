@@ -99,6 +99,21 @@ def test_parallel_workers_run_the_hard_variant_at_a_fixed_budget(tmp_path):
     assert sweep["invocations"][0]["workers"] == 2 and sweep["invocations"][0]["jobs_run"] == 4
 
 
+def test_report_only_rewrites_the_report_from_the_files(tmp_path, capsys):
+    import shutil
+
+    pilot = Path(ablation.__file__).parent / "results" / "evidence-pilot-2026-12-02"
+    shutil.copytree(pilot, tmp_path / "sweep")
+    (tmp_path / "sweep" / "tables.json").unlink()
+    (tmp_path / "sweep" / "ablation.md").write_text("")
+    main(["--report-only", "--out", str(tmp_path / "sweep")])
+    assert json.loads((tmp_path / "sweep" / "tables.json").read_text()) == json.loads((pilot / "tables.json").read_text())
+    assert (tmp_path / "sweep" / "ablation.md").read_text() == (pilot / "ablation.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--report-only", "--out", str(tmp_path / "nothing")])
+    assert "--report-only needs --out" in capsys.readouterr().err
+
+
 def test_task_variants_change_only_the_questions():
     from dataclasses import replace
 
