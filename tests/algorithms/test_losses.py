@@ -473,6 +473,7 @@ def test_empty_batches_give_zero_loss():
         for level in LEVELS:
             loss, m = policy_loss(z, z, z, z, level=level)
             assert loss.item() == 0.0 and m["turn_kl_entropy"] == 0.0 and m["clipfrac"] == 0.0
+            assert m["ratio_max"] == m["ratio_min"] == 1.0  # the logged ratio range is neutral
         for agg in AGGS:
             assert aggregate(z, z, agg).item() == 0.0
 
@@ -512,16 +513,18 @@ def naive_mismatch(rollout, trainer, mask, turn_ids, lo, hi):
 
 
 @pytest.mark.parametrize("seed", [0, 1])
-def test_logprob_mismatch_matches_naive_with_tree_turn_ids(seed):
-    # The engine reports sampler/trainer log-prob drift per turn with the tree's turn ids, which can
-    # exceed T; untrained positions may hold garbage.
+@pytest.mark.parametrize("ids", ["turn numbers", "tree ids"])
+def test_logprob_mismatch_matches_naive(seed, ids):
+    # The engine reports sampler/trainer log-prob drift per turn, with turn numbers or the tree's
+    # node ids (which can exceed T); untrained positions may hold garbage.
     B, T = 6, 10
     rollout, _, _, mask = random_batch(seed, B, T, dtype=torch.float32)
     g = torch.Generator().manual_seed(seed)
     trainer = rollout + 0.004 * torch.randn(B, T, generator=g)
     trainer = torch.where(mask.bool(), trainer, torch.full_like(trainer, 99.0))
-    tids = turn_ids_from_mask(mask) * 7 + 2
-    tids = torch.where(mask.bool(), tids, torch.full_like(tids, -1))
+    tids = turn_ids_from_mask(mask)
+    if ids == "tree ids":
+        tids = torch.where(mask.bool(), tids * 7 + 2, tids)
     got = logprob_mismatch(rollout, trainer, mask, tids, 3e-3, 4e-3)
     ref = naive_mismatch(rollout, trainer, mask, tids, 3e-3, 4e-3)
     assert 0 < ref["turns_outside_clip"] < 1
@@ -542,3 +545,16 @@ def test_logprob_mismatch_clip_bounds_are_inclusive():
     assert m["diff_mean"] == pytest.approx(0.01) and m["diff_max"] == pytest.approx(0.01)
     m = logprob_mismatch(rollout, trainer, mask, tids, (1 - lo_r) * 0.999, 1.0)
     assert m["turns_outside_clip"] == 0.5
+
+
+def test_sequence_ratio_of_a_one_token_response_is_that_tokens_ratio():
+    # Row 0 trains one token (log-ratio 0.2), row 1 two tokens (0.1, −0.3: mean −0.1); wide clip.
+    old = torch.zeros(2, 3)
+    x = torch.tensor([[0.2, 0.0, 0.0], [0.1, -0.3, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0]])
+    loss, m = policy_loss(x, old, torch.ones(2, 3), mask, level="sequence", clip_low=10.0, clip_high=10.0)
+    loss.backward()
+    s0, s1 = math.exp(0.2), math.exp(-0.1)
+    assert loss.item() == pytest.approx(-(s0 + s1) / 2, rel=1e-6)
+    torch.testing.assert_close(x.grad, torch.tensor([[-s0 / 2, 0.0, 0.0], [-s1 / 4, -s1 / 4, 0.0]]))
+    assert m["ratio_max"] == pytest.approx(s0, rel=1e-6) and m["ratio_min"] == pytest.approx(s1, rel=1e-6)
