@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from at2po.algorithms.credit import ADV_MODES, VALUE_MODES, token_advantages, turn_credit, turn_credit_batch
+from at2po.algorithms.credit import ADV_MODES, VALUE_MODES, token_advantages, turn_credit, turn_credit_batch, validate_tree
 
 
 # ---------------------------------------------------------------- naive reference (recursion)
@@ -217,7 +217,6 @@ def test_token_advantages_numpy_and_torch():
 
 
 # ---------------------------------------------------------------- pinned behaviours (issue 16)
-from at2po.algorithms.credit import validate_tree  # noqa: E402
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from at2po.algorithms.losses import AGGS, LEVELS, aggregate, kl_penalty, policy_loss, turn_ids_from_mask
+from at2po.algorithms.losses import (
+    AGGS, LEVELS, _group_index, aggregate, kl_penalty, logprob_mismatch, policy_loss, turn_ids_from_mask, turn_kl_entropy,
+)
 
 
 # ---------------------------------------------------------------- naive reference (loops)
@@ -295,7 +297,6 @@ def test_cuda_matches_cpu():
 
 # ---------------------------------------------------------------- pinned behaviours (issue 16)
 # Each test below pins one behaviour a caller relies on, against hand-computed or naive values.
-from at2po.algorithms.losses import _group_index, logprob_mismatch, turn_kl_entropy  # noqa: E402
 
 
 def naive_hturn(log_ratio, mask, turn_ids, eps=1e-8):
@@ -326,7 +327,7 @@ def naive_hturn(log_ratio, mask, turn_ids, eps=1e-8):
 def test_explicit_turn_ids_match_naive_on_both_grouping_paths(ids):
     # The engine passes the tree's turn ids; they may be non-contiguous, span masked gaps, and
     # (tree node ids) exceed T, which takes the sort path. Many rows so that a key collision
-    # between rows (row r's id j meeting row r'`s id j') would merge two rows' turns.
+    # between rows (row r's id j meeting row r′'s id j′) would merge two rows' turns.
     B, T = 9, 3
     logp, old, adv, mask = random_batch(21 if ids == "dense" else 22, B, T, p_mask=0.2, scale=0.02)
     g = torch.Generator().manual_seed(5)
@@ -461,9 +462,12 @@ def test_zero_clip_range_is_allowed_and_clips_everything_off_one():
     loss, m = policy_loss(logp, old, torch.ones(1, 2), mask, level="token", clip_low=0.0, clip_high=0.0)
     assert loss.item() == pytest.approx(-(1.0 + math.exp(-0.2)) / 2, rel=1e-6)
     assert m["clipfrac"] == 0.5
-    for kw in (dict(clip_low=0.0, clip_high=0.1), dict(clip_low=0.1, clip_high=0.0)):
-        loss, _ = policy_loss(logp, old, torch.ones(1, 2), mask, level="token", **kw)
-        assert math.isfinite(loss.item())
+    # One side zero, the other 0.1: [1, 1.1] clips e^0.2 to 1.1 and lifts e^−0.2 to 1 (the unclipped
+    # e^−0.2 is the smaller objective, so it stays); [0.9, 1] caps e^0.2 at 1 and keeps e^−0.2.
+    loss, _ = policy_loss(logp, old, torch.ones(1, 2), mask, level="token", clip_low=0.0, clip_high=0.1)
+    assert loss.item() == pytest.approx(-(1.1 + math.exp(-0.2)) / 2, rel=1e-6)
+    loss, _ = policy_loss(logp, old, torch.ones(1, 2), mask, level="token", clip_low=0.1, clip_high=0.0)
+    assert loss.item() == pytest.approx(-(1.0 + math.exp(-0.2)) / 2, rel=1e-6)
 
 
 def test_empty_batches_give_zero_loss():
