@@ -373,3 +373,32 @@ def test_eval_stops_when_the_retriever_fails_every_call_in_a_row(assets, tmp_pat
     with pytest.raises(ToolServiceError, match="failed 20 calls in a row"):
         evaluate(make_cfg(assets), datasets(assets), out, batch_size=5, tools=[Dies()], progress=False)
     assert read_jsonl(out / "nq.jsonl") == [] and not (out / "results.md").exists()
+
+
+def test_a_question_longer_than_the_context_counts_as_wrong_and_is_not_generated(assets, full_run, tmp_path,
+                                                                                monkeypatch, capsys):
+    evaluated = []
+    original = TreeRolloutEngine.validate
+
+    def counting(self, prompts):
+        evaluated.extend(p.sample.id for p in prompts)
+        return original(self, prompts)
+
+    monkeypatch.setattr(TreeRolloutEngine, "validate", counting)
+    # The tiny model's context is 2048 tokens; this question alone is longer.
+    rows = [DATA["bamboogle"][0], QARow("long", "Which country is Quovia in? " * 400, ("Belmark",))]
+    write_qa_file(rows, tmp_path / "bb.jsonl")
+    results = evaluate(make_cfg(assets), [("bamboogle", tmp_path / "bb.jsonl")], tmp_path / "out", name="tiny",
+                       progress=False)
+    assert evaluated == [DATA["bamboogle"][0].id]
+    assert "warning: bamboogle: 1 of 2 questions do not fit the model's context and count as wrong (ids: long)" \
+        in capsys.readouterr().out
+    on_disk = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "bamboogle.jsonl")}
+    short, long = on_disk[DATA["bamboogle"][0].id], on_disk["long"]
+    full_records = {r["id"]: r for r in read_jsonl(full_run[0] / "bamboogle.jsonl")}
+    assert short == full_records[short["id"]]  # the other question is evaluated as usual
+    assert long["id"] == "long" and long["em"] == long["f1"] == long["reward"] == 0.0 and long["prediction"] is None
+    assert long["skipped"].endswith("+ rollout.max_response_tokens=200 > the model's context of 2048 tokens")
+    # The denominator is the dataset's size: EM = (short's EM + 0) / 2.
+    assert results["datasets"]["bamboogle"]["n"] == 2
+    assert results["datasets"]["bamboogle"]["em"] == pytest.approx(100 * short["em"] / 2)
