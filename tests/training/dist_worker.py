@@ -4,7 +4,7 @@
     python dist_worker.py train  ASSETS OUT TAG [overrides...]   # fit(resume=True); every process
         appends what it contributes to each metrics reduction to OUT/debug/TAG_rank<r>.jsonl
     python dist_worker.py update ASSETS OUT TAG [overrides...]   # one step on scripted rollouts;
-        the main process saves the updated weights to OUT/TAG_weights.pt
+        the main process saves the updated weights to OUT/TAG_weights.pt (reductions recorded too)
 """
 
 from __future__ import annotations
@@ -84,9 +84,9 @@ def main() -> None:
     cfg = make_run_cfg(assets, out / "run", *overrides)
     trainer = Trainer(cfg)
     rank = trainer.accelerator.process_index
+    (out / "debug").mkdir(parents=True, exist_ok=True)
+    record_reductions(trainer, out / "debug" / f"{tag}_rank{rank}.jsonl")
     if mode == "train":
-        (out / "debug").mkdir(parents=True, exist_ok=True)
-        record_reductions(trainer, out / "debug" / f"{tag}_rank{rank}.jsonl")
         trainer.fit(resume=True)
     elif mode == "update":
         trainer.generator = trainer.engine.generator = ContextKeyedGenerator(trainer.tokenizer)

@@ -13,10 +13,12 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
+from at2po.training.trainer import latest_checkpoint
 from at2po.training.distributed import check_world_size, combine, pad_plans, std_from_moments
 from conftest import write_search_qa_files
 
@@ -79,29 +81,36 @@ def naive_reduction(records: list[dict]) -> dict[str, float]:
     return out
 
 
-SPT0 = ["rollout.samples_per_tree=0", "trainer.mini_batch_prompts=2", "trainer.steps=3", "trainer.save_every=1", "trainer.val_every=2",
+SPT0 = ["rollout.samples_per_tree=0", "trainer.mini_batch_prompts=2", "trainer.steps=4", "trainer.save_every=1", "trainer.val_every=2",
         "data.val_size=3", "trainer.micro_batch_rows=2"]
 
 
 @pytest.mark.usefixtures("single_thread")
 def test_two_process_run_killed_and_resumed_logs_the_reduction_of_both_ranks(assets, tmp_path):
     out = tmp_path
-    # Start a 3-step run and kill the whole process group once the first checkpoint is complete.
-    proc = subprocess.Popen(_command(2, "train", assets, out, "a", *SPT0), env=_env(), start_new_session=True,
+    # Start the run and kill it (every process) as soon as a checkpoint is complete.
+    proc = subprocess.Popen(_command(2, "train", assets, out, "a", *SPT0), env=_env(), 
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = out / "run" / "checkpoints" / "step_000001" / "trainer_state.pt"
     deadline = time.monotonic() + RUN_TIMEOUT
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)
+    while latest_checkpoint(out / "run") is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # torchrun starts its workers in sessions of their own: kill each process of the tree by id.
+    launcher = psutil.Process(proc.pid)
+    for p in [*launcher.children(recursive=True), launcher]:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
     err = proc.communicate(timeout=30)[1]
-    assert first.exists(), err[-3000:]
+    killed_at = latest_checkpoint(out / "run")
+    assert killed_at is not None, err[-3000:]
+    assert killed_at.name != "step_000004", "the run ended before it was killed"
     # Resume with 2 processes: finishes every step (samples_per_tree=0 holds no hang).
     launch(2, "train", assets, out, "b", *SPT0)
 
     rows = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
-    state = torch.load(out / "run" / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=False)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    state = torch.load(out / "run" / "checkpoints" / "step_000004" / "trainer_state.pt", weights_only=False)
     assert len(state["rank_states"]) == 2  # both processes' RNG streams are in the checkpoint
     debug = {}
     for f in sorted((out / "debug").glob("*.jsonl")):
@@ -109,8 +118,8 @@ def test_two_process_run_killed_and_resumed_logs_the_reduction_of_both_ranks(ass
         for line in f.read_text().splitlines():
             r = json.loads(line)
             debug.setdefault((tag, r["step"]), {}).setdefault(int(rank), []).append(r)
-    assert ("b", 1) not in debug and ("b", 2) in debug  # step 1 came from the killed run, step 2 resumed
-    unequal = False
+    resumed_from = int(killed_at.name.split("_")[1])
+    assert min(s for t, s in debug if t == "b") == resumed_from + 1  # the resumed run did not redo a step
     for row in rows:
         per_rank = debug[("b", row["step"])] if ("b", row["step"]) in debug else debug[("a", row["step"])]
         assert sorted(per_rank) == [0, 1]
@@ -127,21 +136,27 @@ def test_two_process_run_killed_and_resumed_logs_the_reduction_of_both_ranks(ass
         reward_rows = [next(r["means"]["reward/mean"][1] for r in per_rank[k] if "reward/mean" in r["means"])
                        for k in (0, 1)]
         assert min(reward_rows) > 0
-        unequal |= reward_rows[0] != reward_rows[1]
         assert row["rollout/leaves_per_tree"] == pytest.approx(sum(reward_rows) / 2)  # 1 tree per rank
     # Validation: 3 rows split 2 + 1 over the ranks, the mean is over all 3 rows.
-    val_rows = [next(r["means"]["val/em"][1] for r in debug[("b", 2)][k] if "val/em" in r["means"]) for k in (0, 1)]
-    assert val_rows == [2, 1] and "val/em" in rows[1] and "val/em" in rows[2]
-    assert unequal, "the ranks never held different row counts: the padding path was not exercised"
+    last = debug[("b", 4)]
+    val_rows = [next(r["means"]["val/em"][1] for r in last[k] if "val/em" in r["means"]) for k in (0, 1)]
+    assert val_rows == [2, 1] and "val/em" in rows[1] and "val/em" in rows[3]
 
 
 @pytest.mark.usefixtures("single_thread")
 def test_two_process_update_equals_the_one_process_update(assets, tmp_path):
-    args = ["rollout.samples_per_tree=0", "rollout.expansion_rounds=0", "rollout.n_initial=3",
-            "trainer.mini_batch_prompts=2", "trainer.micro_batch_rows=2", "algo.loss_agg=token-mean",
-            "optim.lr=1.0", "optim.grad_clip=1e6", "data.val_file=", "trainer.save_every=0"]
+    # Scripted turns (search or answer, by context). A tree whose chains never search has no
+    # expansion candidate (no root fallback) and keeps its 3 chains; the others get 3 + 2 leaves.
+    # In file order rank 0 holds prompts 0 and 2, rank 1 prompts 1 and 3: different row counts.
+    args = ["rollout.samples_per_tree=0", "rollout.expansion_rounds=1", "rollout.top_k=2", "rollout.root_fallback=false",
+            "rollout.n_initial=3", "rollout.max_response_tokens=400", "rollout.chunk_tokens=64", "data.shuffle=false",
+            "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=4", "trainer.micro_batch_rows=2",
+            "algo.loss_agg=token-mean", "optim.lr=1.0", "optim.grad_clip=1e6", "data.val_file=", "trainer.save_every=0"]
     launch(1, "update", assets, tmp_path, "one", *args)
     launch(2, "update", assets, tmp_path, "two", *args)
+    rows = [[next(r["means"]["reward/mean"][1] for r in map(json.loads, f.read_text().splitlines())
+                  if "reward/mean" in r["means"])] for f in sorted((tmp_path / "debug").glob("two_rank*.jsonl"))]
+    assert len(rows) == 2 and rows[0] != rows[1]  # unequal row counts: the padded plan is exercised
     one, two = (torch.load(tmp_path / f"{t}_weights.pt") for t in ("one", "two"))
     assert one["metrics"]["rollout/tool_calls"] == two["metrics"]["rollout/tool_calls"]  # the same rollouts
     assert one["metrics"]["reward/mean"] == pytest.approx(two["metrics"]["reward/mean"])
