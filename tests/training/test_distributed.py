@@ -201,3 +201,13 @@ def test_world_size_must_divide_the_batch():
         check_world_size(3, 3, 2)
     with pytest.raises(ValueError, match="trainer.mini_batch_prompts .1. must be a multiple"):
         check_world_size(4, 1, 2)
+
+
+def test_fsdp_asked_where_accelerate_cannot_run_it_is_an_error(assets, tmp_path, monkeypatch):
+    """Accelerate enables FSDP only on GPU-like devices; on CPU it would silently run DDP."""
+    from conftest import make_run_cfg
+    from at2po.training.trainer import Trainer
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="asks for FSDP but this launch runs NO on cpu"):
+        Trainer(make_run_cfg(assets, tmp_path / "run"))

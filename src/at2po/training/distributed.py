@@ -124,6 +124,19 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def check_fsdp_request(accelerator) -> None:
+    """Fail when the launch asked for FSDP but Accelerate did not enable it. Accelerate 1.16 turns
+    FSDP on only for GPU-like devices (CUDA, XPU, NPU, ...): on CPU it silently trains with DDP,
+    every process holding the whole model, which is not what a user of an FSDP config expects."""
+    import os
+
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and not is_fsdp(accelerator):
+        raise ValueError(f"the Accelerate config asks for FSDP but this launch runs {accelerator.distributed_type.value} "
+                         f"on {accelerator.device.type}: Accelerate runs FSDP only on GPUs; on CPU use a DDP config "
+                         f"(configs/accelerate/cpu_2proc.yaml)")
+
+
 def full_state_dict(accelerator, model) -> dict:
     """The policy's full (unsharded) weights by name on every process: gathered under FSDP (a
     collective: every process must call it), the module's own state dict otherwise."""

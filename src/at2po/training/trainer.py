@@ -30,6 +30,7 @@ from at2po.rollout.generator import sequence_logprobs
 from at2po.training.distributed import (
     LocalMetrics,
     all_gather_objects,
+    check_fsdp_request,
     check_world_size,
     full_optimizer_state,
     full_state_dict,
@@ -264,6 +265,7 @@ class Trainer:
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.is_main = self.accelerator.is_main_process
         check_world_size(tc.prompts_per_step, tc.mini_batch_prompts, self.accelerator.num_processes)
+        check_fsdp_request(self.accelerator)
         rank = self.accelerator.process_index
         random.seed(tc.seed + rank)
         np.random.seed(tc.seed + rank)
