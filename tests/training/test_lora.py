@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("peft")
 
-from at2po.config import load_config
+from at2po.config import ModelConfig, load_config
+from at2po.factory import load_model
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
 from at2po.training.trainer import Trainer, latest_checkpoint
 from conftest import make_run_cfg, write_search_qa_files
@@ -58,6 +59,16 @@ def test_only_adapter_weights_change(assets, tmp_path):
     assert any("lora_A" in k for k in changed) and any("lora_B" in k for k in changed)
     base = [k for k in before if "lora_" not in k]
     assert base and all(torch.equal(before[k], after[k]) for k in base)
+    # A checkpoint is the adapters over model.path; transformers (with PEFT installed) loads it as
+    # the adapted model, so `at2po eval model.path=<checkpoint>` evaluates what was trained.
+    ckpt = tr.save_checkpoint()
+    loaded = load_model(ModelConfig(path=str(ckpt)))
+    ids = torch.tensor([tr.tokenizer.encode("Who founded Zorbex? Mila Tarn")])
+    with torch.no_grad():
+        trained = tr.accelerator.unwrap_model(tr.model)(input_ids=ids).logits
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained, atol=1e-6, rtol=0)
+        base_logits = load_model(ModelConfig(path=str(assets / "model")))(input_ids=ids).logits
+    assert float((base_logits - trained).abs().max()) > 1e-4
 
 
 def test_checkpoint_holds_the_adapters_and_resumes_bit_identically(assets, tmp_path):

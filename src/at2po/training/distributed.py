@@ -9,7 +9,7 @@
   micro-batches.
 - Loss scale: gradients are averaged over processes, so a micro-batch's loss is weighted by
   ``world_size * its share / the global denominator`` of its mini-batch; a 2-process update then
-  equals the 1-process update on the same rows (docs/architecture.md, "Scaling out").
+  equals the 1-process update on the same rows (docs/architecture.md, "Several processes").
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """LoRA adapters (PEFT) on the policy: ``model.lora_rank > 0`` trains low-rank adapters on
 ``model.lora_target_modules`` and leaves the base weights frozen, so that a policy whose full
-optimizer state would not fit one device can still be trained on it (docs/architecture.md)."""
+optimizer state would not fit one device can still be trained on it (README, "Scaling out")."""
 
 from __future__ import annotations
 
