@@ -138,6 +138,13 @@ def test_two_process_run_killed_and_resumed_logs_the_reduction_of_both_ranks(ass
         assert min(reward_rows) > 0
         assert row["rollout/leaves_per_tree"] == pytest.approx(sum(reward_rows) / 2)  # 1 tree per rank
     # Validation: 3 rows split 2 + 1 over the ranks, the mean is over all 3 rows.
+    # Any world size dividing the batch resumes: one process continues the 2-process run.
+    launch(1, "train", assets, out, "c", *SPT0, "trainer.steps=5")
+    rows = [json.loads(l) for l in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    state = torch.load(out / "run" / "checkpoints" / "step_000005" / "trainer_state.pt", weights_only=False)
+    assert len(state["rank_states"]) == 1 and state["sampler"] != torch.load(
+        out / "run" / "checkpoints" / "step_000004" / "trainer_state.pt", weights_only=False)["sampler"]
     last = debug[("b", 4)]
     val_rows = [next(r["means"]["val/em"][1] for r in last[k] if "val/em" in r["means"]) for k in (0, 1)]
     assert val_rows == [2, 1] and "val/em" in rows[1] and "val/em" in rows[3]
@@ -211,3 +218,26 @@ def test_fsdp_asked_where_accelerate_cannot_run_it_is_an_error(assets, tmp_path,
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="asks for FSDP but this launch runs NO on cpu"):
         Trainer(make_run_cfg(assets, tmp_path / "run"))
+
+
+def test_without_prefix_sharing_a_micro_batch_is_one_forward_whatever_its_rows(assets):
+    """Under FSDP every forward is a collective: the count must not depend on the rows."""
+    import numpy as np
+
+    from at2po.factory import load_model
+    from at2po.config import ModelConfig
+    from at2po.training.trainer import TrainBatch, response_log_probs
+
+    model = load_model(ModelConfig(path=str(assets / "model")))
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    prompt = list(range(5, 45))  # a 40-token shared prompt: long enough to be shared by default
+    seqs = [prompt + [50, 51, 52], prompt + [53, 54]]
+    batch = TrainBatch(seqs, [40, 40], np.zeros(2, dtype=np.int64), torch.tensor([[1, 1, 1], [1, 1, 0]]),
+                       torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.long))
+    with torch.no_grad():
+        shared = response_log_probs(model, batch, 1.0)
+        n_shared = len(calls)
+        full = response_log_probs(model, batch, 1.0, share_prefix=False)
+    assert n_shared == 2 and len(calls) - n_shared == 1
+    torch.testing.assert_close(full, shared, atol=1e-5, rtol=0)

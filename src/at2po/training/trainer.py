@@ -12,6 +12,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,9 +137,12 @@ def build_train_batch(result: RolloutResult, algo) -> tuple[TrainBatch, dict[str
     return batch, stats
 
 
-def response_log_probs(model, batch: TrainBatch, temperature: float) -> torch.Tensor:
-    """(B, T) log-probs of the response tokens under ``model`` (right-padded like the batch)."""
-    per_row = sequence_logprobs(model, batch.sequences, batch.response_starts, temperature=temperature)
+def response_log_probs(model, batch: TrainBatch, temperature: float, share_prefix: bool = True) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens under ``model`` (right-padded like the batch).
+    ``share_prefix=False`` runs one forward pass per call whatever the rows (FSDP: every process
+    must run as many forwards as the others, and a shared prompt prefix adds one)."""
+    kw = {} if share_prefix else {"min_shared_prefix": sys.maxsize}
+    per_row = sequence_logprobs(model, batch.sequences, batch.response_starts, temperature=temperature, **kw)
     out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=per_row[0].device)
     for i, lp in enumerate(per_row):  # scatter rows into the padded layout
         out[i, : lp.shape[0]] = lp
@@ -512,7 +516,8 @@ class Trainer:
         with torch.no_grad():
             for _, micros, *_ in plan:
                 for rows in micros:
-                    lp = response_log_probs(self.model, batch.rows(rows or [0]), self.cfg.rollout.temperature)
+                    lp = response_log_probs(self.model, batch.rows(rows or [0]), self.cfg.rollout.temperature,
+                                            share_prefix=not is_fsdp(self.accelerator))
                     if rows:
                         batch.old_log_probs[rows] = (lp.float() * batch.response_mask[rows].to(device)).cpu()
         m = logprob_mismatch(rollout_lp, batch.old_log_probs, batch.response_mask, batch.turn_ids,
@@ -555,7 +560,7 @@ class Trainer:
         model = self.model
         model.train()
         world = acc.num_processes
-        sync_every_micro = is_fsdp(acc)
+        fsdp = is_fsdp(acc)
         plans = [self._epoch_plan(batch, n_trees) for _ in range(tc.ppo_epochs)]
         # One collective gives every process the others' micro-batch counts and loss denominators.
         mine = ([[len(micros) for _, micros in plan] for plan in plans],
@@ -573,8 +578,8 @@ class Trainer:
                     micro = batch.rows(micro_rows or [0])  # padding: any row, weight 0
                     mask = micro.response_mask.to(device)
                     last = i == len(micros) - 1
-                    with contextlib.nullcontext() if last or sync_every_micro else acc.no_sync(model):
-                        logp = response_log_probs(model, micro, cfg.rollout.temperature)
+                    with contextlib.nullcontext() if last or fsdp else acc.no_sync(model):
+                        logp = response_log_probs(model, micro, cfg.rollout.temperature, share_prefix=not fsdp)
                         loss, m = policy_loss(
                             logp, micro.old_log_probs.to(device), micro.advantages.to(device), mask,
                             level=algo.loss_level, clip_low=algo.clip_low, clip_high=algo.clip_high,
