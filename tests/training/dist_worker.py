@@ -77,6 +77,21 @@ def record_reductions(trainer: Trainer, path: Path) -> None:
     trainer._reduce, trainer.train_step, trainer.validate = keep, step, val
 
 
+def count_gradient_allreduces(trainer: Trainer) -> list[int]:
+    """Count DDP's gradient all-reduces (one per bucket per synchronised backward); [] when the
+    model is not DDP-wrapped (one process)."""
+    calls: list[int] = []
+    if isinstance(trainer.model, torch.nn.parallel.DistributedDataParallel):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def hook(state, bucket):
+            calls.append(1)
+            return allreduce_hook(state, bucket)
+
+        trainer.model.register_comm_hook(None, hook)
+    return calls
+
+
 def main() -> None:
     torch.set_num_threads(1)
     mode, assets, out, tag, *overrides = sys.argv[1:]
@@ -92,10 +107,11 @@ def main() -> None:
         trainer.generator = trainer.engine.generator = ContextKeyedGenerator(trainer.tokenizer)
         for group in trainer.optimizer.param_groups:  # eps ≫ |g|: the first Adam step is ≈ lr·g
             group["eps"] = 1.0
+        allreduces = count_gradient_allreduces(trainer)
         metrics = trainer.train_step()
         if trainer.is_main:
             weights = {k: v.detach().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
-            torch.save({"weights": weights, "metrics": metrics}, out / f"{tag}_weights.pt")
+            torch.save({"weights": weights, "metrics": metrics, "allreduces": allreduces}, out / f"{tag}_weights.pt")
     else:
         raise SystemExit(f"unknown mode {mode!r}")
     trainer.accelerator.wait_for_everyone()

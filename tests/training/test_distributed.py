@@ -57,7 +57,8 @@ def _command(processes: int, *args) -> list[str]:
 
 
 def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Loopback only: the processes share this machine, whatever its host name resolves to.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 def launch(processes: int, *args) -> None:
@@ -161,10 +162,14 @@ def test_two_process_update_equals_the_one_process_update(assets, tmp_path):
             "algo.loss_agg=token-mean", "optim.lr=1.0", "optim.grad_clip=1e6", "data.val_file=", "trainer.save_every=0"]
     launch(1, "update", assets, tmp_path, "one", *args)
     launch(2, "update", assets, tmp_path, "two", *args)
+    one, two = (torch.load(tmp_path / f"{t}_weights.pt") for t in ("one", "two"))
     rows = [[next(r["means"]["reward/mean"][1] for r in map(json.loads, f.read_text().splitlines())
                   if "reward/mean" in r["means"])] for f in sorted((tmp_path / "debug").glob("two_rank*.jsonl"))]
     assert len(rows) == 2 and rows[0] != rows[1]  # unequal row counts: the padded plan is exercised
-    one, two = (torch.load(tmp_path / f"{t}_weights.pt") for t in ("one", "two"))
+    # 8 and 10 rows in micro-batches of 2: 5 backward passes on each rank (rank 0 padded), one
+    # gradient all-reduce (the tiny model fits one DDP bucket): no_sync on the 4 others.
+    assert sorted(rows) == [[8.0], [10.0]]
+    assert sum(two["allreduces"]) == 1 and one["allreduces"] == []
     assert one["metrics"]["rollout/tool_calls"] == two["metrics"]["rollout/tool_calls"]  # the same rollouts
     assert one["metrics"]["reward/mean"] == pytest.approx(two["metrics"]["reward/mean"])
     assert one["metrics"]["loss/policy"] == pytest.approx(two["metrics"]["loss/policy"], abs=1e-6)
