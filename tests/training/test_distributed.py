@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -50,10 +51,12 @@ def _command(processes: int, *args) -> list[str]:
     if processes == 1:
         return [sys.executable, str(WORKER), *map(str, args)]
     # `--multi_gpu` is Accelerate's torchrun launcher; without a GPU each process picks gloo on CPU
-    # (`--cpu` would start a single process).
-    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu",
-            "--num_processes", str(processes), "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(_free_port()), str(WORKER), *map(str, args)]
+    # (`--cpu` would start a single process). AT2PO_TEST_ACCELERATE_ARGS replaces it, e.g. with an
+    # FSDP config on a machine with 2 GPUs (README, "Scaling out").
+    launcher = shlex.split(os.environ.get("AT2PO_TEST_ACCELERATE_ARGS", "--multi_gpu --mixed_precision no"))
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", *launcher,
+            "--num_processes", str(processes), "--num_machines", "1", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), str(WORKER), *map(str, args)]
 
 
 def _env() -> dict:
