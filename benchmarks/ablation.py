@@ -1,21 +1,30 @@
-"""The paper's progressive ablation (docs/method.md §5) in miniature, on the quickstart's task, at equal budget.
+"""The paper's ablations (docs/method.md §5) in miniature, on the quickstart's task, at equal budget,
+over paired seeds, resumable and parallel across processes.
 
-    python benchmarks/ablation.py --quick                 # smoke run, about a minute on CPU
-    python benchmarks/ablation.py                         # 6 rows x seeds 0 1 2 (hours on 2 CPU cores)
-    python benchmarks/ablation.py --credit --seeds 0      # plus the credit variants of Table 5
+    python benchmarks/ablation.py --quick                              # smoke run, under a minute on CPU
+    python benchmarks/ablation.py --credit --workers 16 --out DIR      # the full sweep (hours on 16 cores)
+    python -m at2po.evidence.stats DIR                                 # every table entry, recomputed from the files
 
-Every row is only a list of config overrides on top of the quickstart's config (``ROWS``,
-``CREDIT_ROWS``): the same trainer runs all of them. For each seed the quickstart's world, tokenizer
-and warm-started tiny model are built once, and every row of that seed starts from that model.
+Rows (``ROWS``: the progressive ablation, the paper's Table 4; ``CREDIT_ROWS``: the turn-wise
+credit variants, its Table 5, each on top of the full AT²PO row) are lists of config overrides
+on top of the quickstart's config: the same trainer runs all of them. Task variants
+(``VARIANTS``) change the question splits of the same world: ``standard`` is the quickstart's
+task, ``hard`` asks only 3-hop questions (in training and held out), which the warm start never
+saw demonstrated (exploration is the bottleneck), with a longer run.
 
-Equal budget: each row trains until its cumulative generated tokens reach the same budget B,
-so rows with cheaper steps take more of them. By default B is measured per seed: the full
-AT²PO row runs the quickstart's number of steps (``trainer.steps``) and B is its generated tokens;
-``--budget`` gives a fixed B instead. Held-out EM (greedy, ``Trainer.validate``) is measured
-at the same token checkpoints in every row (the reference row's tokens at its validation
-steps), so the curves line up; the last checkpoint is B. The recorded tokens are the sums of the
-steps' ``rollout/generated_tokens``, and the report states each row's overshoot of B (at most
-its last step's tokens).
+Paired seeds: per seed the world, tokenizer and warm-started model are built once (cached under
+DIR/cache) and every row and variant of that seed starts from that model with the same seed, so
+the same prompt order; the tables report each row's per-seed difference to the full AT²PO row,
+its bootstrap 95% CI and the seeds where it is ahead (``at2po.evidence.stats``).
+
+Equal budget: each row trains until its cumulative generated tokens reach the same budget B, so
+rows with cheaper steps take more of them. By default B is measured per variant and seed: the
+full AT²PO row runs ``trainer.steps`` steps and B is its generated tokens; ``--budget`` fixes B
+instead. Held-out EM (greedy, ``Trainer.validate``) is measured at the same token checkpoints in
+every row (the reference row's tokens at its validation steps), so the curves line up.
+
+Resumable: one file per (variant, row, seed) under DIR/runs, written atomically; rerunning the
+same command runs only the missing jobs (see ``at2po.evidence.runner``).
 """
 
 from __future__ import annotations
@@ -26,9 +35,7 @@ import json
 import math
 import os
 import platform
-import re
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -36,16 +43,19 @@ from pathlib import Path
 from typing import Any
 
 from at2po.config import Config, config_to_dict, load_config
-from at2po.evaluation.evaluator import mean_metrics
-from at2po.quickstart import (
-    QUICKSTART_OVERRIDES,
-    QuickstartConfig,
-    build_quickstart_assets,
-    quickstart_assets_config,
-    quickstart_config,
+from at2po.evidence.runner import (
+    SweepLocked,
+    SweepMismatch,
+    assets_dict,
+    atomic_write_json,
+    check_jobs,
+    plan_jobs,
+    run_jobs,
+    sweep_lock,
 )
+from at2po.evidence.stats import markdown_tables, slug, tables_from_files
+from at2po.quickstart import QUICKSTART_OVERRIDES, QuickstartConfig, quickstart_assets_config
 from at2po.tasks.multihop import MultiHopConfig
-from at2po.training.trainer import Trainer
 
 TOKEN_LOSS = ["algo.loss_level=token", "algo.clip_low=0.2", "algo.clip_high=0.28"]  # PPO/GRPO ratio per token
 SEQUENCE_LOSS = ["algo.loss_level=sequence", "algo.clip_low=3e-4", "algo.clip_high=4e-4"]  # GSPO
@@ -85,6 +95,33 @@ PAPER_EM: dict[str, float] = {
     "value/child_mean": 48.43, "value/leaf_mean": 48.52, "td": 45.80, "global": 48.19, "td_global+leaf_mean": 44.18,
 }
 
+# The steps of the progression whose paired difference the tables report (label, from row, to row).
+COMPONENTS: list[tuple[str, str, str]] = [
+    ("chains → random tree", "chain GRPO", "random tree + token loss"),
+    ("token → turn loss", "random tree + token loss", "random tree + ATPO"),
+    ("random → entropy expansion", "random tree + ATPO", "entropy tree + ATPO"),
+    ("no credit → turn credit", "entropy tree + ATPO", "AT²PO (full)"),
+]
+
+# Task variants: MultiHopConfig fields that change the question splits of the warm start's own
+# world (names, facts and corpus stay), and config overrides of every row of the variant.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "standard": {
+        "description": "the quickstart's task: held-out 1-, 2- and 3-hop questions; the warm start saw "
+                       "1- and 2-hop demonstrations only",
+        "world": {}, "overrides": [],
+    },
+    "hard": {
+        "description": "3-hop questions only, in training and held out (the warm start saw no 3-hop "
+                       "demonstration and answers them after 2 searches); twice the quickstart's steps",
+        # Training on 3-hop questions alone: every reward then comes from a trajectory that searched
+        # a third time, which the warm start rarely samples (pass@16 ≈ 0.07 on seed 0). A pilot that
+        # mixed in 1- and 2-hop questions (1:1:2) learned those and never a third search in 60 steps.
+        "world": {"train_hop_weights": [0.0, 0.0, 1.0], "test_hop_weights": [0.0, 0.0, 1.0]},
+        "overrides": ["trainer.steps=60", "trainer.val_every=15"],
+    },
+}
+
 # Applied to every row: the loop here replaces Trainer.fit, which owns the bars and the logs.
 COMMON_OVERRIDES = ["trainer.progress=false", "trainer.tensorboard=false"]
 
@@ -106,6 +143,9 @@ def assets_config(seed: int, quick: bool) -> QuickstartConfig:
     )
 
 
+PASS_K_SAMPLES = 16  # sampled chains per validation question for the warm start's pass@k (--quick: 2)
+
+
 def chain_count(cfg: Config) -> int:
     """Chains per prompt costing about one tree: M initial chains plus, per round, K siblings
     that start on average halfway down a trajectory, ≈ M + L·K/2 trajectories (docs/method.md §2;
@@ -114,215 +154,9 @@ def chain_count(cfg: Config) -> int:
     return math.ceil(r.n_initial + r.expansion_rounds * r.top_k / 2)
 
 
-def slug(name: str) -> str:
-    """A row's name as typed on a command line: 'AT²PO (full)' -> 'at2po-full'."""
-    return re.sub(r"[^a-z0-9]+", "-", name.lower().replace("²", "2")).strip("-")
-
-
-def validation_steps(cfg: Config) -> list[int]:
-    """The reference row's validation steps: every trainer.val_every steps and the last one."""
-    steps, every = cfg.trainer.steps, cfg.trainer.val_every
-    return sorted({*range(every, steps, every), steps}) if every else [steps]
-
-
-def _resolved_key(cfg: Config) -> str:
-    """Rows with the same resolved config (output folder aside) are the same run."""
-    d = config_to_dict(cfg)
-    d["trainer"].pop("output_dir")
-    return json.dumps(d, sort_keys=True)
-
-
-def by_hop(records: list[dict[str, Any]]) -> dict[str, float]:
-    """EM overall and per hop count of one greedy validation's per-row records (no second pass)."""
-    out = {"em": mean_metrics(records, ["em"])["em"]}
-    for hops in sorted({r["meta"]["hops"] for r in records}):
-        out[f"em_{hops}hop"] = mean_metrics([r for r in records if r["meta"]["hops"] == hops], ["em"])["em"]
-    return out
-
-
-def warm_start_metrics(cfg: Config) -> dict[str, Any]:
-    """Held-out metrics of the warm start: every row's starting point (greedy, so one run serves all)."""
-    trainer = Trainer(cfg)
-    val = trainer.validate()
-    return {"val": val, "by_hop": by_hop(trainer.val_records)}
-
-
-def train_row(cfg: Config, targets: Sequence[float], unit: str, say: Callable[[str], None]) -> dict[str, Any]:
-    """Train a fresh Trainer from the warm start until every target is reached, validating at each.
-
-    ``unit`` is "steps" (the reference row measuring the budget) or "tokens" (cumulative
-    generated tokens). A step that passes several targets is validated once and counts for each,
-    so every row's curve has one point per target.
-    """
-    start = time.perf_counter()
-    trainer = Trainer(cfg)
-    pending = list(targets)
-    tokens, tool_calls = 0.0, 0.0
-    steps: list[dict[str, float]] = []
-    curve: list[dict[str, float]] = []
-    while pending:
-        metrics = trainer.train_step()
-        tokens += metrics["rollout/generated_tokens"]
-        tool_calls += metrics["rollout/tool_calls"]
-        reached = trainer.step if unit == "steps" else tokens
-        passed = [t for t in pending if reached >= t]
-        if passed:
-            metrics.update(trainer.validate())
-            curve += [{"step": trainer.step, "tokens": tokens, "em": metrics["val/em"]} for _ in passed]
-            pending = pending[len(passed):]
-        steps.append({"step": trainer.step, **metrics})
-        val = f"  val EM {metrics['val/em']:.3f}" if passed else ""
-        say(f"step {trainer.step:3d}  tokens {tokens:9.0f}  reward {metrics['reward/mean']:+.3f}{val}")
-    return {
-        "steps": trainer.step, "generated_tokens": tokens, "tool_calls": tool_calls,
-        "seconds": time.perf_counter() - start, "train_seconds": sum(s["time/step"] for s in steps),
-        "val_after": {k: v for k, v in steps[-1].items() if k.startswith("val/")},
-        "by_hop_after": by_hop(trainer.val_records), "curve": curve, "step_metrics": steps,
-    }
-
-
-def run_seed(seed: int, out: Path, rows: dict[str, list[str]], budget: float | None, quick: bool,
-             overrides: Sequence[str], log: Callable[[str], None]) -> dict[str, Any]:
-    """Every row of one seed from one warm start; the reference row first when it sets the budget."""
-    t0 = time.perf_counter()
-    seed_dir = out / f"seed{seed}"
-    log(f"seed {seed}: world, tokenizer and warm start -> {seed_dir / 'assets'}")
-    build_quickstart_assets(assets_config(seed, quick), out_dir=seed_dir / "assets", progress=False)
-    base_overrides = [*COMMON_OVERRIDES, *(QUICK_OVERRIDES if quick else []), *overrides]
-
-    def config(name: str, extra: Sequence[str]) -> Config:
-        return quickstart_config(seed_dir / "assets", seed_dir / slug(name), seed, [*base_overrides, *extra])
-
-    def row_log(name: str) -> Callable[[str], None]:
-        return lambda msg: log(f"seed {seed} | {name} | {msg}")
-
-    base = config("warm-start", [])
-    chains = chain_count(base)
-    row_overrides = {name: [o.format(chains=chains) for o in ovr] for name, ovr in rows.items()}
-    val_steps = validation_steps(base)
-    warm = warm_start_metrics(base)
-    log(f"seed {seed}: warm start held-out EM {warm['val']['val/em']:.3f}   chain rows: {chains} chains per prompt")
-
-    # Without a fixed budget the reference row runs first, by steps, and its tokens at its
-    # validation steps become every other row's checkpoints.
-    order = [REFERENCE, *(n for n in row_overrides if n != REFERENCE)] if budget is None else list(row_overrides)
-    checkpoints = None if budget is None else [budget * s / base.trainer.steps for s in val_steps]
-    results: dict[str, dict[str, Any]] = {}
-    done: dict[str, str] = {}  # resolved config -> the row that ran it
-    for name in order:
-        cfg = config(name, row_overrides[name])
-        key = _resolved_key(cfg)
-        if key in done:  # e.g. value/entropy_softmax is the full AT²PO row: same config, same run
-            r = {**results[done[key]], "same_run_as": done[key]}
-        elif checkpoints is None:
-            log(f"seed {seed} | {name}: measuring the budget over {base.trainer.steps} steps")
-            r = train_row(cfg, val_steps, "steps", row_log(name))
-            checkpoints = [c["tokens"] for c in r["curve"]]
-            log(f"seed {seed}: budget {checkpoints[-1]:.0f} generated tokens per row")
-        else:
-            r = train_row(cfg, checkpoints, "tokens", row_log(name))
-        done.setdefault(key, name)
-        before, after = warm["val"]["val/em"], r["val_after"]["val/em"]
-        results[name] = {**r, "overrides": row_overrides[name], "em_before": before, "em_after": after,
-                         "delta": after - before, "budget_overshoot": r["generated_tokens"] - checkpoints[-1]}
-        log(f"seed {seed} | {name}: EM {before:.3f} -> {after:.3f}, {r['generated_tokens']:.0f} tokens "
-            f"(budget {checkpoints[-1]:.0f}) in {r['steps']} steps, {r['seconds']:.1f} s")
-    return {"budget_tokens": checkpoints[-1], "checkpoints": checkpoints, "chains": chains, "warm_start": warm,
-            "seconds": time.perf_counter() - t0, "rows": results}
-
-
-# -- report ------------------------------------------------------------------------------------------
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs)
-
-
-def _mean_std(xs: Sequence[float]) -> str:
-    """'mean ± sample std' over seeds ('mean' alone for one seed)."""
-    return f"{_mean(xs):.3f}" + (f" ± {statistics.stdev(xs):.3f}" if len(xs) > 1 else "")
-
-
-def summarize(per_seed: dict[str, dict], names: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per row, over seeds: EM after (mean, sample std), Δ vs warm start, per-hop EM, costs, curve."""
-    out = {}
-    for name in names:
-        runs = [s["rows"][name] for s in per_seed.values()]
-        hops = sorted({k for r in runs for k in r["by_hop_after"] if re.fullmatch(r"em_\dhop", k)})
-        points = list(zip(*(r["curve"] for r in runs)))  # aligned: same checkpoints in every row
-        warm = _mean([r["em_before"] for r in runs])
-        out[name] = {
-            "em_after": [r["em_after"] for r in runs],
-            "delta_mean": _mean([r["delta"] for r in runs]),
-            **{f"{h}_mean": _mean([r["by_hop_after"][h] for r in runs if h in r["by_hop_after"]]) for h in hops},
-            **{f"{k}_mean": _mean([r[k] for r in runs]) for k in ("generated_tokens", "tool_calls", "steps", "seconds")},
-            "max_overshoot": max(r["budget_overshoot"] for r in runs),
-            "curve_tokens": [0.0, *(_mean([p["tokens"] for p in pt]) for pt in points)],
-            "curve_em": [warm, *(_mean([p["em"] for p in pt]) for pt in points)],
-        }
-    return out
-
-
-def markdown_table(summary: dict[str, dict[str, Any]], first_column: str) -> str:
-    hops = sorted({k[:-5] for s in summary.values() for k in s if re.fullmatch(r"em_\dhop_mean", k)})
-    head = [first_column, "held-out EM", "Δ vs warm start", *(f"{h[3]}-hop EM" for h in hops),
-            "generated tokens", "tool calls", "steps", "wall s", "paper EM %"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, s in summary.items():
-        cells = [name, _mean_std(s["em_after"]), f"{s['delta_mean']:+.3f}",
-                 *(f"{s[h + '_mean']:.3f}" if h + "_mean" in s else "–" for h in hops),
-                 f"{s['generated_tokens_mean']:,.0f}", f"{s['tool_calls_mean']:,.0f}", f"{s['steps_mean']:.1f}",
-                 f"{s['seconds_mean']:,.1f}", f"{PAPER_EM[name]:.2f}" if name in PAPER_EM else "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def write_markdown(path: Path, results: dict[str, Any]) -> str:
-    seeds = results["seeds"]
-    warm = [s["warm_start"]["val"]["val/em"] for s in seeds.values()]
-    budget = ("measured per seed: the full AT²PO row's generated tokens over trainer.steps steps"
-              if results["settings"]["budget"] is None else "fixed with --budget")
-    budgets = ", ".join(f"seed {k}: {s['budget_tokens']:,.0f}" for k, s in seeds.items())
-    overshoot = max(s["max_overshoot"] for table in results["summary"].values() for s in table.values())
-    text = [
-        "# AT²PO progressive ablation (tiny model, synthetic multi-hop task, equal token budget)", "",
-        f"Date {results['date']}; `{results['command']}`; seeds {', '.join(seeds)}.", "",
-        f"Budget B ({budget}): {budgets} generated tokens. Every row trains until its cumulative generated tokens "
-        f"reach B; the largest overshoot of any row is {overshoot:,.0f} tokens (less than its last step).",
-        f"Chain rows: {next(iter(seeds.values()))['chains']} chains per prompt, about the cost of one tree "
-        "(M + L·K/2 trajectories).",
-        f"Warm start (no RL): held-out EM {_mean_std(warm)}. Held-out EM is greedy on the validation questions at B, "
-        "mean ± sample std over seeds; per-hop EM from the same validation's per-row records; tokens, tool calls, "
-        "steps and wall seconds are per-row training totals, mean over seeds; paper EM: Qwen3-4B multi-hop average, "
-        "for reference.", "",
-        markdown_table(results["summary"]["main"], "method"),
-    ]
-    if results["summary"].get("credit"):
-        text += ["", "## Turn-wise credit variants (on top of AT²PO (full))", "",
-                 markdown_table(results["summary"]["credit"], "credit")]
-    path.write_text("\n".join(text) + "\n")
-    return "\n".join(text)
-
-
-def plot_curves(path: Path, summary: dict[str, dict[str, dict[str, Any]]], budget: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    titles = {"main": "progressive ablation", "credit": "turn-wise credit variants"}
-    tables = [(titles[k], v) for k, v in summary.items() if v]
-    fig, axes = plt.subplots(1, len(tables), figsize=(6.5 * len(tables), 4.5), squeeze=False)
-    for ax, (title, rows) in zip(axes[0], tables):
-        for name, s in rows.items():
-            ax.plot(s["curve_tokens"], s["curve_em"], marker="o", ms=3, label=name)
-        ax.axvline(budget, color="grey", ls="--", lw=1, label="budget (mean over seeds)")
-        ax.set_title(f"{title}: held-out EM (greedy), mean over seeds", fontsize=10)
-        ax.set_xlabel("cumulative generated tokens")
-        ax.set_ylabel("EM")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _resolved_key(overrides: Sequence[str]) -> str:
+    """Rows whose overrides resolve to the same config are the same run."""
+    return json.dumps(config_to_dict(load_config(None, [*QUICKSTART_OVERRIDES, *overrides])), sort_keys=True)
 
 
 def machine_info() -> dict[str, Any]:
@@ -332,58 +166,206 @@ def machine_info() -> dict[str, Any]:
     return {
         "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "transformers": transformers.__version__,
-        "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads_main_process": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "load_average_at_start": os.getloadavg(),
     }
 
 
-def run_ablation(out_dir: str | Path, seeds: Sequence[int] = (0, 1, 2), rows: Sequence[str] | None = None,
-                 credit: bool = False, quick: bool = False, budget: float | None = None,
-                 overrides: Sequence[str] = (), command: str = "", log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run the ablation and write results.json, ablation.md and curves.png to ``out_dir``.
+def _merge_plan(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """A sweep extended by a later invocation (more seeds, rows or variants) tables all it holds."""
+    if old is None:
+        return new
+    out = dict(new)
+    out["seeds"] = sorted(set(old["seeds"]) | set(new["seeds"]))
+    out["variants"] = list(dict.fromkeys([*old["variants"], *new["variants"]]))
+    out["variant_descriptions"] = {**old["variant_descriptions"], **new["variant_descriptions"]}
+    out["tables"] = {t: list(dict.fromkeys([*old["tables"].get(t, []), *new["tables"].get(t, [])]))
+                     for t in dict.fromkeys([*old["tables"], *new["tables"]])}
+    out["aliases"] = {**old.get("aliases", {}), **new["aliases"]}
+    return out
 
-    ``rows``: names of ``ROWS`` (default all); ``budget``: generated tokens per row (default:
-    measured per seed on the full AT²PO row, which must then be among the rows); ``overrides``:
-    config overrides for every row, applied before the row's own.
+
+def run_ablation(out_dir: str | Path, seeds: Sequence[int] = tuple(range(10)), rows: Sequence[str] | None = None,
+                 credit: bool = False, quick: bool = False, budget: float | None = None,
+                 overrides: Sequence[str] = (), variants: Sequence[str] = ("standard",), workers: int = 1,
+                 pass_k_samples: int | None = None, command: str = "",
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the sweep in ``out_dir`` and write sweep.json, tables.json, ablation.md and curves.png.
+
+    ``rows``: names of ``ROWS`` (default all); ``credit``: add ``CREDIT_ROWS``; ``budget``:
+    generated tokens per row (default: measured per variant and seed on the full AT²PO row, which
+    must then be among the rows); ``overrides``: config overrides for every row, applied before
+    the variant's and the row's own. Returns {"tables", "report", "sweep"}.
     """
     names = list(ROWS) if rows is None else list(rows)
     if set(names) - set(ROWS):
         raise ValueError(f"unknown rows {sorted(set(names) - set(ROWS))}; choose from {list(ROWS)}")
+    if credit and REFERENCE not in names:
+        names.append(REFERENCE)  # the credit variants are compared with the full row
     if budget is None and REFERENCE not in names:
         raise ValueError(f"without a budget it is measured on the {REFERENCE!r} row: include it or give a budget")
     if budget is not None and budget <= 0:
         raise ValueError(f"the budget must be > 0 generated tokens, got {budget}")
-    run_rows = {n: ROWS[n] for n in names}
+    if set(variants) - set(VARIANTS):
+        raise ValueError(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; choose from {list(VARIANTS)}")
+    pass_k_samples = (2 if quick else PASS_K_SAMPLES) if pass_k_samples is None else pass_k_samples
+    # Per variant, every row's overrides before its own: the variant's (a longer run, ...) give way
+    # to --quick's tiny settings, and --set comes last.
+    variant_overrides = {v: [*COMMON_OVERRIDES, *VARIANTS[v]["overrides"], *(QUICK_OVERRIDES if quick else []),
+                             *overrides] for v in variants}
+    chains = chain_count(load_config(None, [*QUICKSTART_OVERRIDES, *COMMON_OVERRIDES, *overrides]))
+    table_rows = {"progressive": names, **({"credit": list(CREDIT_ROWS)} if credit else {})}
+    all_rows = {n: [o.format(chains=chains) for o in ROWS[n]] for n in names}
     if credit:
-        run_rows |= {name: [*ROWS[REFERENCE], *ovr] for name, ovr in CREDIT_ROWS.items()}
+        all_rows |= {n: [*all_rows[REFERENCE], *ovr] for n, ovr in CREDIT_ROWS.items()}
+
+    # A row whose config resolves to an earlier row's (value/entropy_softmax is the full row) is
+    # that row's run: it gets no job and the tables read the other row's files.
+    aliases: dict[str, dict[str, str]] = {}
+    for v in variants:
+        seen: dict[str, str] = {}
+        for n in [REFERENCE, *all_rows] if REFERENCE in all_rows else all_rows:
+            key = _resolved_key([*variant_overrides[v], *all_rows[n]])
+            if key in seen and seen[key] != n:
+                aliases.setdefault(v, {})[n] = seen[key]
+            seen.setdefault(key, n)
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, Any] = {
-        "command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"), "machine": machine_info(),
-        "settings": {"seeds": list(seeds), "quick": quick, "budget": budget, "overrides": list(overrides),
-                     "quickstart_overrides": QUICKSTART_OVERRIDES, "common_overrides": COMMON_OVERRIDES,
-                     "quick_overrides": QUICK_OVERRIDES if quick else [], "rows": run_rows,
-                     "reference_row": REFERENCE},
-        "seeds": {},
-    }
-    t0 = time.perf_counter()
-    for seed in seeds:
-        results["seeds"][str(seed)] = run_seed(seed, out, run_rows, budget, quick, overrides, log)
-        # Rewritten after every seed, so a long run that dies keeps what it finished.
-        (out / "results.json").write_text(json.dumps(results, indent=1))
-    per_seed = results["seeds"]
-    results["summary"] = {"main": summarize(per_seed, names),
-                          "credit": summarize(per_seed, list(CREDIT_ROWS)) if credit else {}}
-    results["seconds"] = time.perf_counter() - t0
-    results["machine"]["load_average_at_end"] = os.getloadavg()
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    table = write_markdown(out / "ablation.md", results)
-    plot_curves(out / "curves.png", results["summary"], _mean([s["budget_tokens"] for s in per_seed.values()]))
-    log("\n" + table)
-    log(f"\n{out / 'ablation.md'}  {out / 'curves.png'}  {out / 'results.json'}  "
-        f"({results['seconds']:.0f} s after start-up)")
-    return results
+    plan = {"seeds": list(seeds), "variants": list(variants), "tables": table_rows, "reference_row": REFERENCE,
+            "aliases": aliases, "components": COMPONENTS,
+            "variant_descriptions": {v: VARIANTS[v]["description"] for v in variants}}
+    jobs = plan_jobs(out, seeds, lambda s: assets_dict(assets_config(s, quick)),
+                     {v: {"world": VARIANTS[v]["world"], "overrides": variant_overrides[v]} for v in variants},
+                     all_rows, REFERENCE, aliases, budget, pass_k_samples)
+    with sweep_lock(out):
+        check_jobs(jobs)  # other settings in the folder: refused before a line of it changes
+        sweep_path = out / "sweep.json"
+        sweep = json.loads(sweep_path.read_text()) if sweep_path.is_file() else {"invocations": []}
+        sweep["plan"] = _merge_plan(sweep.get("plan"), plan)
+        sweep["settings"] = {"quick": quick, "budget": budget, "overrides": list(overrides),
+                             "quickstart_overrides": QUICKSTART_OVERRIDES, "common_overrides": COMMON_OVERRIDES,
+                             "quick_overrides": QUICK_OVERRIDES if quick else [], "chains": chains,
+                             "pass_k_samples": pass_k_samples, "rows": all_rows, "variants": VARIANTS}
+        invocation = {"command": command, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+                      "workers": workers, "machine": machine_info()}
+        sweep["invocations"].append(invocation)
+        atomic_write_json(sweep_path, sweep)
+        t0 = time.perf_counter()
+        report = run_jobs(jobs, workers, log)
+        invocation.update(seconds=time.perf_counter() - t0, jobs_run=len(report["run"]),
+                          jobs_skipped=len(report["skipped"]), jobs_failed=report["failed"],
+                          jobs_blocked=report["blocked"])
+        invocation["machine"]["load_average_at_end"] = os.getloadavg()
+        atomic_write_json(sweep_path, sweep)
+        tables, text = write_report(out, sweep)
+    log("\n" + text)
+    log(f"\n{out / 'ablation.md'}  {out / 'curves.png'}  {out / 'effects.png'}  {out / 'tables.json'}  "
+        f"({invocation['seconds']:.0f} s after start-up; {len(report['run'])} jobs run, "
+        f"{len(report['skipped'])} already done)")
+    return {"tables": tables, "report": report, "sweep": sweep}
+
+
+# -- report ------------------------------------------------------------------------------------------
+def write_report(out: Path, sweep: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """tables.json, ablation.md, curves.png and effects.png of the sweep in ``out``, from its files."""
+    tables = tables_from_files(out)
+    atomic_write_json(out / "tables.json", tables)
+    text = write_markdown(out / "ablation.md", sweep, tables)
+    plot_curves(out / "curves.png", sweep, tables)
+    plot_effects(out / "effects.png", tables)
+    return tables, text
+
+
+def budgets(out: Path, sweep: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """Budget B per variant and seed, read from the reference row's files."""
+    ref = slug(sweep["plan"]["reference_row"])
+    found: dict[str, dict[int, float]] = {}
+    for v in sweep["plan"]["variants"]:
+        for path in sorted((out / "runs" / v / ref).glob("seed*.json")):
+            found.setdefault(v, {})[int(path.stem[4:])] = json.loads(path.read_text())["checkpoints"][-1]
+    return found
+
+
+def write_markdown(path: Path, sweep: dict[str, Any], tables: dict[str, Any]) -> str:
+    inv = sweep["invocations"]
+    s = sweep["settings"]
+    b = budgets(path.parent, sweep)
+    lines = [
+        "# AT²PO ablations in miniature (tiny model, synthetic multi-hop task, equal token budget, paired seeds)", "",
+        "Invocations (command, date, workers, wall time):", "",
+        *(f"- `{i['command']}`, {i['date']}, {i['workers']} worker(s), "
+          + (f"{i['seconds']:,.0f} s, {i['jobs_run']} jobs run, {i['jobs_skipped']} already done"
+             + (f", {len(i['jobs_failed'])} failed" if i["jobs_failed"] else "") if "seconds" in i
+             else "did not finish (killed, or still running)")
+          + f"; {i['machine']['cpus']} CPUs, torch {i['machine']['torch']}" for i in inv), "",
+        "Budget B: " + ("fixed with --budget" if s["budget"] is not None else
+                        "measured per variant and seed, the full AT²PO row's generated tokens over trainer.steps"),
+        *(f"- {v}: " + ", ".join(f"seed {k}: {x:,.0f}" for k, x in sorted(bs.items())) for v, bs in b.items()), "",
+        f"Chain rows: {s['chains']} chains per prompt, about the cost of one tree (M + L·K/2 trajectories). "
+        "Held-out EM: greedy, on the variant's validation questions, at B; mean ± sample std over seeds. "
+        "'− AT²PO (full)': mean over seeds of the per-seed difference to the full row, with its 95% "
+        "percentile-bootstrap interval; ahead/level/behind: seeds where the row is above, equal to or below "
+        "the full row. Every entry is recomputed from the per-seed files by `python -m at2po.evidence.stats DIR`.",
+        "",
+        markdown_tables(tables, sweep, PAPER_EM),
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
+def plot_curves(path: Path, sweep: dict[str, Any], tables: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(v, t, rows) for v, vt in tables.items() for t in sweep["plan"]["tables"] if (rows := vt.get(t))]
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 4.5), squeeze=False)
+    for ax, (variant, table, rows) in zip(axes[0], panels):
+        for name, st in rows.items():
+            ax.plot(st["curve_tokens"], st["curve_em"], marker="o", ms=3, label=f"{name} (n={st['n']})")
+        ax.set_title(f"{variant} task, {table}: held-out EM (greedy), mean over seeds", fontsize=9)
+        ax.set_xlabel("cumulative generated tokens")
+        ax.set_ylabel("EM")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_effects(path: Path, tables: dict[str, Any]) -> None:
+    """Per variant, each component's and each row's paired difference with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = []
+    for variant, vt in tables.items():
+        items = [(c["component"], c) for c in vt["components"] if c.get("n")]
+        items += [(f"{name} − full", st["vs_reference"]) for t in ("progressive", "credit")
+                  for name, st in vt.get(t, {}).items() if st.get("vs_reference", {}).get("n")]
+        if items:
+            panels.append((variant, items))
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 0.4 * max(len(i) for _, i in panels) + 1.5),
+                             squeeze=False)
+    for ax, (variant, items) in zip(axes[0], panels):
+        for y, (label, p) in enumerate(reversed(items)):
+            ax.errorbar(p["mean"], y, xerr=[[p["mean"] - p["ci95"][0]], [p["ci95"][1] - p["mean"]]], fmt="o",
+                        color="tab:green" if p["ci95"][0] > 0 else "tab:red" if p["ci95"][1] < 0 else "tab:gray")
+        ax.set_yticks(range(len(items)), [f"{label} (n={p['n']})" for label, p in reversed(items)], fontsize=7)
+        ax.axvline(0, color="black", lw=0.8)
+        ax.set_title(f"{variant} task: paired difference in held-out EM, mean and 95% CI", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: Sequence[str] | None = None, results_root: str | Path = "benchmarks/results") -> dict[str, Any]:
@@ -396,39 +378,70 @@ def main(argv: Sequence[str] | None = None, results_root: str | Path = "benchmar
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="rows: " + ", ".join(f"{s} ({n})" for s, n in by_slug.items()),
     )
-    ap.add_argument("--quick", action="store_true", help="tiny world, model and budget: a smoke run in about a minute")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2 (--quick: 0)")
-    ap.add_argument("--out", default="", help=f"output folder (default {results_root}/ablation-DATE)")
+    ap.add_argument("--quick", action="store_true", help="tiny world, model and budget: a smoke run in under a minute")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 ... 9 (--quick: 0)")
+    ap.add_argument("--out", default="", help=f"sweep folder; rerun with the same --out to resume "
+                                              f"(default {results_root}/ablation-DATE)")
     ap.add_argument("--rows", nargs="+", default=None, metavar="ROW", help="rows to run, by name or slug (default all)")
     ap.add_argument("--credit", action="store_true", help="also the credit variants of the paper's Table 5")
+    ap.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS),
+                    help="task variants (default: standard hard; --quick: standard)")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="jobs run at once, each in its own process with one torch thread (default 1: in this process)")
+    ap.add_argument("--pass-k-samples", type=int, default=None,
+                    help=f"sampled chains per question for the warm start's pass@k (default {PASS_K_SAMPLES}, "
+                         "--quick: 2; 0: skip)")
     ap.add_argument("--budget", type=float, default=None,
                     help="generated tokens per row (default: the full AT²PO row's tokens over trainer.steps steps)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override for every row, before the row's own (repeatable)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: rewrite the tables, ablation.md and plots of --out from its files")
     args = ap.parse_args(argv)
+    if args.report_only:
+        if not (Path(args.out) / "sweep.json").is_file():
+            ap.error(f"--report-only needs --out, a folder a sweep wrote (no sweep.json in {args.out or '.'!r})")
+        sweep = json.loads((Path(args.out) / "sweep.json").read_text())
+        tables, text = write_report(Path(args.out), sweep)
+        print(text)
+        return {"tables": tables, "report": {"run": [], "skipped": [], "failed": {}, "blocked": []}, "sweep": sweep}
 
-    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else [0, 1, 2])
+    seeds = args.seeds if args.seeds is not None else ([0] if args.quick else list(range(10)))
     if len(set(seeds)) != len(seeds) or min(seeds) < 0:
         ap.error(f"--seeds must be distinct non-negative integers, got {seeds}")
+    variants = args.variants or (["standard"] if args.quick else ["standard", "hard"])
     rows = None
     if args.rows is not None:
         unknown = [r for r in args.rows if r not in ROWS and slug(r) not in by_slug]
         if unknown:
             ap.error(f"unknown row(s) {unknown}; choose from {', '.join(by_slug)}")
         rows = list(dict.fromkeys(r if r in ROWS else by_slug[slug(r)] for r in args.rows))
-    if args.budget is None and rows is not None and REFERENCE not in rows:
+    if args.budget is None and rows is not None and REFERENCE not in rows and not args.credit:
         ap.error(f"without --budget the budget is measured on {slug(REFERENCE)!r}: add it to --rows or give --budget")
     if args.budget is not None and args.budget <= 0:
         ap.error(f"--budget must be > 0 generated tokens, got {args.budget:g}")
+    if args.workers < 1:
+        ap.error(f"--workers must be >= 1, got {args.workers}")
+    if args.pass_k_samples is not None and args.pass_k_samples < 0:
+        ap.error(f"--pass-k-samples must be >= 0, got {args.pass_k_samples}")
     try:  # a bad --set fails here, not after the first seed's warm start
         load_config(None, [*QUICKSTART_OVERRIDES, *args.overrides])
     except ValueError as e:
         ap.error(f"--set: {e}")
     date = datetime.date.today().isoformat()
     out = Path(args.out) if args.out else Path(results_root) / f"ablation-{'quick-' if args.quick else ''}{date}"
-    return run_ablation(out, seeds, rows, credit=args.credit, quick=args.quick, budget=args.budget,
-                        overrides=args.overrides, command=shlex.join(["python", "benchmarks/ablation.py", *argv]))
+    try:
+        return run_ablation(out, seeds, rows, credit=args.credit, quick=args.quick, budget=args.budget,
+                            overrides=args.overrides, variants=variants, workers=args.workers,
+                            pass_k_samples=args.pass_k_samples,
+                            command=shlex.join(["python", "benchmarks/ablation.py", *argv]))
+    except (SweepMismatch, SweepLocked) as e:
+        ap.error(str(e))
 
 
 if __name__ == "__main__":
-    main(results_root=Path(__file__).resolve().parent / "results")
+    report = main(results_root=Path(__file__).resolve().parent / "results")["report"]
+    if report["failed"] or report["blocked"]:
+        print(f"{len(report['failed'])} job(s) failed and {len(report['blocked'])} could not run: "
+              "rerun the same command to retry them", file=sys.stderr)
+        sys.exit(1)

@@ -43,7 +43,9 @@ MODULES: dict[str, list[str]] = {
     # logprob_mismatch is tested in tests/rollout/test_fidelity.py (the 2026-12-02 report ran
     # without that file, so its 84 mutants counted as "no tests").
     "algorithms/losses.py": ["tests/algorithms/test_losses.py", "tests/rollout/test_fidelity.py"],
-    "algorithms/expansion.py": ["tests/algorithms/test_tree.py", "tests/rollout/test_fidelity.py"],
+    "algorithms/expansion.py": [
+        "tests/algorithms/test_tree.py", "tests/algorithms/test_expansion.py", "tests/rollout/test_fidelity.py",
+    ],
     "algorithms/advantages.py": [
         "tests/training/test_trainer.py", "tests/training/test_glue.py", "-k", "advantage",
     ],  # "-k advantage" also matches "advantages" (test_glue.py -k advantages)

@@ -148,3 +148,17 @@ def make_run_cfg(assets, out, *extra, val=True):
         "trainer.val_every=0", "trainer.val_before_train=false", "trainer.save_every=1", "trainer.progress=false",
         "trainer.tensorboard=false", "optim.lr=1e-3", f"trainer.output_dir={out}", *extra,
     ])
+
+
+def tiny_search_qa_assets(root):
+    """A 1-layer random model (context 2048), a 3-passage corpus and 3 questions under ``root``, in
+    the layout ``make_run_cfg`` reads."""
+    from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
+
+    corpus = ["Zorbex was founded by Mila Tarn.", "Mila Tarn was born in Quovia.", "Quovia is a city in Belmark."]
+    tok = train_tokenizer(synthetic_agent_texts(100) + corpus * 5, vocab_size=500)
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
+    save_pretrained_dir(model, tok, root / "model")
+    write_search_qa_files(root, corpus, [("Who founded Zorbex?", "Mila Tarn"), ("Where was Mila Tarn born?", "Quovia"),
+                                         ("Which country is Quovia in?", "Belmark")])
+    return root

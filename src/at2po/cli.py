@@ -48,10 +48,16 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a training config field, e.g. --set trainer.steps=20 (repeatable)")
     qs.add_argument("--no-progress", action="store_true", help="no progress bars")
+    qs.add_argument("--overwrite", action="store_true",
+                    help="start over in an --out that holds an earlier run (deletes its checkpoints and logs)")
 
     tr = sub.add_parser("train", help="train from a YAML config (see README: every field and its default)")
     tr.add_argument("--config", help="YAML file whose sections mirror at2po.config.Config")
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in trainer.output_dir")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="start a fresh run in a non-empty trainer.output_dir (deletes its checkpoints and logs)")
+    tr.add_argument("--force-resume", action="store_true",
+                    help="resume although the config changes the algorithm or the data (see README)")
     tr.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. rollout.top_k=4")
 
     cfg = sub.add_parser("config", help="print the full default config (or a file merged with overrides) as YAML")
@@ -74,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(e: BaseException) -> str:
+    """The error as one line; an OSError names its file ("[Errno 13] Permission denied: 'x'" as is)."""
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}: {e.filename}" if e.filename else e.strerror
+    return " ".join(str(e).split()) or type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -84,12 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "quickstart":
             from at2po.quickstart import run_quickstart
 
-            run_quickstart(args.out, seed=args.seed, overrides=args.overrides, progress=not args.no_progress)
+            run_quickstart(args.out, seed=args.seed, overrides=args.overrides, progress=not args.no_progress,
+                           overwrite=args.overwrite)
         elif args.command == "train":
             from at2po.config import load_config
             from at2po.training.trainer import train
 
-            train(load_config(args.config, args.overrides), resume=args.resume)
+            if args.overwrite and args.resume:
+                raise ValueError("--overwrite and --resume contradict each other: pass one")
+            train(load_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite,
+                  force_resume=args.force_resume)
         elif args.command == "config":
             import yaml
 
@@ -108,12 +125,16 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"at2po {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as e:
-        # Configuration and data problems: one clear line. AT2PO_DEBUG=1 shows the traceback.
+    except (ValueError, OSError) as e:
+        # Configuration, data and file-system problems (a read-only directory, a full disk): one
+        # clear line. AT2PO_DEBUG=1 shows the traceback.
         if os.environ.get("AT2PO_DEBUG"):
             raise
-        print(f"at2po {args.command}: error: {e}  (AT2PO_DEBUG=1 for the traceback)", file=sys.stderr)
+        print(f"at2po {args.command}: error: {_one_line(e)}  (AT2PO_DEBUG=1 for the traceback)", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"at2po {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

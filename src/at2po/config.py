@@ -7,6 +7,7 @@ Light on purpose: importing it loads no model code, rollout engine or HTTP clien
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,10 @@ class TaskConfig:
     name: str = "search_qa"  # a registered task (at2po.tasks): search_qa | arithmetic | your own
     options: dict = field(default_factory=dict)  # keyword arguments of the task, e.g. {reward: f1} for search_qa
 
+    def __post_init__(self) -> None:
+        if not self.name.strip():
+            raise ValueError("task.name is empty: name a registered task, e.g. search_qa or arithmetic")
+
 
 @dataclass
 class DataConfig:
@@ -68,19 +73,28 @@ class SearchToolConfig:
     retriever_url: str = "http://127.0.0.1:8000"  # for http
     topk: int = 3
     max_passage_chars: int = 1000
+    max_consecutive_failures: int = 20  # http: stop the run after this many failed calls in a row; 0 = never
 
     def __post_init__(self) -> None:
+        if self.max_consecutive_failures < 0:
+            raise ValueError(f"tools.search.max_consecutive_failures must be >= 0 (0 = never stop), "
+                             f"got {self.max_consecutive_failures}")
         if self.backend not in ("bm25", "http"):
             raise ValueError(f"tools.search.backend={self.backend!r} is not one of bm25, http")
         if self.topk < 1:
             raise ValueError(f"tools.search.topk must be >= 1, got {self.topk}")
         if self.max_passage_chars < 1:
             raise ValueError(f"tools.search.max_passage_chars must be >= 1, got {self.max_passage_chars}")
+        if self.backend == "http" and not self.retriever_url.startswith(("http://", "https://")):
+            raise ValueError(f"tools.search.retriever_url={self.retriever_url!r} must start with http:// or https://")
 
 
 @dataclass
 class PythonToolConfig:
-    timeout: float = 5.0  # wall-clock seconds per call
+    timeout: float = 5.0  # wall-clock seconds per call (capped at rollout.tool_timeout)
+    # Run without the kernel-level sandbox where it cannot be set up (audit hooks only: NOT safe
+    # against hostile code). False: the tool refuses to start and says what is missing.
+    unsafe_allow_weak_isolation: bool = False
 
     def __post_init__(self) -> None:
         if not self.timeout > 0:
@@ -146,6 +160,14 @@ class RolloutConfig:
             raise ValueError(f"rollout.expansion_mode={self.expansion_mode!r} is not one of {', '.join(EXPANSION_MODES)}")
         if self.tool_timeout <= 0:
             raise ValueError(f"rollout.tool_timeout must be > 0, got {self.tool_timeout}")
+        if self.alpha < 0:
+            raise ValueError(f"rollout.alpha (the branching penalty) must be >= 0, got {self.alpha}")
+        if not self.temperature > 0:
+            raise ValueError(f"rollout.temperature must be > 0 (validation is greedy on its own), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.seed < 0:
+            raise ValueError(f"rollout.seed must be >= 0, got {self.seed}")
 
 
 
@@ -191,6 +213,8 @@ class AlgoConfig:
             raise ValueError("algo.rollout_correction needs the trainer's log-probs: set algo.recompute_old_logprobs=true")
         if not self.rollout_correction_cap >= 1:
             raise ValueError(f"algo.rollout_correction_cap must be >= 1, got {self.rollout_correction_cap}")
+        if not self.log_ratio_max > 0:
+            raise ValueError(f"algo.log_ratio_max must be > 0, got {self.log_ratio_max}")
 
 
 @dataclass
@@ -206,7 +230,15 @@ class OptimConfig:
             raise ValueError(f"optim.lr must be > 0, got {self.lr}")
         if self.grad_clip <= 0:
             raise ValueError(f"optim.grad_clip must be > 0, got {self.grad_clip}")
+        if self.weight_decay < 0:
+            raise ValueError(f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0 (0 = no warm-up), got {self.warmup_steps}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be a list of 2 values, got {list(self.betas)}")
         self.betas = tuple(float(b) for b in self.betas)
+        if not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must lie in [0, 1), got {list(self.betas)}")
 
 
 @dataclass
@@ -232,6 +264,11 @@ class TrainerConfig:
         for name in ("steps", "prompts_per_step", "mini_batch_prompts", "ppo_epochs", "micro_batch_rows", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("seed", "save_every", "keep_checkpoints", "val_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.output_dir.strip():
+            raise ValueError("trainer.output_dir is empty: name the run's directory")
         if self.prompts_per_step % self.mini_batch_prompts:
             raise ValueError(
                 f"trainer.prompts_per_step ({self.prompts_per_step}) must be a multiple of "
@@ -288,6 +325,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # NaN passes every range check; inf is no setting either
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -380,8 +419,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
     data: dict = {}
     if path:
-        text = Path(path).read_text()
-        data = yaml.safe_load(text) or {}
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {path} is a directory; give a YAML file")
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ValueError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ValueError(f"config file {where}: not valid YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
     data = _merge(data, parse_overrides(overrides or []))

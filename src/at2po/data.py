@@ -39,6 +39,8 @@ def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str,
     file (and the line); what a record must hold is the caller's to check.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{what} {path} is a directory; give a .jsonl file")
     if not path.is_file():
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:

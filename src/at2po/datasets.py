@@ -79,7 +79,10 @@ def _suffix(path: Path) -> str:
 
 def _load_json_file(path: Path) -> list[QARow]:
     """A .json file is either one JSON array of rows or, as often, jsonl under another name."""
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not text.lstrip().startswith("["):
         return load_qa_jsonl(path)
     try:

@@ -7,6 +7,7 @@ registered by name, is usable everywhere without touching the callers.
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any, Callable
 
 from at2po.config import Config, ModelConfig
@@ -62,7 +63,18 @@ def build_tools(cfg: Config, task: Task) -> list[Tool]:
     names = task.tools if cfg.tools.enabled is None else cfg.tools.enabled
     if len(set(names)) != len(names):
         raise ValueError(f"tools.enabled names a tool twice: {list(names)}")
-    return [build_tool(name, **cfg.tools.tool_options(name)) for name in names]
+    return [build_tool(name, **_tool_options(cfg, name)) for name in names]
+
+
+def _tool_options(cfg: Config, name: str) -> dict:
+    options = cfg.tools.tool_options(name)
+    # The round abandons a call after rollout.tool_timeout; a longer python timeout would leave
+    # the sandbox running after its round returned.
+    if name == "python" and options["timeout"] > cfg.rollout.tool_timeout:
+        warnings.warn(f"tools.python.timeout={options['timeout']:g} is capped at "
+                      f"rollout.tool_timeout={cfg.rollout.tool_timeout:g} seconds", stacklevel=3)
+        options["timeout"] = cfg.rollout.tool_timeout
+    return options
 
 
 def build_engine(

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from at2po.algorithms.credit import ADV_MODES, VALUE_MODES, token_advantages, turn_credit, turn_credit_batch
+from at2po.algorithms.credit import ADV_MODES, VALUE_MODES, token_advantages, turn_credit, turn_credit_batch, validate_tree
 
 
 # ---------------------------------------------------------------- naive reference (recursion)
@@ -214,3 +214,88 @@ def test_token_advantages_numpy_and_torch():
     np.testing.assert_allclose(out.numpy(), expected)
     with pytest.raises(ValueError, match="node 7"):
         token_advantages(node_adv, np.array([7]))
+
+
+# ---------------------------------------------------------------- pinned behaviours (issue 16)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        # the shape error names the argument at fault and the expected shape
+        (([-1, 0], [0, 0], [np.nan]), r"^leaf_reward has shape \(1,\) but parent has shape \(2,\)$"),
+        # a 1-node tree whose root has a parent: the message shows parent[0]
+        (([0], [0.0], [np.nan]), r"^parent\[0\] must be -1 \(node 0 is the root\), got 0$"),
+        # the offending node is the last one: its index and parent are reported
+        (([-1, 0, 5], [0, 0, 0], [np.nan, 1, 1]),
+         r"^parent is not topologically ordered: parent\[2\] = 5 but every non-root node needs 0 <= parent\[i\] < i"),
+        (([-1, 0, 0, 2], [0, 0, 0, 0], [np.nan, 1, 1, 1]), r"^leaf_reward\[2\] = 1.0 but node 2 has children: use NaN for non-leaf nodes$"),
+        # a 2-node tree is checked like any other: its leaf needs a reward
+        (([-1, 0], [0, 0], [np.nan, np.nan]), r"^leaf_reward\[1\] is nan but node 1 is a leaf: every leaf needs a finite reward$"),
+    ],
+)
+def test_validation_messages_point_at_the_node(args, message):
+    with pytest.raises(ValueError, match=message):
+        validate_tree(*args)
+
+
+def test_mode_and_batch_errors_list_the_choices():
+    with pytest.raises(ValueError, match=r"^value_mode='nope' is not one of entropy_softmax, entropy_linear, child_mean, leaf_mean$"):
+        turn_credit(P, H, R, value_mode="nope")
+    with pytest.raises(ValueError, match=r"^adv_mode='nope' is not one of value, td, global, td_global$"):
+        turn_credit(P, H, R, adv_mode="nope")
+    with pytest.raises(ValueError, match=r"must have one entry per tree, got 2, 1, 2$"):
+        turn_credit_batch([P, P], [H], [R, R])
+
+
+def test_eps_reaches_the_leaf_normalisation():
+    # Two leaves, rewards 1 and 0: mean 0.5, population std 0.5, r̂ = ±0.5 / (0.5 + eps).
+    v, _ = turn_credit([-1, 0, 0], [0.0, 1.0, 1.0], [np.nan, 1.0, 0.0], value_mode="child_mean", eps=1.0)
+    np.testing.assert_allclose(v, [0.0, 1 / 3, -1 / 3])
+
+
+def test_leaf_values_are_exactly_the_leaf_rewards():
+    # The solver gives leaves their reward only up to round-off; leaves are overwritten with the
+    # (normalised) reward itself, so a leaf's value is bit-identical to it in every value mode.
+    rng = np.random.default_rng(7)
+    for _ in range(20):
+        parent, entropy, reward = random_tree(rng, 30)
+        leaf = np.isfinite(reward)
+        reward = np.where(leaf, rng.normal(size=reward.shape), np.nan)
+        for vm in VALUE_MODES:
+            v, _ = turn_credit(parent, entropy, reward, value_mode=vm, normalize_leaves=False)
+            assert np.array_equal(v[leaf], reward[leaf]), vm
+
+
+def test_root_only_trees_return_zeros_in_every_mode():
+    # "A tree holding only its root has nothing to credit": even with a finite reward entry at the
+    # root, which validation cannot reject for a 1-node tree, and in a batch of root-only trees.
+    for vm in VALUE_MODES:
+        v, a = turn_credit([-1], [0.0], [1.0], value_mode=vm, normalize_leaves=False)
+        assert v.tolist() == [0.0] and a.tolist() == [0.0]
+        vs, advs = turn_credit_batch([[-1], [-1]], [[0.0], [0.0]], [[np.nan], [np.nan]], value_mode=vm)
+        assert [x.tolist() for x in vs + advs] == [[0.0]] * 4
+
+
+def test_token_advantages_of_node_zero_and_of_one_node_trees():
+    # Tokens of node 0 get node 0's advantage (not 0, not node 1's); −1 tokens get 0.
+    for tok in (np.array([0, 1, -1]), torch.tensor([0, 1, -1])):
+        out = token_advantages([5.0, 1.0], tok)
+        np.testing.assert_array_equal(np.asarray(out), [5.0, 1.0, 0.0])
+    # A one-node (root-only) tree: its tokens are all untrained.
+    np.testing.assert_array_equal(token_advantages([0.0], np.array([-1, -1])), [0.0, 0.0])
+    # Node index == number of nodes is out of range: a clear ValueError, not numpy's IndexError.
+    with pytest.raises(ValueError, match="token_node refers to node 2 but only 2 nodes have advantages"):
+        token_advantages([0.0, 1.0], np.array([0, 2]))
+    # The numpy path works in float64 like the rest of the credit code, whatever the input dtype.
+    assert token_advantages(np.array([0.0, 0.5], dtype=np.float32), np.array([1])).dtype == np.float64
+
+
+def test_token_advantages_follow_the_token_tensor_device():
+    # A factory call without device= would land on the (here "meta") default device and fail
+    # next to the CPU token tensor: a CPU-only check that a GPU token tensor gets GPU advantages.
+    tok = torch.tensor([[0, 1, -1], [1, 1, 0]])
+    with torch.device("meta"):
+        out = token_advantages([0.5, -1.0], tok)
+    assert out.device.type == "cpu"
+    torch.testing.assert_close(out, torch.tensor([[0.5, -1.0, 0.0], [-1.0, -1.0, 0.5]]))

@@ -3,7 +3,9 @@ import math
 import pytest
 import torch
 
-from at2po.algorithms.losses import AGGS, LEVELS, aggregate, kl_penalty, policy_loss, turn_ids_from_mask
+from at2po.algorithms.losses import (
+    AGGS, LEVELS, _group_index, aggregate, kl_penalty, logprob_mismatch, policy_loss, turn_ids_from_mask, turn_kl_entropy,
+)
 
 
 # ---------------------------------------------------------------- naive reference (loops)
@@ -291,3 +293,272 @@ def test_cuda_matches_cpu():
     b, mb = policy_loss(logp.cuda(), old.cuda(), adv.cuda(), mask.cuda(), level="turn")
     assert a.item() == pytest.approx(b.item(), rel=1e-5)
     assert ma["turn_kl_entropy"] == pytest.approx(mb["turn_kl_entropy"], rel=1e-4)
+
+
+# ---------------------------------------------------------------- pinned behaviours (issue 16)
+# Each test below pins one behaviour a caller relies on, against hand-computed or naive values.
+
+
+def naive_hturn(log_ratio, mask, turn_ids, eps=1e-8):
+    """Eq. 13 row by row in Python floats (docs/method.md §4): mean over rows with a trained token."""
+    vals = []
+    for i in range(log_ratio.shape[0]):
+        groups = {}
+        for t in range(log_ratio.shape[1]):
+            if mask[i, t]:
+                groups.setdefault(int(turn_ids[i, t]), []).append(float(log_ratio[i, t]))
+        if not groups:
+            continue
+        kls = [sum(g) for g in groups.values()]
+        kseq = sum(sum(g) for g in groups.values())
+        if abs(kseq) <= eps:
+            kseq = -eps if kseq < 0 else eps
+        if len(kls) == 1:
+            vals.append(0.0)
+            continue
+        xs = [k / kseq for k in kls]
+        ex = [math.exp(x - max(xs)) for x in xs]
+        p = [e / sum(ex) for e in ex]
+        vals.append(-sum(q * math.log(q) for q in p if q > 0) / math.log(len(kls)))
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+@pytest.mark.parametrize("ids", ["dense", "sparse"])
+def test_explicit_turn_ids_match_naive_on_both_grouping_paths(ids):
+    # The engine passes the tree's turn ids; they may be non-contiguous, span masked gaps, and
+    # (tree node ids) exceed T, which takes the sort path. Many rows so that a key collision
+    # between rows (row r's id j meeting row r′'s id j′) would merge two rows' turns.
+    B, T = 9, 3
+    logp, old, adv, mask = random_batch(21 if ids == "dense" else 22, B, T, p_mask=0.2, scale=0.02)
+    g = torch.Generator().manual_seed(5)
+    pool = torch.tensor([0, 1, 2]) if ids == "dense" else torch.tensor([0, 1, 3])
+    tids = pool[torch.randint(0, 3, (B, T), generator=g)]
+    tids = torch.where(mask.bool(), tids, torch.full_like(tids, -1))
+    x = logp.clone().requires_grad_(True)
+    loss, metrics = policy_loss(x, old, adv, mask, level="turn", turn_ids=tids, clip_low=0.01, clip_high=0.01)
+    loss.backward()
+    y = logp.clone().float().requires_grad_(True)
+    ref, ref_m = naive_policy_loss(y, old.float(), adv.float(), mask, "turn", 0.01, 0.01, turn_ids=tids)
+    ref.backward()
+    torch.testing.assert_close(loss, ref.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.float(), y.grad, rtol=1e-5, atol=1e-6)
+    assert metrics["clipfrac"] == pytest.approx(ref_m["clipfrac"])
+    assert metrics["turn_kl_entropy"] == pytest.approx(ref_m["turn_kl_entropy"], rel=1e-4, abs=1e-6)
+
+
+def test_a_turn_id_equal_to_t_is_its_own_turn():
+    # T = 4; row 0 has turn ids 0 and 4 (= T), row 1 turn ids 0 and 1. Id 4 must not be read as
+    # row 1's turn 0 (a row-major key r·T + id would collide there).
+    old = torch.zeros(2, 4)
+    logp = torch.tensor([[0.1, 0.1, -0.3, -0.1], [0.2, 0.4, -0.2, 0.0]])
+    adv = torch.tensor([[1.0, 1.0, -1.0, -1.0], [2.0, 2.0, 1.0, 1.0]])
+    mask = torch.ones(2, 4)
+    tids = torch.tensor([[0, 0, 4, 4], [0, 0, 1, 1]])
+    loss, m = policy_loss(logp, old, adv, mask, level="turn", turn_ids=tids, clip_low=10.0, clip_high=10.0)
+    # turn ratios: row 0 e^0.1, e^-0.2; row 1 e^0.3, e^-0.1; L = −(1/2)Σ_rows (1/4)Σ_t A·s
+    r0 = (2 * math.exp(0.1) - 2 * math.exp(-0.2)) / 4
+    r1 = (4 * math.exp(0.3) + 2 * math.exp(-0.1)) / 4
+    assert loss.item() == pytest.approx(-(r0 + r1) / 2, rel=1e-6)
+    assert m["turn_kl_entropy"] == pytest.approx(naive_hturn(logp, mask, tids), rel=1e-5)
+
+
+def test_every_buffer_is_created_on_the_inputs_device():
+    # A GPU run needs every tensor the loss creates on the inputs' device. Setting the default
+    # device to "meta" makes any factory call that forgets device= produce a meta tensor, which
+    # fails when mixed with the CPU inputs: a CPU-only check of device placement.
+    logp, old, adv, mask = random_batch(13, 4, 7, scale=0.02, dtype=torch.float32)
+    mask[2] = 0
+    tids = turn_ids_from_mask(mask)
+    big = torch.where(tids >= 0, tids * 50 + 3, tids)
+    none = torch.zeros_like(mask)
+    ref = {}
+    for key, kw in [("turn", dict(level="turn")), ("big", dict(level="turn", turn_ids=big)),
+                    ("seq", dict(level="sequence")), ("tok", dict(level="token", agg="token-mean"))]:
+        ref[key] = policy_loss(logp, old, adv, mask, **kw)
+    ref_empty = policy_loss(logp, old, adv, none, level="turn")
+    ref_mm = logprob_mismatch(old, logp, mask, big, 3e-3, 4e-3)
+    x = logp.clone().requires_grad_(True)
+    with torch.device("meta"):
+        for key, kw in [("turn", dict(level="turn")), ("big", dict(level="turn", turn_ids=big)),
+                        ("seq", dict(level="sequence")), ("tok", dict(level="token", agg="token-mean"))]:
+            loss, m = policy_loss(x, old, adv, mask, **kw)
+            loss.backward()
+            assert loss.device.type == "cpu" and x.grad.device.type == "cpu"
+            assert loss.item() == pytest.approx(ref[key][0].item()) and m == pytest.approx(ref[key][1])
+        loss, m = policy_loss(x, old, adv, none, level="turn")
+        assert loss.item() == ref_empty[0].item() and m == ref_empty[1]
+        assert logprob_mismatch(old, logp, mask, big, 3e-3, 4e-3) == pytest.approx(ref_mm)
+
+
+def test_turn_kl_entropy_keeps_the_input_dtype():
+    # turn_kl_entropy is public: float64 log-ratios (offline analysis of logged log-probs) are
+    # reduced in float64, to naive-reference precision.
+    logp, old, _, mask = random_batch(17, 5, 9, scale=0.05)
+    mask[3] = 0
+    tids = turn_ids_from_mask(mask)
+    lr = (logp - old) * mask
+    index, n = _group_index(tids, mask.bool())
+    h = turn_kl_entropy(lr, mask.bool(), index, n)
+    assert h.dtype == torch.float64
+    assert h.item() == pytest.approx(naive_hturn(lr, mask, tids), rel=1e-12)
+    empty = turn_kl_entropy(lr, torch.zeros_like(mask, dtype=torch.bool), index, n)
+    assert empty.dtype == torch.float64 and empty.item() == 0.0
+
+
+def test_hturn_averages_only_rows_with_trained_tokens():
+    # Row 0: two turns with equal KL (H = 1); row 1: nothing trained. The batch H_turn is 1, not 1/2.
+    old = torch.zeros(2, 4)
+    x = torch.full((2, 4), 0.01)
+    mask = torch.tensor([[1, 0, 1, 0], [0, 0, 0, 0]])
+    _, m = policy_loss(x, old, torch.ones(2, 4), mask, level="turn")
+    assert m["turn_kl_entropy"] == pytest.approx(1.0)
+
+
+def test_hturn_of_cancelling_turn_kls_is_near_zero_and_keeps_kl_seq_sign():
+    # docs/method.md §4: nonzero KL_j that cancel give H_turn near 0. One token per turn.
+    mask, old, tids = torch.ones(1, 3), torch.zeros(1, 3), torch.tensor([[0, 1, 2]])
+    # KL_j = (0.5, −0.25, −0.25): KL_seq = 0 exactly, replaced by +1e-8: p = one-hot on turn 0.
+    _, m = policy_loss(torch.tensor([[0.5, -0.25, -0.25]]), old, torch.ones(1, 3), mask, level="turn", turn_ids=tids)
+    assert m["turn_kl_entropy"] == pytest.approx(0.0, abs=1e-6)
+    # KL_j = (−0.125, 0.0625, 0.0625 − 2^-28): KL_seq = −2^-28 (inside ±1e-8, exact in fp32) is
+    # replaced by −1e-8, keeping its sign: logits (+1.25e7, −6.25e6, ...) put all mass on turn 0.
+    # With the sign lost, turns 1 and 2 would share the mass: H ≈ 0.6.
+    lp = torch.tensor([[-0.125, 0.0625, 0.0625 - 2.0**-28]])
+    assert float(lp.sum()) == -(2.0**-28)
+    _, m = policy_loss(lp, old, torch.ones(1, 3), mask, level="turn", turn_ids=tids)
+    assert m["turn_kl_entropy"] == pytest.approx(0.0, abs=1e-6)
+    # KL_j = (0.25, 0.25, −0.5), KL_seq = 0 → +1e-8: logits (2.5e7, 2.5e7, −5e7). The mass splits
+    # evenly over turns 0 and 1: H = log 2 / log 3, computed without exp() overflowing.
+    _, m = policy_loss(torch.tensor([[0.25, 0.25, -0.5]]), old, torch.ones(1, 3), mask, level="turn", turn_ids=tids)
+    assert m["turn_kl_entropy"] == pytest.approx(math.log(2) / math.log(3), rel=1e-6)
+
+
+def test_ratio_metrics_ignore_untrained_positions():
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.1, -0.2, 50.0], [-50.0, 0.05, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [0, 1, 0]])
+    _, m = policy_loss(logp, old, torch.ones(2, 3), mask, level="token", clip_low=0.2, clip_high=0.2)
+    r = [math.exp(0.1), math.exp(-0.2), math.exp(0.05)]
+    assert m["ratio_max"] == pytest.approx(max(r), rel=1e-6)
+    assert m["ratio_min"] == pytest.approx(min(r), rel=1e-6)
+    assert m["ratio_mean"] == pytest.approx(sum(r) / 3, rel=1e-6)
+    assert m["ppo_kl"] == pytest.approx(-(0.1 - 0.2 + 0.05) / 3, rel=1e-5)
+
+
+def test_default_clip_range_is_atpos_on_both_sides():
+    # Token-level ratio e^{-0.1} with A = −1: the lower clip binds, L = |A|·(1 − ε_low) = 0.997;
+    # e^{+0.1} with A = +1: the upper clip binds, L = −(1 + ε_high) = −1.004.
+    old, mask = torch.zeros(1, 1), torch.ones(1, 1)
+    low, _ = policy_loss(torch.full((1, 1), -0.1), old, -torch.ones(1, 1), mask, level="token")
+    high, _ = policy_loss(torch.full((1, 1), 0.1), old, torch.ones(1, 1), mask, level="token")
+    assert low.item() == pytest.approx(1 - 3e-3, rel=1e-7) and high.item() == pytest.approx(-(1 + 4e-3), rel=1e-7)
+
+
+def test_zero_clip_range_is_allowed_and_clips_everything_off_one():
+    # clip_low = clip_high = 0 (documented: >= 0): the clipped ratio is exactly 1, so with A > 0 a
+    # ratio above 1 gives L = −A and one below 1 keeps its own value.
+    old, mask = torch.zeros(1, 2), torch.ones(1, 2)
+    logp = torch.tensor([[0.2, -0.2]])
+    loss, m = policy_loss(logp, old, torch.ones(1, 2), mask, level="token", clip_low=0.0, clip_high=0.0)
+    assert loss.item() == pytest.approx(-(1.0 + math.exp(-0.2)) / 2, rel=1e-6)
+    assert m["clipfrac"] == 0.5
+    # One side zero, the other 0.1: [1, 1.1] clips e^0.2 to 1.1 and lifts e^−0.2 to 1 (the unclipped
+    # e^−0.2 is the smaller objective, so it stays); [0.9, 1] caps e^0.2 at 1 and keeps e^−0.2.
+    loss, _ = policy_loss(logp, old, torch.ones(1, 2), mask, level="token", clip_low=0.0, clip_high=0.1)
+    assert loss.item() == pytest.approx(-(1.1 + math.exp(-0.2)) / 2, rel=1e-6)
+    loss, _ = policy_loss(logp, old, torch.ones(1, 2), mask, level="token", clip_low=0.1, clip_high=0.0)
+    assert loss.item() == pytest.approx(-(1.0 + math.exp(-0.2)) / 2, rel=1e-6)
+
+
+def test_empty_batches_give_zero_loss():
+    # A micro-batch with no rows, or rows padded to zero response tokens, trains nothing: loss 0.
+    for shape in [(0, 5), (3, 0)]:
+        z = torch.zeros(shape)
+        for level in LEVELS:
+            loss, m = policy_loss(z, z, z, z, level=level)
+            assert loss.item() == 0.0 and m["turn_kl_entropy"] == 0.0 and m["clipfrac"] == 0.0
+            assert m["ratio_max"] == m["ratio_min"] == 1.0  # the logged ratio range is neutral
+        for agg in AGGS:
+            assert aggregate(z, z, agg).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda z: policy_loss(z, z, z, z, level="step"), r"level='step' is not one of token, sequence, turn$"),
+        (lambda z: policy_loss(z, z, z, z, agg="mean"),
+         r"agg='mean' is not one of token-mean, seq-mean-token-mean, seq-mean-token-sum$"),
+        (lambda z: aggregate(z, z, "mean"), r"agg='mean' is not one of token-mean, seq-mean-token-mean, seq-mean-token-sum$"),
+        (lambda z: kl_penalty(z, z, "k9"), r"kind='k9' is not one of k1, k2, low_var_kl$"),
+        (lambda z: policy_loss(z, torch.zeros(2, 5), z, z), r"^old_log_prob has shape \(2, 5\) but log_prob has shape \(2, 4\)$"),
+        (lambda z: policy_loss(z, z, torch.zeros(3, 4), z), r"^advantages has shape \(3, 4\) but log_prob has shape \(2, 4\)$"),
+        (lambda z: policy_loss(z, z, z, torch.ones(2, 3)), r"^loss_mask has shape \(2, 3\) but log_prob has shape \(2, 4\)$"),
+        (lambda z: policy_loss(z, z, z, torch.ones(2, 4), turn_ids=torch.tensor([[0, 0, -1, 1], [0, 0, 0, 0]])),
+         r"^turn_ids is −1 at a position where loss_mask is 1: every trained token needs a turn id$"),
+    ],
+)
+def test_error_messages_name_the_field_and_the_choices(call, message):
+    with pytest.raises(ValueError, match=message):
+        call(torch.zeros(2, 4))
+
+
+def naive_mismatch(rollout, trainer, mask, turn_ids, lo, hi):
+    diffs, turns = [], {}
+    for i in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            if mask[i, t]:
+                d = float(trainer[i, t]) - float(rollout[i, t])
+                diffs.append(abs(d))
+                turns.setdefault((i, int(turn_ids[i, t])), []).append(d)
+    if not diffs:
+        return {"diff_mean": 0.0, "diff_max": 0.0, "turns_outside_clip": 0.0}
+    out = [not (1 - lo <= math.exp(sum(v) / len(v)) <= 1 + hi) for v in turns.values()]
+    return {"diff_mean": sum(diffs) / len(diffs), "diff_max": max(diffs), "turns_outside_clip": sum(out) / len(out)}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("ids", ["turn numbers", "tree ids"])
+def test_logprob_mismatch_matches_naive(seed, ids):
+    # The engine reports sampler/trainer log-prob drift per turn, with turn numbers or the tree's
+    # node ids (which can exceed T); untrained positions may hold garbage.
+    B, T = 6, 10
+    rollout, _, _, mask = random_batch(seed, B, T, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    trainer = rollout + 0.004 * torch.randn(B, T, generator=g)
+    trainer = torch.where(mask.bool(), trainer, torch.full_like(trainer, 99.0))
+    tids = turn_ids_from_mask(mask)
+    if ids == "tree ids":
+        tids = torch.where(mask.bool(), tids * 7 + 2, tids)
+    got = logprob_mismatch(rollout, trainer, mask, tids, 3e-3, 4e-3)
+    ref = naive_mismatch(rollout, trainer, mask, tids, 3e-3, 4e-3)
+    assert 0 < ref["turns_outside_clip"] < 1
+    assert got == pytest.approx(ref, rel=1e-4, abs=1e-6)
+
+
+def test_logprob_mismatch_clip_bounds_are_inclusive():
+    # A turn whose ratio sits exactly on 1 − ε_low or 1 + ε_high is not clipped by the objective
+    # (clamp is inclusive), so it is not counted; one just outside is.
+    lo_r = float(torch.exp(torch.tensor(-0.01)))
+    hi_r = float(torch.exp(torch.tensor(0.01)))
+    rollout = torch.zeros(1, 2)
+    trainer = torch.tensor([[-0.01, 0.01]])
+    mask, tids = torch.ones(1, 2), torch.tensor([[0, 1]])
+    assert logprob_mismatch(rollout, trainer, mask, tids, 1 - lo_r, hi_r - 1)["turns_outside_clip"] == 0.0
+    m = logprob_mismatch(rollout, trainer, mask, tids, (1 - lo_r) * 0.999, (hi_r - 1) * 0.999)
+    assert m["turns_outside_clip"] == 1.0
+    assert m["diff_mean"] == pytest.approx(0.01) and m["diff_max"] == pytest.approx(0.01)
+    m = logprob_mismatch(rollout, trainer, mask, tids, (1 - lo_r) * 0.999, 1.0)
+    assert m["turns_outside_clip"] == 0.5
+
+
+def test_sequence_ratio_of_a_one_token_response_is_that_tokens_ratio():
+    # Row 0 trains one token (log-ratio 0.2), row 1 two tokens (0.1, −0.3: mean −0.1); wide clip.
+    old = torch.zeros(2, 3)
+    x = torch.tensor([[0.2, 0.0, 0.0], [0.1, -0.3, 0.0]], requires_grad=True)
+    mask = torch.tensor([[1, 0, 0], [1, 1, 0]])
+    loss, m = policy_loss(x, old, torch.ones(2, 3), mask, level="sequence", clip_low=10.0, clip_high=10.0)
+    loss.backward()
+    s0, s1 = math.exp(0.2), math.exp(-0.1)
+    assert loss.item() == pytest.approx(-(s0 + s1) / 2, rel=1e-6)
+    torch.testing.assert_close(x.grad, torch.tensor([[-s0 / 2, 0.0, 0.0], [-s1 / 4, -s1 / 4, 0.0]]))
+    assert m["ratio_max"] == pytest.approx(s0, rel=1e-6) and m["ratio_min"] == pytest.approx(s1, rel=1e-6)

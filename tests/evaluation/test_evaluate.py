@@ -6,6 +6,7 @@ interrupted run must evaluate only the missing questions and end with a fresh ru
 
 import argparse
 import json
+import socket
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -25,6 +26,8 @@ from at2po.tasks.base import Sample
 from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
 from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
+from at2po.tools.base import ToolResult
+from at2po.tools.health import ToolServiceError
 from at2po.tools.search import BM25Index, LocalSearchTool
 
 CORPUS = [
@@ -53,7 +56,7 @@ DATA = {
     "bamboogle": _rows("bb", [("Which country is Quovia in?", ["Belmark"]), ("Who is Mila Tarn?", ["a founder"])]),
 }
 RECORD_KEYS = {"id", "prompt", "target", "prediction", "reward", "em", "f1", "format_ok", "turns", "tool_calls",
-               "response"}
+               "tool_failures", "infra_failures", "response"}
 SINGLE, MULTI = ("nq", "triviaqa"), ("hotpotqa", "bamboogle")
 LABELS = {"nq": "NQ", "triviaqa": "TriviaQA", "hotpotqa": "HotpotQA", "bamboogle": "Bamboogle"}
 
@@ -305,3 +308,68 @@ def test_evaluate_greedy_in_batches_gives_the_same_records(assets, full_run):
         k: v for k, v in batched[0].items() if k != "id"}
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         evaluate_greedy(engine, samples, batch_size=0)
+
+
+# -- infrastructure failures (issue 14): never a normal-looking table, redone on resume -----------------
+class _DownThenUp(LocalSearchTool):
+    """The real BM25 search, but while ``down`` every call fails as an unreachable retriever does."""
+
+    def __init__(self):
+        super().__init__(index_dir=None, corpus_path=None, index=BM25Index(CORPUS), topk=2)
+        self.down = True
+
+    def run(self, query):
+        if self.down:
+            return ToolResult("search failed: could not connect", ok=False, error="connection", infra=True)
+        return super().run(query)
+
+
+def test_resume_redoes_records_whose_search_failed_for_infrastructure_reasons(assets, full_run, tmp_path,
+                                                                              monkeypatch, capsys):
+    evaluated = []
+    original = TreeRolloutEngine.validate
+
+    def counting(self, prompts):
+        evaluated.extend(p.sample.id for p in prompts)
+        return original(self, prompts)
+
+    monkeypatch.setattr(TreeRolloutEngine, "validate", counting)
+    cfg, out, tool = make_cfg(assets), tmp_path / "out", _DownThenUp()
+    first = evaluate(cfg, datasets(assets), out, name="tiny", batch_size=3, tools=[tool], progress=False)
+    failed = {r["id"] for d in DATA for r in read_jsonl(out / f"{d}.jsonl") if r["infra_failures"]}
+    assert failed and sum(r["infra_failures"] for r in first["datasets"].values()) > 0
+    assert "for infrastructure reasons, redone on the next resume" in capsys.readouterr().out
+    wrong_kept = {r["id"] for d in DATA for r in read_jsonl(out / f"{d}.jsonl")
+                  if not r["infra_failures"] and not r["em"]}
+
+    evaluated.clear()
+    tool.down = False
+    resumed = evaluate(cfg, datasets(assets), out, name="tiny", batch_size=3, tools=[tool], progress=False)
+    assert sorted(evaluated) == sorted(failed)  # exactly the infrastructure failures, none of the wrong answers
+    assert not wrong_kept & set(evaluated)
+    assert resumed == full_run[1]  # the numbers of a run that never saw the outage
+
+
+def test_eval_with_an_unreachable_retriever_stops_before_writing_results(assets, tmp_path):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = make_cfg(assets, "tools.search.backend=http", f"tools.search.retriever_url=http://127.0.0.1:{port}")
+    with pytest.raises(ToolServiceError, match=f"retriever_url: .*127.0.0.1:{port}.*start the retriever"):
+        evaluate(cfg, datasets(assets), tmp_path / "out", progress=False)
+    assert not (tmp_path / "out" / "results.md").exists()
+
+
+def test_eval_stops_when_the_retriever_fails_every_call_in_a_row(assets, tmp_path):
+    class Dies(_DownThenUp):
+        def failing(self):
+            return "tools.search: the retriever failed 20 calls in a row" if self.calls else None
+
+        def run(self, query):
+            self.calls = getattr(self, "calls", 0) + 1
+            return super().run(query)
+
+    out = tmp_path / "out"
+    with pytest.raises(ToolServiceError, match="failed 20 calls in a row"):
+        evaluate(make_cfg(assets), datasets(assets), out, batch_size=5, tools=[Dies()], progress=False)
+    assert read_jsonl(out / "nq.jsonl") == [] and not (out / "results.md").exists()

@@ -256,7 +256,6 @@ def test_concurrent_requests_all_answered_correctly(server):
 @pytest.mark.parametrize(
     "body, status, message",
     [
-        (b'{"queries": [], "topk": 3}', 422, "queries: List should have at least 1 item"),
         (b'{"queries": ["a"], "topk": 0}', 422, "topk: Input should be greater than or equal to 1"),
         (b'{"queries": ["a"], "topk": 100000}', 422, "topk 100000 is too large"),
         (b"this is not json", 422, "not valid JSON"),

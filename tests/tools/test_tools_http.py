@@ -10,6 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from at2po.tools import HTTPSearchTool, ToolResult
+from at2po.tools.health import ToolServiceError, check_tools
 
 # A behaviour maps (request payload, attempt number from 1) to (status, body, delay seconds).
 Behaviour = Callable[[dict, int], tuple[int, bytes, float]]
@@ -132,6 +133,7 @@ def test_always_5xx_fails_after_bounded_retries(server):
         f"search failed: retriever at {server.url}/retrieve returned HTTP 503 after 3 attempt(s)",
         ok=False,
         error="http_status",
+        infra=True,  # a 5xx is the service's failure, not the query's
     )
     assert len(server.requests) == 3
 
@@ -167,6 +169,7 @@ def test_slow_server_times_out_quickly(server):
         f"search failed: retriever at {server.url}/retrieve did not answer within 0.3s",
         ok=False,
         error="timeout",
+        infra=True,
     )
     assert gave_up_first
     # Generous on purpose (a loaded machine may stall for seconds): waiting for the server would
@@ -222,6 +225,7 @@ def test_server_down(monkeypatch):
         "after 3 attempt(s) (Connection refused)",
         ok=False,
         error="connection",
+        infra=True,
     )
     assert waits == [0.01, 0.02]  # backoff · 2^k before each retry, nothing else
 
@@ -248,3 +252,44 @@ def test_empty_and_huge_queries(server):
     assert server.requests == []  # answered without asking the server
     assert tool("q" * 100_000).ok
     assert len(server.requests[0][1]["queries"][0]) == 1000
+
+
+# -- a dead retriever must stop a run, not feed it error observations (issue 14) -----------------
+def test_preflight_names_the_url_and_the_fix(server):
+    tool_for(server).preflight()  # a live service passes
+    assert server.requests[-1][1]["queries"] == ["preflight"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ToolServiceError, match=rf"retriever_url: .*127.0.0.1:{port}/retrieve .*Connection refused.*"
+                                               "start the retriever"):
+        HTTPSearchTool(f"http://127.0.0.1:{port}", retries=0).preflight()
+
+
+def test_consecutive_infrastructure_failures_trip_the_tool_and_a_success_resets_them(server):
+    down = {"on": True}
+    server.behaviour = lambda p, a: (503, b"busy", 0.0) if down["on"] else answer(p, a)
+    tool = tool_for(server, retries=0, max_consecutive_failures=3)
+    tool("a"), tool("b")
+    assert tool.failing() is None
+    down["on"] = False
+    assert tool("c").ok  # a success: the streak starts over
+    down["on"] = True
+    tool("d"), tool("e")
+    assert tool.failing() is None
+    assert tool("f").infra and tool.failing().startswith(
+        f"tools.search: the retriever at {server.url}/retrieve failed 3 calls in a row (last: search failed: ")
+    sent = len(server.requests)
+    late = tool("g")  # tripped: answered at once, the service is not asked again
+    assert not late.ok and late.infra and len(server.requests) == sent
+    with pytest.raises(ToolServiceError, match="failed 3 calls in a row"):
+        check_tools([tool])
+
+
+def test_answers_the_query_got_wrong_are_not_infrastructure_failures(server):
+    server.behaviour = lambda p, a: (400, b"bad", 0.0)
+    tool = tool_for(server, max_consecutive_failures=1)
+    result = tool("q")
+    assert not result.ok and not result.infra and tool.failing() is None
+    server.behaviour = lambda p, a: (200, b'{"result": [[]]}', 0.0)
+    assert tool("q").ok and not tool("").infra  # no results / an empty query: the model's doing

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from at2po.tools import PythonTool, ToolResult, run_tool_calls
+from at2po.tools.isolation import CHILD_PATH
 
 PROCESS_DENIED = "PermissionError: sandbox: creating processes is not allowed"
 NETWORK_DENIED = "sandbox: network access is not allowed"
@@ -18,7 +19,8 @@ PROJECT_FILE = Path(__file__).resolve()
 
 
 def sandbox_processes(marker: Path) -> list[int]:
-    """Live processes whose command line names ``marker`` (every sandbox child's does)."""
+    """Live processes whose command line names ``marker`` or the child script's path inside
+    the kernel-level sandbox (every sandbox child's names one of them)."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -27,7 +29,7 @@ def sandbox_processes(marker: Path) -> list[int]:
             cmdline = Path("/proc", entry, "cmdline").read_bytes()
         except OSError:
             continue
-        if str(marker).encode() in cmdline:
+        if str(marker).encode() in cmdline or CHILD_PATH.encode() in cmdline:
             pids.append(int(entry))
     return pids
 
@@ -268,3 +270,11 @@ def test_minimal_environment(workroot, monkeypatch):
     result = run("import os\nprint(sorted(os.environ))\nprint(os.getcwd() == os.environ['HOME'])", workroot)
     assert result.ok and "AT2PO_TEST_SECRET" not in result.text
     assert result.text.splitlines()[-1] == "True"
+
+
+def test_death_by_signal_is_reported(workroot):
+    # Inside the kernel-level sandbox bwrap reports a signal death as exit 128 + N.
+    result = run("import os, signal\nprint('before', flush=True)\nos.kill(os.getpid(), signal.SIGSEGV)", workroot)
+    assert result == ToolResult(
+        "before\npython was killed by signal SIGSEGV (the interpreter crashed)", ok=False, error="exit_code"
+    )

@@ -1,55 +1,158 @@
-"""The ablation benchmark in its --quick setting: every row through the real trainer, at equal budget."""
+"""The ablation benchmark in its --quick setting: every row through the real trainer, at equal budget,
+one file per (variant, row, seed), resumable, and parallel across processes."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
 from conftest import load_script
 
+from at2po.evidence.stats import slug, tables_from_files
+
 ablation = load_script("benchmarks/ablation.py")
-CREDIT_ROWS, ROWS, main = ablation.CREDIT_ROWS, ablation.ROWS, ablation.main
+CREDIT_ROWS, ROWS, REFERENCE, main = ablation.CREDIT_ROWS, ablation.ROWS, ablation.REFERENCE, ablation.main
 
 
-def check_budget(seed_result):
-    budget = seed_result["budget_tokens"]
-    for name, row in seed_result["rows"].items():
+def row_files(out: Path, variant: str = "standard") -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in (out / "runs" / variant).glob("*/seed0.json")}
+
+
+def check_budget(rows: dict[str, dict], budget: float, checkpoints: list[float]) -> None:
+    for name, row in rows.items():
         step_tokens = [s["rollout/generated_tokens"] for s in row["step_metrics"]]
         assert row["steps"] == len(step_tokens) >= 1, name
         assert row["generated_tokens"] == sum(step_tokens), name
         # Reached the budget, and stopped at the step that reached it.
         assert budget <= row["generated_tokens"] < budget + step_tokens[-1], name
         assert [p["tokens"] for p in row["curve"]][-1] == row["generated_tokens"], name
-        assert len(row["curve"]) == len(seed_result["checkpoints"]), name
+        assert row["checkpoints"] == checkpoints, name
+        assert len(row["curve"]) == len(checkpoints), name
         # Per-hop EM is measured on the validation questions under the trainer's limits: its
         # overall EM is the trainer's greedy validation EM.
         assert row["by_hop_after"]["em"] == pytest.approx(row["val_after"]["val/em"]), name
 
 
-def test_quick_ablation_with_credit_rows(tmp_path):
+def test_quick_ablation_with_credit_rows_resumes_where_it_stopped(tmp_path):
     results = main(["--quick", "--credit", "--out", str(tmp_path)])
-    seed = results["seeds"]["0"]
-    assert set(seed["rows"]) == set(ROWS) | set(CREDIT_ROWS)
-    check_budget(seed)
+    rows = row_files(tmp_path)
+    # value/entropy_softmax is the full row's config: no run of its own, the tables read the full row.
+    assert set(rows) == {slug(n) for n in [*ROWS, *CREDIT_ROWS] if n != "value/entropy_softmax"} | {"warm-start"}
+    assert results["sweep"]["plan"]["aliases"] == {"standard": {"value/entropy_softmax": REFERENCE}}
+    warm = rows.pop("warm-start")
+    full = rows[slug(REFERENCE)]
     # The budget is the full AT²PO row's tokens over the quick setting's trainer.steps.
-    assert seed["rows"]["AT²PO (full)"]["steps"] == 2
-    assert seed["budget_tokens"] == seed["rows"]["AT²PO (full)"]["generated_tokens"]
-    assert seed["rows"]["value/entropy_softmax"]["same_run_as"] == "AT²PO (full)"
+    assert full["steps"] == 2 and full["checkpoints"][-1] == full["generated_tokens"]
+    check_budget(rows, full["generated_tokens"], full["checkpoints"])
     chain_rows = [name for name, ovr in ROWS.items() if "rollout.expansion_rounds=0" in ovr]
-    assert chain_rows and all(f"rollout.n_initial={seed['chains']}" in seed["rows"][n]["overrides"] for n in chain_rows)
+    chains = results["sweep"]["settings"]["chains"]
+    assert chain_rows and all(f"rollout.n_initial={chains}" in rows[slug(n)]["spec"]["row_overrides"] for n in chain_rows)
+    # Paired: every row of the seed starts from the same warm start, with the same seed.
+    assert all(r["em_before"] == warm["val"]["val/em"] for r in rows.values())
+    assert len({json.dumps(r["spec"]["assets"]) for r in rows.values()}) == 1
+    pk = warm["pass_at_k"]
+    assert pk["samples"] == 2 and len(pk["per_question"]) == warm["questions"]["val"] == 4
+    assert all(n == 2 for _, _, n, _ in pk["per_question"])
 
-    assert {p.name for p in tmp_path.iterdir()} >= {"results.json", "ablation.md", "curves.png"}
-    assert json.loads((tmp_path / "results.json").read_text())["summary"]["main"].keys() == ROWS.keys()
+    assert {p.name for p in tmp_path.iterdir()} >= {"sweep.json", "tables.json", "ablation.md", "curves.png", "effects.png"}
+    tables = json.loads((tmp_path / "tables.json").read_text())
+    assert list(tables["standard"]["progressive"]) == list(ROWS)
+    assert list(tables["standard"]["credit"]) == list(CREDIT_ROWS)
     md = (tmp_path / "ablation.md").read_text().splitlines()
     for name in [*ROWS, *CREDIT_ROWS]:
         assert sum(line.startswith(f"| {name} |") for line in md) == 1, name
 
+    # A sweep killed after the full row: two result files never written, a half-written temporary left.
+    killed = [tmp_path / "runs" / "standard" / slug(n) / "seed0.json" for n in ("chain GSPO", "td")]
+    for path in killed:
+        path.unlink()
+    stale = tmp_path / "runs" / "standard" / "td" / ".seed0.json.tmp-999999"
+    stale.write_text("{")
+    kept = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("seed0.json")}
+    again = main(["--quick", "--credit", "--out", str(tmp_path)])
+    assert sorted(again["report"]["run"]) == ["standard/chain-gspo/seed0", "standard/td/seed0"]
+    assert all(p.stat().st_mtime_ns == t for p, t in kept.items())  # nothing recomputed
+    assert all(p.is_file() for p in killed) and not stale.exists()
+    assert json.loads((tmp_path / "tables.json").read_text()) == json.loads(json.dumps(tables_from_files(tmp_path)))
+    assert [i["jobs_run"] for i in again["sweep"]["invocations"]] == [14, 2]
 
-def test_fixed_budget_applies_to_every_row(tmp_path):
-    results = main(["--quick", "--budget", "150", "--rows", "chain-grpo", "at2po-full", "--out", str(tmp_path)])
-    seed = results["seeds"]["0"]
-    assert list(results["summary"]["main"]) == ["chain GRPO", "AT²PO (full)"]
-    assert seed["budget_tokens"] == 150
-    check_budget(seed)
+
+def test_parallel_workers_run_the_hard_variant_at_a_fixed_budget(tmp_path):
+    main(["--quick", "--variants", "hard", "--rows", "chain-grpo", "entropy-tree-atpo", "--budget", "150",
+          "--workers", "2", "--out", str(tmp_path)])
+    rows = row_files(tmp_path, "hard")
+    warm = rows.pop("warm-start")
+    assert set(rows) == {"chain-grpo", "entropy-tree-atpo"}
+    check_budget(rows, 150, [75.0, 150.0])
+    # The hard variant's questions are all 3-hop, held out and in training; the warm start's
+    # demonstrations had none (its world, corpus and model are the standard variant's).
+    assert set(warm["by_hop"]) == {"em", "em_3hop"}
+    assert {hops for _, hops, _, _ in warm["pass_at_k"]["per_question"]} == {3}
+    train = [json.loads(line) for line in (tmp_path / "cache" / "seed0" / "hard" / "train.jsonl").open()]
+    assert train and {r["metadata"]["hops"] for r in train} == {3}
+    assert not (tmp_path / "cache" / "seed0" / "hard" / "corpus.jsonl").exists()
+    # The variant's longer run gives way to --quick's settings.
+    assert rows["chain-grpo"]["spec"]["overrides"].index("trainer.steps=60") < \
+        rows["chain-grpo"]["spec"]["overrides"].index("trainer.steps=2")
+    sweep = json.loads((tmp_path / "sweep.json").read_text())
+    assert sweep["invocations"][0]["workers"] == 2 and sweep["invocations"][0]["jobs_run"] == 4
+
+
+def test_report_only_rewrites_the_report_from_the_files(tmp_path, capsys):
+    import shutil
+
+    pilot = Path(ablation.__file__).parent / "results" / "evidence-pilot-2026-12-02"
+    shutil.copytree(pilot, tmp_path / "sweep")
+    (tmp_path / "sweep" / "tables.json").unlink()
+    (tmp_path / "sweep" / "ablation.md").write_text("")
+    main(["--report-only", "--out", str(tmp_path / "sweep")])
+    assert json.loads((tmp_path / "sweep" / "tables.json").read_text()) == json.loads((pilot / "tables.json").read_text())
+    assert (tmp_path / "sweep" / "ablation.md").read_text() == (pilot / "ablation.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["--report-only", "--out", str(tmp_path / "nothing")])
+    assert "--report-only needs --out" in capsys.readouterr().err
+
+
+def test_task_variants_change_only_the_questions():
+    from dataclasses import replace
+
+    from at2po.evidence.runner import SPLIT_FIELDS
+    from at2po.tasks.multihop import build_world
+
+    for name, variant in ablation.VARIANTS.items():
+        assert set(variant["world"]) <= SPLIT_FIELDS, name
+        base = ablation.assets_config(1, quick=False).world
+        world, other = build_world(base), build_world(replace(base, **{k: tuple(v) for k, v in variant["world"].items()}))
+        assert other.corpus == world.corpus and other.facts == world.facts, name
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, capsys):
+    assets = tmp_path / "cache" / "seed0" / "assets"
+    assets.mkdir(parents=True)
+    made = ablation.assets_dict(ablation.assets_config(0, quick=False))  # a full-size warm start
+    (assets / "sft_log.json").write_text(json.dumps({"config": made}))
+    with pytest.raises(SystemExit):
+        main(["--quick", "--out", str(tmp_path)])
+    assert "built with other settings" in capsys.readouterr().err
+    assert (assets / "sft_log.json").is_file()  # the user's files stay
+
+    row = tmp_path / "runs" / "standard" / "warm-start" / "seed0.json"
+    row.parent.mkdir(parents=True)
+    row.write_text(json.dumps({"spec": {"pass_k_samples": 99}}))
+    (assets / "sft_log.json").write_text(json.dumps({"config": ablation.assets_dict(ablation.assets_config(0, True))}))
+    with pytest.raises(SystemExit):
+        main(["--quick", "--out", str(tmp_path)])
+    assert "was made with other settings" in capsys.readouterr().err
+
+
+def test_a_running_sweep_holds_its_folder(tmp_path, capsys):
+    (tmp_path / ".lock").write_text(str(os.getpid()))
+    with pytest.raises(SystemExit):
+        main(["--quick", "--out", str(tmp_path)])
+    assert f"another sweep (pid {os.getpid()})" in capsys.readouterr().err
+    (tmp_path / ".lock").write_text("999999999")  # a process that is gone: a stale lock is taken over
+    assert ablation.sweep_lock(tmp_path).__enter__().path.read_text() == str(os.getpid())
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -57,9 +160,32 @@ def test_fixed_budget_applies_to_every_row(tmp_path):
     (["--rows", "chain-grpo"], "without --budget"),
     (["--budget", "0"], "--budget must be > 0"),
     (["--seeds", "1", "1"], "distinct"),
+    (["--workers", "0"], "--workers must be >= 1"),
+    (["--pass-k-samples", "-1"], "--pass-k-samples must be >= 0"),
+    (["--variants", "harder"], "invalid choice"),
     (["--set", "algo.loss_level=bogus"], "algo.loss_level"),
 ])
 def test_bad_command_lines_say_what_is_wrong(argv, message, capsys, tmp_path):
     with pytest.raises(SystemExit):
         main([*argv, "--out", str(tmp_path)])
     assert message in capsys.readouterr().err
+
+
+def test_a_failed_job_blocks_only_the_jobs_that_need_it(tmp_path):
+    from at2po.evidence.runner import plan_jobs, run_jobs
+
+    good = ablation.assets_dict(ablation.assets_config(1, quick=True))
+
+    def assets(seed):  # seed 0's warm start cannot be built: its config has an unknown field
+        return {**good, "seed": seed, "bogus": 1} if seed == 0 else good
+
+    variants = {"standard": {"world": {}, "overrides": [*ablation.COMMON_OVERRIDES, *ablation.QUICK_OVERRIDES]}}
+    jobs = plan_jobs(tmp_path, [0, 1], assets, variants, {REFERENCE: ROWS[REFERENCE]}, REFERENCE, {}, None, 0)
+    logged = []
+    report = run_jobs(jobs, 1, logged.append)
+    assert list(report["failed"]) == ["assets/seed0"] and "bogus" in report["failed"]["assets/seed0"]
+    assert report["blocked"] == ["standard/warm-start/seed0", "standard/at2po-full/seed0"]
+    assert report["run"] == ["assets/seed1", "standard/warm-start/seed1", "standard/at2po-full/seed1"]
+    assert not (tmp_path / "runs" / "standard" / "warm-start" / "seed0.json").exists()
+    assert (tmp_path / "runs" / "standard" / "at2po-full" / "seed1.json").is_file()
+    assert any("Traceback" in line for line in logged)

@@ -546,7 +546,7 @@ def test_a_new_task_and_tool_train_through_the_real_trainer(capital_assets, tmp_
     records = trainer.val_records
     assert [r["id"] for r in records] == ["0", "1"]
     assert set(records[0]) == {"id", "prompt", "target", "prediction", "reward", "hit", "format_ok", "turns",
-                               "tool_calls", "response"}
+                               "tool_calls", "tool_failures", "infra_failures", "response"}
     assert last["val/hit"] == pytest.approx(sum(r["hit"] for r in records) / 2)
     for r, sample in zip(records, trainer.val_rows):
         score = CapitalTask().score(r["response"], sample, protocol)

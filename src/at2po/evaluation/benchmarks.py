@@ -122,10 +122,14 @@ def read_records(path: PathLike) -> list[dict[str, Any]]:
 
 
 def _resume_file(path: Path, resume: bool) -> dict[str, dict[str, Any]]:
-    """Finished records by id; the file is rewritten to just those (appends then start on a fresh line)."""
+    """Finished records by id; the file is rewritten to just those (appends then start on a fresh line).
+    A record with a tool call that failed for infrastructure reasons (the retriever unreachable, a
+    timeout, a 5xx) is not finished: it is dropped and evaluated again. Wrong answers stay."""
     done: dict[str, dict[str, Any]] = {}
     if resume:
         for rec in read_records(path):
+            if rec.get("infra_failures", 0):
+                continue
             done.setdefault(str(rec["id"]), rec)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
@@ -134,11 +138,12 @@ def _resume_file(path: Path, resume: bool) -> dict[str, dict[str, Any]]:
 
 
 def _settings(cfg: Config, system_prompt: str) -> dict[str, Any]:
-    """Everything that changes a greedy answer (not e.g. the retriever's URL, which may move)."""
+    """Everything that changes a greedy answer, the retriever's URL included (another service may
+    hold another corpus). Not the failure limit, which only decides when a run stops."""
     import dataclasses
 
     t, r = cfg.tools, cfg.rollout
-    search = {k: v for k, v in dataclasses.asdict(t.search).items() if k != "retriever_url"}
+    search = {k: v for k, v in dataclasses.asdict(t.search).items() if k != "max_consecutive_failures"}
     return {
         "model": {"path": cfg.model.path, "tokenizer_path": cfg.model.tokenizer_path, "dtype": cfg.model.dtype},
         "task": {"name": cfg.task.name, "options": cfg.task.options},
@@ -171,7 +176,9 @@ def _means(records: Sequence[dict[str, Any]]) -> dict[str, float]:
         return scale * sum(float(r[key]) for r in records) / n if n else 0.0
 
     return {"n": n, "em": mean("em", 100), "f1": mean("f1", 100), "format_ok": mean("format_ok", 100),
-            "turns": mean("turns"), "tool_calls": mean("tool_calls")}
+            "turns": mean("turns"), "tool_calls": mean("tool_calls"),
+            "tool_failures": sum(int(r.get("tool_failures", 0)) for r in records),
+            "infra_failures": sum(int(r.get("infra_failures", 0)) for r in records)}
 
 
 def summarize(records: Mapping[str, Sequence[dict[str, Any]]], name: str = "", model: str = "") -> dict[str, Any]:
@@ -242,6 +249,7 @@ def _run_dataset(engine: TreeRolloutEngine, name: str, rows: list[QARow], done: 
 
     from at2po.evaluation.evaluator import evaluate_greedy
     from at2po.tasks.base import Sample
+    from at2po.tools.health import check_tools
 
     todo = [Sample(row.id, row.question, row.golds) for row in rows if row.id not in done]
     n_done = len(rows) - len(todo)
@@ -252,6 +260,7 @@ def _run_dataset(engine: TreeRolloutEngine, name: str, rows: list[QARow], done: 
 
         def write(batch: list[dict[str, Any]]) -> None:
             nonlocal n_done, em_sum
+            check_tools(engine.tools.values())  # a dead retriever stops the run; this batch is redone later
             for rec in batch:
                 done[rec["id"]] = rec
                 em_sum += rec["em"]
@@ -288,6 +297,7 @@ def evaluate(
     import torch
 
     from at2po.factory import build_engine, build_task, build_tools, load_model, load_tokenizer
+    from at2po.tools.health import preflight_tools
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -304,6 +314,7 @@ def evaluate(
     out_dir.mkdir(parents=True, exist_ok=True)
     tools = tools if tools is not None else build_tools(cfg, task)
     system_prompt = cfg.data.system_prompt or task.system_prompt(tools)
+    preflight_tools(tools)  # an unreachable retriever stops here, not after a table of EM 0
     _check_settings(out_dir, _settings(cfg, system_prompt), resume)
     done = {d: _resume_file(out_dir / f"{d}.jsonl", resume) for d in data}
 
@@ -317,6 +328,11 @@ def evaluate(
 
     records = {d: [done[d][row.id] for row in rows] for d, rows in data.items()}
     results = summarize(records, name=name or default_name(cfg), model=cfg.model.path)
+    for d, r in results["datasets"].items():  # failures must be seen, not read off a low EM
+        if r["tool_failures"]:
+            print(f"{d}: {r['tool_failures']} tool calls failed ({r['infra_failures']} for infrastructure reasons, "
+                  "redone on the next resume)" if r["infra_failures"] else
+                  f"{d}: {r['tool_failures']} tool calls failed (the model's input: empty or bad queries)")
     results["scorer"] = getattr(task, "reward", cfg.task.name)
     (out_dir / RESULTS_JSON).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
     (out_dir / RESULTS_MD).write_text(results_markdown([results]), encoding="utf-8")

@@ -37,7 +37,8 @@ def evaluate_greedy(
     one record per sample, in order:
 
     ``{"id", "prompt", "target", "prediction", "reward", <task metrics>, "turns", "tool_calls",
-    "response"}`` plus ``"meta"`` when the sample has one. ``on_batch`` receives each batch's
+    "tool_failures", "infra_failures", "response"}`` plus ``"meta"`` when the sample has one
+    (``infra_failures``: failed calls whose service failed, see ``ToolResult.infra``). ``on_batch`` receives each batch's
     records as soon as they exist (``at2po eval`` writes them to disk there).
     """
     if batch_size is not None and batch_size < 1:
@@ -56,6 +57,7 @@ def evaluate_greedy(
                 "id": sample.id, "prompt": sample.prompt, "target": _jsonable(sample.target),
                 "prediction": score.answer, "reward": score.reward, **score.metrics,
                 "turns": len(leaf.sequence.path) - 1, "tool_calls": result.stats[t].tool_calls,
+                "tool_failures": result.stats[t].tool_failures, "infra_failures": result.stats[t].tool_infra_failures,
                 "response": decode_ids(engine.tokenizer, leaf.sequence.response_ids.tolist()),
             }
             if sample.meta:

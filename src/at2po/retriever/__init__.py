@@ -75,6 +75,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         encoder=args.encoder,
         device=args.device,
         log_level=args.log_level,
+        max_hits=args.max_hits,
+        max_body_bytes=args.max_body_bytes,
     )
     return 0
 
@@ -134,6 +136,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--max-batch", type=int, default=4096,
         help="most queries per request and per retriever call (default 4096)",
     )
+    s.add_argument("--max-hits", type=int, default=65536,
+                   help="most len(queries) x topk per request; more get HTTP 413 (default 65536)")
+    s.add_argument("--max-body-bytes", type=int, default=8 * 2**20,
+                   help="largest request body; larger get HTTP 413 (default 8 MiB)")
     s.add_argument("--encoder", metavar="PATH_OR_NAME", help="dense only: override the encoder recorded in meta.json")
     s.add_argument("--device", help="dense only: encoder device (default: CUDA if available)")
     s.add_argument(

@@ -14,10 +14,14 @@ _DOCS_FILE = "docs.jsonl"
 
 
 def load_corpus(path: str | Path) -> list[dict[str, Any]]:
-    """Read a Search-R1/FlashRAG corpus: one JSON object ``{"id", "contents"}`` per line."""
+    """Read a Search-R1/FlashRAG corpus: one JSON object ``{"id", "contents"}`` per line.
+
+    Ids must be unique: a retriever answers with them, and two passages under one id would make
+    every hit of either ambiguous."""
     from at2po.data import read_jsonl
 
     rows = []
+    first_line: dict[str, str] = {}
     for where, row in read_jsonl(path, "corpus file"):
         if not isinstance(row, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(row).__name__}")
@@ -29,6 +33,10 @@ def load_corpus(path: str | Path) -> list[dict[str, Any]]:
             raise ValueError(f"{where}: missing field 'contents'")
         if not isinstance(row["contents"], str):
             raise ValueError(f"{where}: field 'contents' must be a string, got {type(row['contents']).__name__}")
+        key = str(row["id"])
+        if key in first_line:
+            raise ValueError(f"{where}: id {row['id']!r} was already used at {first_line[key]}; ids must be unique")
+        first_line[key] = where
         rows.append(row)
     return rows
 
@@ -49,8 +57,12 @@ class BM25Index:
         if not docs:
             raise ValueError("cannot build a BM25 index from an empty corpus")
         self.docs = list(docs)
+        tokens = _tokenize(self.docs, return_ids=True)
+        if not tokens.vocab:  # bm25s itself fails with "max() arg is an empty sequence"
+            raise ValueError(f"nothing to index: none of the {len(self.docs)} passages has a word that is not an "
+                             "English stop word")
         self._retriever = bm25s.BM25()
-        self._retriever.index(_tokenize(self.docs, return_ids=True), show_progress=False)
+        self._retriever.index(tokens, show_progress=False)
 
     def search(self, queries: list[str], topk: int) -> list[list[tuple[int, float]]]:
         """For each query, up to ``topk`` (doc_index, score) pairs, best first, score > 0.

@@ -3,7 +3,14 @@
 ``POST /retrieve`` ``{"queries": [...], "topk": 3, "return_scores": true}`` answers
 ``{"result": [[{"document": {"id", "contents"}, "score": s}, ...], ...]}``, one list per query;
 with ``return_scores`` false (Search-R1's default) each hit is the bare document. ``topk`` left
-out means ``default_topk``. ``GET /health`` answers ``{"status": "ok", "kind", "n_docs"}``.
+out means ``default_topk``; an empty ``queries`` list answers ``{"result": []}`` (Search-R1's
+agent sends one in a turn where no rollout searches). ``GET /health`` answers
+``{"status": "ok", "kind", "n_docs"}``.
+
+Limits, so that one request cannot take the service down: a body over ``max_body_bytes`` gets
+HTTP 413 before it is parsed, more than ``max_batch`` queries or ``len(queries) * topk`` over
+``max_hits`` get 413, ``topk`` over ``max_topk`` gets 422. Retrieval, formatting and JSON
+encoding all run in a worker thread, so ``/health`` answers while a large request is served.
 
 Concurrency: requests are micro-batched. A single worker task owns the retriever and runs it in a
 thread, off the event loop; requests arriving while it is busy queue up and are merged into its
@@ -15,6 +22,7 @@ starts on a request at once.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -28,7 +36,7 @@ from typing import Annotated, Any
 import uvicorn
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, StrictBool, StrictInt, StrictStr
 
 from at2po.retriever.index import Retriever, load_retriever
@@ -43,7 +51,7 @@ MAX_QUERY_CHARS = 4096
 
 
 class RetrieveRequest(BaseModel):
-    queries: Annotated[list[StrictStr], Field(min_length=1)]
+    queries: list[StrictStr]
     topk: Annotated[StrictInt, Field(ge=1)] | None = None
     return_scores: StrictBool = False
 
@@ -139,19 +147,73 @@ def _format_hit(hit: dict[str, Any], with_score: bool) -> dict[str, Any]:
     return {"document": document, "score": hit["score"]} if with_score else document
 
 
+def _encode_result(hits: list[list[dict[str, Any]]], with_score: bool) -> bytes:
+    # One json.dumps per query, not one for the whole answer: a single C-level dumps holds the GIL
+    # until it is done, and the event loop (/health) would wait for all of it.
+    parts = [json.dumps([_format_hit(hit, with_score) for hit in per_query], ensure_ascii=False,
+                        separators=(",", ":")).encode("utf-8") for per_query in hits]
+    return b'{"result":[' + b",".join(parts) + b"]}"
+
+
+class _BodyLimit:
+    """ASGI middleware: a request body over ``limit`` bytes gets 413 without being kept in memory
+    (Content-Length is checked first; a chunked body is counted as it arrives)."""
+
+    def __init__(self, app: Any, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def _reject(self, send: Any, size: str) -> None:
+        body = json.dumps({"detail": f"request body too large ({size}); at most {self.limit} bytes: split it"})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._reject(send, f"{int(length)} bytes")
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                return await self._reject(send, f"over {size} bytes")
+        replayed = False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
 def create_app(
     retriever: Retriever,
     max_batch: int = 4096,
     default_topk: int = 3,
     max_topk: int = 1000,
+    max_hits: int = 65536,
+    max_body_bytes: int = 8 * 2**20,
 ) -> FastAPI:
     """The FastAPI app serving ``retriever``.
 
     ``max_batch`` bounds the queries of one request (more get HTTP 413) and of one merged
-    retriever call; ``max_topk`` bounds ``topk`` (more get HTTP 422).
+    retriever call; ``max_topk`` bounds ``topk`` (more get HTTP 422); ``max_hits`` bounds
+    ``len(queries) * topk`` and ``max_body_bytes`` the request body (more get HTTP 413).
     """
     if max_batch < 1 or not 1 <= default_topk <= max_topk:
         raise ValueError("need max_batch >= 1 and 1 <= default_topk <= max_topk")
+    if max_hits < 1 or max_body_bytes < 1:
+        raise ValueError("need max_hits >= 1 and max_body_bytes >= 1")
     batcher = _MicroBatcher(retriever, max_batch)
 
     @asynccontextmanager
@@ -178,15 +240,22 @@ def create_app(
         topk = default_topk if request.topk is None else request.topk
         if topk > max_topk:
             raise HTTPException(422, f"topk {topk} is too large; at most {max_topk}")
+        if len(request.queries) * topk > max_hits:
+            raise HTTPException(
+                413, f"too many hits requested: {len(request.queries)} queries x topk {topk} > {max_hits}; "
+                "split the request or lower topk")
+        if not request.queries:
+            return JSONResponse({"result": []})
         queries = [q[:MAX_QUERY_CHARS] for q in request.queries]
         try:
             hits = await batcher.search(queries, topk)
         except Exception as exc:
             raise HTTPException(500, f"retrieval failed: {type(exc).__name__}: {exc}") from None
-        result = [[_format_hit(hit, request.return_scores) for hit in per_query] for per_query in hits]
-        # A plain JSONResponse: the hits are already JSON types, no response-model pass needed.
-        return JSONResponse({"result": result})
+        # Encoded off the event loop: a large answer must not hold up /health or other requests.
+        body = await asyncio.to_thread(_encode_result, hits, request.return_scores)
+        return Response(body, media_type="application/json")
 
+    app.add_middleware(_BodyLimit, limit=max_body_bytes)
     return app
 
 
@@ -199,10 +268,15 @@ def serve(
     encoder: str | None = None,
     device: str | None = None,
     log_level: str = "info",
+    max_hits: int = 65536,
+    max_body_bytes: int = 8 * 2**20,
 ) -> None:
     """Load the index in ``index_dir`` and serve it until interrupted."""
+    if not 1 <= port <= 65535:
+        raise ValueError(f"--port {port} is not a TCP port (1-65535)")
     retriever = load_retriever(index_dir, encoder=encoder, device=device)
-    app = create_app(retriever, max_batch=max_batch, default_topk=default_topk)
+    app = create_app(retriever, max_batch=max_batch, default_topk=default_topk, max_hits=max_hits,
+                     max_body_bytes=max_body_bytes)
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

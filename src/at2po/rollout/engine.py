@@ -61,6 +61,7 @@ class TreeStats:
     prefill_tokens: int = 0  # context tokens sent with each generation request
     tool_calls: int = 0
     tool_failures: int = 0
+    tool_infra_failures: int = 0  # failures of a tool's service (at2po.tools.base.ToolResult.infra)
     limit_notices: int = 0
     depth: int = 0  # turns of the longest trajectory
     leaves: int = 0  # finished trajectories before trimming to N
@@ -81,7 +82,8 @@ class RolloutResult:
         return self.trees[tree].to_arrays()
 
     def totals(self) -> dict[str, float]:
-        keys = ("generated_tokens", "prefill_tokens", "tool_calls", "tool_failures", "limit_notices", "leaves")
+        keys = ("generated_tokens", "prefill_tokens", "tool_calls", "tool_failures", "tool_infra_failures",
+                "limit_notices", "leaves")
         out = {k: float(sum(getattr(s, k) for s in self.stats)) for k in keys}
         out["depth_max"] = float(max((s.depth for s in self.stats), default=0))
         out["rows"] = float(len(self.rows))
@@ -278,6 +280,7 @@ class TreeRolloutEngine:
             for (o, node, turns), res in zip(call_slots, results):
                 if not res.ok:
                     stats[o.tree].tool_failures += 1
+                    stats[o.tree].tool_infra_failures += int(res.infra)
                 trees[o.tree].nodes[node].info["tool_ok"] = res.ok
                 obs = encode_observation(self.tokenizer, format_observation(res.text))
                 next_open.append(_Open(o.tree, node, obs, o.tool_calls + 1, turns))

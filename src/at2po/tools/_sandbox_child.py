@@ -15,11 +15,11 @@ with the snippet in ``<workdir>/main.py``. Before the snippet runs, this script
 3. patches the few process/file primitives that raise no audit event in Python 3.11
    (``_posixsubprocess.fork_exec``, ``os.mknod``, ``os.mkfifo``).
 
-The hook matters most when running as root, where the kernel ignores RLIMIT_NPROC. It is
-defence in depth for model-written code, not a boundary against a determined attacker: native
-code (e.g. a hand-crafted extension module written to the working directory and imported) or a
-thread racing to change a pathlib object between its check and its use can get around it.
-Run the trainer in a container when that matters.
+This is the inner layer. It gives clear errors for the common attempts, but it is not a
+boundary against a determined attacker: native code (ctypes memory access without audit
+events, a hand-made extension module) or a thread racing to change a pathlib object between
+its check and its use can get around it. The boundary is the kernel layer around this
+process (``isolation.py``: namespaces, read-only root, seccomp), which contains such code.
 """
 
 from __future__ import annotations
@@ -316,8 +316,9 @@ def main() -> None:
     readable_roots = _python_roots() + _EXTRA_READABLE
     # Keep only import paths the snippet may read (drops e.g. editable-install source dirs).
     sys.path[:] = [entry for entry in sys.path if _within(entry, readable_roots)]
-    _deny_unaudited_primitives()
-    _install_audit_hook(workdir, readable_roots)
+    if config["audit_hooks"]:
+        _deny_unaudited_primitives()
+        _install_audit_hook(workdir, readable_roots)
     _run_user_code("main.py")  # the parent started us in workdir
 
 

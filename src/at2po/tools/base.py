@@ -28,11 +28,14 @@ class ToolResult:
     ``text`` is the observation body shown to the model, without the ``<result>`` wrapper.
     ``error`` is a short machine-readable failure kind (e.g. "timeout", "connection",
     "http_status", "bad_response", "empty_query", "exit_code", "exception"); None when ok.
+    ``infra`` marks a failure of a service the tool depends on (unreachable, timeout, 5xx),
+    not of the model's input: counted apart, and redone when ``at2po eval`` resumes.
     """
 
     text: str
     ok: bool
     error: str | None = None
+    infra: bool = False
 
 
 class Tool(ABC):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from at2po.retriever.bm25 import BM25Index, load_corpus
 from at2po.tools.base import Tool, ToolResult, register_tool
+from at2po.tools.health import FailureStreak, ToolServiceError
 
 if TYPE_CHECKING:  # requests loads only when an HTTP search tool is built
     import requests
@@ -114,9 +115,10 @@ class LocalSearchTool(_SearchTool):
 
 
 class _RetrieverError(Exception):
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, infra: bool = False) -> None:
         super().__init__(message)
         self.kind = kind
+        self.infra = infra  # the service failed (unreachable, timeout, 5xx), not the query
 
 
 def _errno_reason(exc: Exception) -> str:
@@ -139,6 +141,10 @@ class HTTPSearchTool(_SearchTool):
     backoff; 4xx answers and timeouts are not (a retry would not help, or would multiply the
     wait). Proxy settings from the environment are ignored by default (``trust_env``): the
     retriever runs next to the trainer, and an internet proxy would only get in the way.
+
+    Failures of the service (connection, timeout, 5xx) are marked ``infra``. After
+    ``max_consecutive_failures`` of them in a row (0: never) the tool stops calling the service
+    and ``failing()`` says why, so the trainer and ``at2po eval`` stop (at2po.tools.health).
     """
 
     def __init__(
@@ -150,11 +156,13 @@ class HTTPSearchTool(_SearchTool):
         retries: int = 2,
         backoff: float = 0.5,
         trust_env: bool = False,
+        max_consecutive_failures: int = 20,
     ) -> None:
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         url = url.rstrip("/")
         self.endpoint = url if url.endswith("/retrieve") else url + "/retrieve"
+        self.streak = FailureStreak(max_consecutive_failures)
         self.topk = topk
         self.max_chars = max_chars
         self.timeout = timeout
@@ -174,17 +182,38 @@ class HTTPSearchTool(_SearchTool):
     def run(self, query: str) -> ToolResult:
         return self.batch_search([query])[0]
 
+    def preflight(self) -> None:
+        """One probe search: raise ToolServiceError when the retriever cannot answer at all."""
+        try:
+            self._retrieve(["preflight"])
+        except _RetrieverError as exc:
+            raise ToolServiceError(
+                f"tools.search.retriever_url: {exc} -- start the retriever (at2po retriever serve --index DIR) "
+                "or fix the URL") from None
+
+    def failing(self) -> str | None:
+        if not self.streak.tripped:
+            return None
+        return (f"tools.search: the retriever at {self.endpoint} failed {self.streak.count} calls in a row "
+                f"(last: {self.streak.last_error}); stopping (tools.search.max_consecutive_failures="
+                f"{self.streak.limit}, 0 never stops)")
+
     def batch_search(self, queries: list[str]) -> list[ToolResult]:
         """Search all queries with one request; empty queries are answered locally."""
         prepared = [_prepare_query(q) for q in queries]
         to_send = [q for q in prepared if q is not None]
         failure: ToolResult | None = None
         answers: list[list[str]] = []
-        if to_send:
+        if to_send and self.streak.tripped:  # the run is stopping: no more waits on a dead service
+            failure = ToolResult(text=f"search failed: {self.streak.last_error}", ok=False, error="connection",
+                                 infra=True)
+        elif to_send:
             try:
                 answers = self._retrieve(to_send)
+                self.streak.record(False)
             except _RetrieverError as exc:
-                failure = ToolResult(text=str(exc), ok=False, error=exc.kind)
+                failure = ToolResult(text=str(exc), ok=False, error=exc.kind, infra=exc.infra)
+                self.streak.record(exc.infra, str(exc), calls=len(to_send))
         answer_iter = iter(answers)
         results = []
         for query in prepared:
@@ -213,11 +242,12 @@ class HTTPSearchTool(_SearchTool):
                     "connection",
                     f"search failed: could not connect to {where} "
                     f"after {attempts} attempt(s){_errno_reason(exc)}",
+                    infra=True,
                 )
                 continue
             except requests.Timeout:
                 raise _RetrieverError(
-                    "timeout", f"search failed: {where} did not answer within {self.timeout:g}s"
+                    "timeout", f"search failed: {where} did not answer within {self.timeout:g}s", infra=True
                 ) from None
             except requests.RequestException as exc:
                 raise _RetrieverError("request", f"search failed: request to {where} failed: {exc}") from None
@@ -226,6 +256,7 @@ class HTTPSearchTool(_SearchTool):
                     "http_status",
                     f"search failed: {where} returned HTTP {response.status_code} "
                     f"after {attempts} attempt(s)",
+                    infra=True,
                 )
                 continue
             if response.status_code >= 400:
@@ -286,6 +317,7 @@ def build_search_tool(
     retriever_url: str = "http://127.0.0.1:8000",
     topk: int = 3,
     max_passage_chars: int = 1000,
+    max_consecutive_failures: int = 20,
 ) -> Tool:
     """The search tool of ``tools.search``: BM25 over a local corpus/index, or the HTTP retriever."""
     if backend not in SEARCH_BACKENDS:
@@ -293,7 +325,8 @@ def build_search_tool(
     if topk < 1:
         raise ValueError(f"tools.search.topk must be >= 1, got {topk}")
     if backend == "http":
-        return HTTPSearchTool(retriever_url, topk=topk, max_chars=max_passage_chars)
+        return HTTPSearchTool(retriever_url, topk=topk, max_chars=max_passage_chars,
+                              max_consecutive_failures=max_consecutive_failures)
     if not (corpus_file or index_dir):
         raise ValueError("tools.search.corpus_file (or tools.search.index_dir) is required for backend bm25")
     source = {"index_dir": index_dir} if index_dir else {"corpus_path": corpus_file}

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -41,8 +39,11 @@ from at2po.training.distributed import (
     reduce_metrics,
     std_from_moments,
 )
-
-CHECKPOINT_STATE = "trainer_state.pt"
+from at2po.tools.health import check_tools, preflight_tools
+from at2po.training.prompt_limits import drop_long_prompts
+from at2po.training.run_dir import (CHECKPOINT_STATE, check_data_size, check_fresh, check_resume_config,
+                                    completed_checkpoints, load_newest_valid, prepare_fresh, remove_stale_temps, rewrite_metrics,
+                                    save_atomically)
 
 
 # -- data order ------------------------------------------------------------------------------------
@@ -71,10 +72,12 @@ class PromptSampler:
         return out
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "n": self.n}
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.pos = d["epoch"], d["pos"]
+        if d.get("n", self.n) != self.n:  # another training set (a forced resume): begin a new epoch of it
+            self.epoch, self.pos = self.epoch + 1, 0
 
 
 # -- batches -----------------------------------------------------------------------------------------
@@ -186,7 +189,7 @@ class MetricsLogger:
         if console:
             keys = [k for k in ("reward/mean", "reward/em", "val/em", "loss/policy", "loss/clipfrac",
                                 "loss/turn_kl_entropy", "rollout/leaves_per_tree", "rollout/tool_calls",
-                                "time/step") if k in metrics]
+                                "rollout/tool_failures", "time/step") if k in metrics]
             from tqdm.auto import tqdm
 
             tqdm.write(f"step {step}: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in keys))  # keeps bars intact
@@ -202,7 +205,13 @@ def read_metrics(path: str | Path) -> list[dict]:
     p = Path(path)
     if not p.exists():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in p.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+    return rows
 
 
 def plot_metrics(jsonl: str | Path, png: str | Path) -> Path:
@@ -251,10 +260,7 @@ def _set_rng_state(s: dict) -> None:
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    root = Path(out_dir) / "checkpoints"
-    if not root.is_dir():
-        return None
-    done = sorted(p for p in root.glob("step_*") if (p / CHECKPOINT_STATE).is_file())
+    done = completed_checkpoints(out_dir)
     return done[-1] if done else None
 
 
@@ -311,13 +317,17 @@ class Trainer:
         if cfg.data.val_size:
             self.val_rows = self.val_rows[: cfg.data.val_size]
         self.val_records: list[dict[str, Any]] = []  # this process's records of the last validation
-        self.sampler = PromptSampler(len(self.train_rows), tc.seed, cfg.data.shuffle)
         self.shuffle_rng = torch.Generator().manual_seed(tc.seed + 7919 * rank)
 
         self.tools = tools if tools is not None else build_tools(cfg, self.task)
+        preflight_tools(self.tools)
         gen_model = self._gen_model if self._gen_model is not None else self.accelerator.unwrap_model(self.model)
         self.engine = build_engine(cfg, gen_model, self.tokenizer, task=self.task,
                                    tools=self.tools, seed=tc.seed + rank, progress=self._rollout_progress)
+        say = print if self.is_main else (lambda _: None)
+        self.train_rows = drop_long_prompts(self.engine, self.model, self.train_rows, "data.train_file", say)
+        self.val_rows = drop_long_prompts(self.engine, self.model, self.val_rows, "data.val_file", say, allow_none=True)
+        self.sampler = PromptSampler(len(self.train_rows), tc.seed, cfg.data.shuffle)
         self.generator = self.engine.generator
         self.step = 0
         self._bar = None
@@ -335,8 +345,9 @@ class Trainer:
 
     # -- state ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
-        """Write checkpoints/step_XXXXXX atomically: a temp dir renamed into place when complete.
-        The main process writes it; every process's RNG states travel in it."""
+        """Write checkpoints/step_XXXXXX atomically: a temp dir renamed into place when complete
+        (at2po.training.run_dir.save_atomically). The main process writes it; every process's RNG
+        states travel in it."""
         self.accelerator.wait_for_everyone()
         rank_states = all_gather_objects(self.accelerator, self._rank_rng_state())
         fsdp = is_fsdp(self.accelerator)
@@ -344,45 +355,48 @@ class Trainer:
         optim_state = full_optimizer_state(self.accelerator, self.model, self.optimizer)
         if not self.is_main:
             return None
-        root = self.out_dir / "checkpoints"
-        root.mkdir(parents=True, exist_ok=True)
-        final = root / f"step_{self.step:06d}"
-        tmp = root / f".tmp_step_{self.step:06d}_{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True, state_dict=weights)
+        # What the collectives above gathered, for _write_checkpoint (the main process only).
+        self._gathered = {"weights": weights, "optimizer": optim_state, "rank_states": rank_states}
+        try:
+            return save_atomically(self.out_dir, self.step, self._write_checkpoint, self.cfg.trainer.keep_checkpoints)
+        finally:
+            self._gathered = None
+
+    def _write_checkpoint(self, tmp: Path) -> None:
+        gathered = self._gathered
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True,
+                                                                  state_dict=gathered["weights"])
         self.tokenizer.save_pretrained(tmp)
         save_config(self.cfg, tmp / "config.yaml")
         state = {
             "step": self.step,
-            "optimizer": optim_state,
+            "optimizer": gathered["optimizer"],
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": _rng_state(),
             "shuffle_rng": self.shuffle_rng.get_state(),
             "engine_rng": self.engine.rng.bit_generator.state,
             "generator_rng": self.generator.get_rng_state(),
-            "rank_states": rank_states,  # this process's RNG states above are rank_states[0]
+            "rank_states": gathered["rank_states"],  # the RNG states above are rank_states[0]
         }
         torch.save(state, tmp / CHECKPOINT_STATE)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        done = sorted(p for p in root.glob("step_*") if (p / CHECKPOINT_STATE).is_file())
-        for old in done[: -self.cfg.trainer.keep_checkpoints] if self.cfg.trainer.keep_checkpoints > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
 
-    def load_checkpoint(self, path: str | Path) -> None:
+    def _read_checkpoint(self, path: Path) -> tuple[dict, dict]:
+        """(weights, trainer state) of a checkpoint, read completely before anything is applied."""
         from safetensors.torch import load_file
 
-        path = Path(path)
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ValueError("no *.safetensors weights")
         weights = {}
-        for f in sorted(path.glob("*.safetensors")):
+        for f in files:
             weights.update(load_file(str(f)))
+        return weights, torch.load(path / CHECKPOINT_STATE, weights_only=False)
+
+    def load_checkpoint(self, path: str | Path, loaded: tuple[dict, dict] | None = None) -> None:
+        path = Path(path)
+        weights, state = loaded if loaded is not None else self._read_checkpoint(path)
         model = self.accelerator.unwrap_model(self.model)
-        state = torch.load(path / CHECKPOINT_STATE, weights_only=False)
         if self.cfg.model.lora_rank:
             from at2po.training.lora import load_adapter_weights
 
@@ -455,6 +469,7 @@ class Trainer:
         idx = self._my_share(self.sampler.take(tc.prompts_per_step))
         prompts = [self.engine.prompt(self.train_rows[i]) for i in idx]
         result = self.engine.rollout(prompts)
+        check_tools(self.tools)  # stop before a step trained on a dead retriever's error messages
         t_rollout = time.perf_counter() - t0
 
         batch, _ = build_train_batch(result, cfg.algo)
@@ -474,7 +489,7 @@ class Trainer:
         local.sums.update({"_adv/sum": float(a.sum()), "_adv/sum_sq": float((a * a).sum()), "_adv/n": float(a.numel())})
         local.maxima["adv/abs_max"] = float(a.abs().max()) if a.numel() else 0.0
         local.mean("adv/zero_frac", float((a == 0).sum()), a.numel())
-        for k in ("generated_tokens", "prefill_tokens", "tool_calls", "tool_failures"):
+        for k in ("generated_tokens", "prefill_tokens", "tool_calls", "tool_failures", "tool_infra_failures"):
             local.sums[f"rollout/{k}"] = totals[k]
         local.sums["rollout/generation_calls"] = float(result.generation_calls)
         local.mean("rollout/leaves_per_tree", totals["leaves"], len(prompts))
@@ -619,23 +634,40 @@ class Trainer:
         return metrics
 
     # -- loop ----------------------------------------------------------------------------------
-    def fit(self, resume: bool = False, stop_after: int | None = None) -> dict[str, Any]:
-        """Train for trainer.steps (or until ``stop_after`` steps of this call, for tests)."""
+    def fit(self, resume: bool = False, stop_after: int | None = None, *, overwrite: bool = False,
+            force_resume: bool = False) -> dict[str, Any]:
+        """Train for trainer.steps (or until ``stop_after`` steps of this call, for tests).
+
+        A fresh run refuses a non-empty output_dir unless ``overwrite``; a resume refuses a config
+        change that alters the training unless ``force_resume`` (at2po.training.run_dir)."""
         from tqdm.auto import tqdm
 
         cfg, tc = self.cfg, self.cfg.trainer
+        say = print if self.is_main else (lambda _: None)
         if resume:
-            ckpt = latest_checkpoint(self.out_dir)
-            if ckpt is not None:
-                self.load_checkpoint(ckpt)
-                if self.is_main:
-                    print(f"resumed from {ckpt} at step {self.step}")
+            if self.is_main:
+                for p in remove_stale_temps(self.out_dir):
+                    say(f"removed {p}: a checkpoint save that never finished")
+            self.accelerator.wait_for_everyone()
+            found = load_newest_valid(self.out_dir, self._read_checkpoint, say=say)
+            if found is not None:
+                ckpt, loaded = found
+                check_resume_config(ckpt, config_to_dict(cfg), int(loaded[1]["step"]), force_resume, say=say)
+                check_data_size(loaded[1]["sampler"].get("n"), len(self.train_rows), force_resume, say=say)
+                self.load_checkpoint(ckpt, loaded)
+                say(f"resumed from {ckpt} at step {self.step}")
+            else:
+                say(f"no checkpoint in {self.out_dir}: starting from step 0")
+        else:
+            check_fresh(self.out_dir, overwrite=overwrite)  # on every process: a refusal stops them all
+            if self.is_main:
+                prepare_fresh(self.out_dir, overwrite=overwrite)
+        self.accelerator.wait_for_everyone()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
             save_config(cfg, self.out_dir / "config.yaml")
             # A fresh run starts a fresh log; a resumed one drops what was logged after its checkpoint.
-            kept = [r for r in read_metrics(self.out_dir / "metrics.jsonl") if r["step"] <= self.step] if self.step else []
-            (self.out_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+            rewrite_metrics(self.out_dir / "metrics.jsonl", self.step)
         logger = MetricsLogger(self.out_dir, cfg, enabled=self.is_main)
         history = []
         try:
@@ -678,6 +710,6 @@ def _nll_sum(result: RolloutResult) -> tuple[float, int]:
     return tot, n
 
 
-def train(cfg: Config, resume: bool = False) -> dict[str, Any]:
+def train(cfg: Config, resume: bool = False, overwrite: bool = False, force_resume: bool = False) -> dict[str, Any]:
     trainer = Trainer(cfg)
-    return trainer.fit(resume=resume)
+    return trainer.fit(resume=resume, overwrite=overwrite, force_resume=force_resume)

@@ -1,0 +1,288 @@
+"""Run directories and checkpoints that never lose a user's results.
+
+What a run directory (``trainer.output_dir``) holds: ``config.yaml``, ``metrics.jsonl``,
+``tensorboard/`` and ``checkpoints/step_XXXXXX/`` (weights, tokenizer, ``config.yaml``,
+``trainer_state.pt`` and ``manifest.json``). The rules (docs/architecture.md, "Run directories"):
+
+- a fresh run refuses a directory that already holds anything, unless ``overwrite`` (then the
+  run's own files above are removed, nothing else);
+- a resume loads the newest checkpoint that reads back completely and names each newer one it
+  skipped; temp directories of saves that never finished are removed first;
+- a resume compares the checkpoint's config with the current one: a change that alters the
+  algorithm, the data or their order refuses unless ``force_resume``; operational settings
+  (logging, saving, validation, the retriever's address, ``trainer.steps`` upwards) may change;
+- a save that fails (a full disk) removes its temp directory and stops with a message naming
+  the last complete checkpoint.
+
+The trainer calls these functions; none of them knows the model or the optimizer.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+CHECKPOINT_STATE = "trainer_state.pt"
+MANIFEST = "manifest.json"  # written last inside the temp dir: file sizes of the complete checkpoint
+RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")
+TMP_PREFIX = ".tmp_step_"
+
+# Dotted config keys whose change leaves the trained weights and the data order as they are.
+# Every other key is compared on resume.
+RESUMABLE_CHANGES = frozenset({
+    "trainer.steps", "trainer.output_dir", "trainer.save_every", "trainer.keep_checkpoints",
+    "trainer.val_every", "trainer.val_before_train", "trainer.log_every", "trainer.tensorboard",
+    "trainer.wandb", "trainer.wandb_project", "trainer.progress",
+    "data.val_file", "data.val_size",
+    "rollout.tool_workers", "rollout.tool_timeout",
+    "model.gradient_checkpointing",
+    "tools.search.retriever_url", "tools.search.max_consecutive_failures",
+})
+
+
+class RunDirError(ValueError):
+    """A run directory problem the user fixes (a one-line CLI error)."""
+
+
+# -- fresh runs ------------------------------------------------------------------------------------
+def _check_dir(out_dir: Path) -> None:
+    """``out_dir`` exists as a directory we can write into, or a RunDirError naming the cause."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise RunDirError(f"trainer.output_dir={out_dir} is not writable ({e.strerror or e}): "
+                          "choose a directory you can write to") from None
+
+
+def check_fresh(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Refuse a run from step 0 into a directory that holds anything (a second run must not eat
+    the first one's results) unless ``overwrite``. Changes nothing: every process of a
+    multi-process run calls it, so that all of them stop together."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise RunDirError(f"trainer.output_dir={out_dir} is a file, not a directory: choose another path")
+    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+        raise RunDirError(
+            f"trainer.output_dir={out_dir} is not empty: pass --resume to continue the run in it, "
+            "--overwrite to start over (deletes its checkpoints and logs), or choose another output_dir")
+
+
+def prepare_fresh(out_dir: str | Path, overwrite: bool = False) -> None:
+    """Make ``out_dir`` ready for a run from step 0 (``check_fresh``); with ``overwrite`` the run
+    files of RUN_FILES are removed, nothing else. One process does this."""
+    out_dir = Path(out_dir)
+    check_fresh(out_dir, overwrite)
+    if overwrite and out_dir.is_dir():
+        for name in RUN_FILES:
+            p = out_dir / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    _check_dir(out_dir)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------
+def remove_stale_temps(out_dir: str | Path) -> list[Path]:
+    """Remove temp directories of saves that never completed (killed, disk full); returns them."""
+    root = Path(out_dir) / "checkpoints"
+    stale = sorted(root.glob(TMP_PREFIX + "*")) if root.is_dir() else []
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def completed_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Renamed-into-place checkpoint directories, oldest first (validity is checked on reading)."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / CHECKPOINT_STATE).is_file())
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_manifest(ckpt_dir: Path) -> None:
+    """Flush every file of a finished checkpoint to disk and record its size: a later truncation
+    or a lost file is then seen before anything is loaded."""
+    sizes = {}
+    for p in sorted(ckpt_dir.iterdir()):
+        if p.is_file():
+            _fsync(p)
+            sizes[p.name] = p.stat().st_size
+    (ckpt_dir / MANIFEST).write_text(json.dumps({"sizes": sizes}, indent=1))
+    _fsync(ckpt_dir / MANIFEST)
+
+
+def check_manifest(ckpt_dir: Path) -> None:
+    """Raise ValueError when a file the manifest lists is missing or has another size. A checkpoint
+    of an earlier version (no manifest) is checked by reading it only."""
+    path = ckpt_dir / MANIFEST
+    if not path.is_file():
+        return
+    try:
+        sizes = json.loads(path.read_text())["sizes"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{MANIFEST} is unreadable") from None
+    for name, size in sizes.items():
+        f = ckpt_dir / name
+        if not f.is_file():
+            raise ValueError(f"{name} is missing")
+        if f.stat().st_size != size:
+            raise ValueError(f"{name} has {f.stat().st_size} bytes, {size} when saved")
+
+
+def save_atomically(out_dir: str | Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
+    """Write checkpoint ``step`` through ``write(tmp_dir)`` into a temp dir, flush it, rename it into
+    place, then drop all but the newest ``keep`` (0 keeps all). A failing write (e.g. ENOSPC)
+    removes the temp dir and raises a RunDirError naming the last complete checkpoint."""
+    root = Path(out_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = root / f"{TMP_PREFIX}{step:06d}_{os.getpid()}"
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        write(tmp)
+        write_manifest(tmp)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half checkpoint must not fill the disk for the next try
+        # torch.save reports a full disk as RuntimeError("... failed writing file ..."), not as OSError.
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e) \
+            or "failed writing" in str(e)
+        if not (full or isinstance(e, OSError)):
+            raise
+        done = completed_checkpoints(out_dir)
+        last = f"the last complete checkpoint is {done[-1]}" if done else "no checkpoint is complete yet"
+        why = "the disk is full" if full else (e.strerror or str(e))
+        raise RunDirError(f"could not save the checkpoint of step {step} in {root}: {why}; {last} "
+                          "(free space, then rerun with --resume)") from None
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync(root)
+    if keep > 0:
+        for old in completed_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_newest_valid(out_dir: str | Path, read: Callable[[Path], Any],
+                      say: Callable[[str], None] = print) -> tuple[Path, Any] | None:
+    """``(checkpoint, read(checkpoint))`` of the newest checkpoint that reads back completely, or
+    None when there is none. Each newer one that fails is skipped with a line saying why."""
+    skipped = []
+    for ckpt in reversed(completed_checkpoints(out_dir)):
+        try:
+            check_manifest(ckpt)
+            loaded = read(ckpt)
+        except Exception as e:  # any damage (truncation, a lost file, garbage) skips the checkpoint
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            say(f"skipping checkpoint {ckpt}: it does not read back ({reason})")
+            skipped.append(ckpt)
+            continue
+        return ckpt, loaded
+    if skipped:
+        raise RunDirError(f"no checkpoint in {Path(out_dir) / 'checkpoints'} reads back "
+                          f"({len(skipped)} damaged): start over with --overwrite or another output_dir")
+    return None
+
+
+# -- config of a resumed run -----------------------------------------------------------------------
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and not key.endswith("options"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """``key: old -> new`` for every key (outside RESUMABLE_CHANGES) whose value differs."""
+    a, b = _flatten(saved), _flatten(current)
+    changes = []
+    for key in sorted(set(a) | set(b)):
+        if key in RESUMABLE_CHANGES or a.get(key) == b.get(key):
+            continue
+        # A key added by a later version of at2po, still at the value the old run used implicitly.
+        if key not in a:
+            continue
+        changes.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return changes
+
+
+def check_resume_config(ckpt: Path, current: dict, step: int, force: bool,
+                        say: Callable[[str], None] = print) -> None:
+    """Refuse a resume whose config would change the algorithm or the data (unless ``force``), and
+    one whose trainer.steps is below the checkpoint's step (always: nothing would be trained)."""
+    import yaml
+
+    steps = current["trainer"]["steps"]
+    if steps < step:
+        raise RunDirError(f"trainer.steps={steps} is below the checkpoint's step {step} ({ckpt}): "
+                          f"set trainer.steps >= {step}, or start a new run in another output_dir")
+    path = ckpt / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        saved = None
+    if not isinstance(saved, dict):
+        if not force:
+            raise RunDirError(f"{path} is missing or unreadable, so the resume cannot be checked against it: "
+                              "pass --force-resume to resume anyway")
+        say(f"warning: {path} is unreadable; resuming unchecked (--force-resume)")
+        return
+    changes = config_changes(saved, current)
+    if not changes:
+        return
+    listed = "; ".join(changes[:5]) + (f"; and {len(changes) - 5} more" if len(changes) > 5 else "")
+    if not force:
+        raise RunDirError(f"the config differs from the run's in {ckpt} in what changes the training ({listed}): "
+                          "undo the change, start a new run in another output_dir, or pass --force-resume")
+    say(f"warning: resuming with a changed config (--force-resume): {listed}")
+
+
+def check_data_size(saved_rows: int | None, rows: int, force: bool, say: Callable[[str], None] = print) -> None:
+    """The same data.train_file path may hold other rows now: the data order would change."""
+    if saved_rows is None or saved_rows == rows:
+        return
+    message = f"data.train_file now has {rows} usable rows, the checkpoint's run had {saved_rows}"
+    if not force:
+        raise RunDirError(f"{message}: restore the file, start a new run in another output_dir, or pass --force-resume")
+    say(f"warning: {message}; resuming with a new epoch over the new rows (--force-resume)")
+
+
+def rewrite_metrics(path: str | Path, last_step: int) -> None:
+    """Keep the metrics rows up to ``last_step`` (a resumed run replays what came after its
+    checkpoint); a line cut short by a kill is dropped. Atomic: a kill mid-way keeps the old file."""
+    path = Path(path)
+    kept = []
+    if last_step > 0 and path.is_file():
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= last_step:
+                kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,86 @@
+"""Bad input at the boundary (issue 14): every user error of the CLI is one line on stderr and a
+non-zero exit, naming the field or file and the fix; no value that would train silently wrong
+passes the config."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from at2po.cli import main
+from at2po.config import load_config
+
+
+def run_cli(argv, capsys):
+    code = main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.warmup_steps=-1", "optim.warmup_steps must be >= 0"),
+    ("optim.betas=[0.9]", "optim.betas must be a list of 2 values"),
+    ("optim.betas=[0.9, 1.5]", "optim.betas must lie in [0, 1)"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.lr=.nan", "optim.lr must be a finite number"),
+    ("tools.search.max_passage_chars=-1", "tools.search.max_passage_chars must be >= 1"),
+    ("tools.search.max_consecutive_failures=-1", "tools.search.max_consecutive_failures must be >= 0"),
+    ("tools.python.timeout=0", "tools.python.timeout must be > 0"),
+    ("data.val_size=-1", "data.val_size must be >= 0"),
+    ("rollout.top_p=1.5", "rollout.top_p must be in (0, 1]"),
+    ("rollout.temperature=0", "rollout.temperature must be > 0"),
+    ("rollout.alpha=-1", "rollout.alpha (the branching penalty) must be >= 0"),
+    ("rollout.seed=-1", "rollout.seed must be >= 0"),
+    ("algo.log_ratio_max=0", "algo.log_ratio_max must be > 0"),
+    ("trainer.seed=-3", "trainer.seed must be >= 0"),
+    ("trainer.save_every=-1", "trainer.save_every must be >= 0"),
+    ("trainer.output_dir=' '", "trainer.output_dir is empty"),
+    ("task.name=''", "task.name is empty"),
+    ("tools.search.backend=http", None),  # the default URL is fine
+])
+def test_config_values_out_of_range_are_one_line_errors(override, message, capsys):
+    code, err = run_cli(["config", override], capsys)
+    if message is None:
+        assert code == 0 and err == ""
+        return
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_retriever_url_without_a_scheme_is_refused():
+    with pytest.raises(ValueError, match="retriever_url='localhost:8000' must start with http://"):
+        load_config(None, ["tools.search.backend=http", "tools.search.retriever_url=localhost:8000"])
+
+
+@pytest.mark.parametrize("content, message", [
+    ("model: [unclosed\n", "bad.yaml:2: not valid YAML"),
+    (b"model:\n  path: caf\xe9\n", "bad.yaml: not UTF-8 text"),
+    ("- a list\n", "the top level must be a mapping"),
+    ("optim:\n  betas: [0.9]\n", "optim.betas must be a list of 2 values"),
+])
+def test_bad_config_files_are_one_line_errors(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    for command in ("config", "train"):
+        code, err = run_cli([command, "--config", str(path)], capsys)
+        assert code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_a_config_path_that_is_a_directory_or_missing(tmp_path, capsys):
+    code, err = run_cli(["train", "--config", str(tmp_path)], capsys)
+    assert code == 2 and f"config file {tmp_path} is a directory" in err
+    code, err = run_cli(["train", "--config", str(tmp_path / "nope.yaml")], capsys)
+    assert code == 2 and "does not exist" in err and len(err.splitlines()) == 1
+
+
+def test_train_user_errors_are_one_line(tmp_path, capsys):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"id": "1", "question": "q?", "golden_answers": ["a"]}) + "\n")
+    code, err = run_cli(["train", f"data.train_file={data}"], capsys)
+    assert code == 2 and "model.path is empty" in err and len(err.splitlines()) == 1
+    code, err = run_cli(["train", "--resume", "--overwrite", "model.path=x"], capsys)
+    assert code == 2 and "--overwrite and --resume contradict each other" in err
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes('{"id": "1", "question": "caf\u00e9?", "golden_answers": ["a"]}\n'.encode("latin-1"))
+    code, err = run_cli(["eval", "--dataset", f"x={latin1}", "model.path=x", f"--out={tmp_path / 'e'}"], capsys)
+    assert code == 2 and f"{latin1}: not UTF-8 text" in err and len(err.splitlines()) == 1

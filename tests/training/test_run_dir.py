@@ -1,0 +1,202 @@
+"""Run directories keep the user's results (issue 14): a second fresh run is refused, a damaged
+checkpoint is skipped, stale temp dirs go, a resume that would change the training is refused,
+a full disk stops the run without leaving a temp dir behind. Judged by the files and weights."""
+
+from __future__ import annotations
+
+import errno
+import json
+
+import pytest
+import torch
+
+from at2po.training import run_dir
+from at2po.training.run_dir import RunDirError, config_changes, prepare_fresh, rewrite_metrics
+from at2po.training.trainer import Trainer, latest_checkpoint
+from conftest import make_run_cfg, tiny_search_qa_assets
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return tiny_search_qa_assets(tmp_path_factory.mktemp("assets"))
+
+
+def cfg(assets, out, *extra):
+    return make_run_cfg(assets, out, "trainer.keep_checkpoints=0", *extra, val=False)
+
+
+def weights(trainer):
+    return {k: v.clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+
+
+def snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def two_steps(assets, tmp_path_factory):
+    """A finished 2-step run and its final weights (the reference of every resume below)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    trainer = Trainer(cfg(assets, out, "trainer.steps=2"))
+    trainer.fit()
+    return out, weights(trainer)
+
+
+def copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_fresh_run_refuses_a_non_empty_output_dir_and_changes_nothing(assets, two_steps, tmp_path):
+    run = copy_run(two_steps[0], tmp_path / "run")
+    before = snapshot(run)
+    with pytest.raises(RunDirError, match="is not empty: pass --resume .* --overwrite .* another output_dir"):
+        Trainer(cfg(assets, run, "trainer.steps=1")).fit()
+    assert snapshot(run) == before
+    # --overwrite starts over: the run's own files are replaced, anything else of the user's stays.
+    (run / "notes.txt").write_text("mine")
+    Trainer(cfg(assets, run, "trainer.steps=1")).fit(overwrite=True)
+    assert (run / "notes.txt").read_text() == "mine"
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000001"]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+def test_output_dir_that_is_a_file_or_not_writable(tmp_path):
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(RunDirError, match="is a file, not a directory"):
+        prepare_fresh(f)
+    with pytest.raises(RunDirError, match="is not writable"):
+        prepare_fresh("/proc/at2po_run")  # refused even to root
+
+
+def test_resume_skips_a_truncated_newest_checkpoint_and_replays_to_the_same_weights(assets, two_steps, tmp_path,
+                                                                                    capsys):
+    run = copy_run(two_steps[0], tmp_path / "run")
+    newest = run / "checkpoints" / "step_000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    stale = run / "checkpoints" / ".tmp_step_000003_4242"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"\0" * 64)
+    capsys.readouterr()
+    trainer = Trainer(cfg(assets, run, "trainer.steps=2"))
+    trainer.fit(resume=True)
+    out = capsys.readouterr().out
+    assert f"removed {stale}" in out and not stale.exists()
+    assert f"skipping checkpoint {run / 'checkpoints' / 'step_000002'}" in out
+    assert f"resumed from {run / 'checkpoints' / 'step_000001'} at step 1" in out
+    for k, v in weights(trainer).items():
+        assert torch.equal(v, two_steps[1][k]), k
+    assert latest_checkpoint(run).name == "step_000002"
+
+
+def test_resume_with_every_checkpoint_damaged_is_a_clear_error(assets, two_steps, tmp_path):
+    run = copy_run(two_steps[0], tmp_path / "run")
+    for ckpt in (run / "checkpoints").iterdir():
+        (ckpt / "trainer_state.pt").write_bytes(b"garbage")
+    with pytest.raises(RunDirError, match="no checkpoint .* reads back \\(2 damaged\\)"):
+        Trainer(cfg(assets, run, "trainer.steps=3")).fit(resume=True)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("algo.clip_high=0.2", "algo.clip_high: 0.004 -> 0.2"),
+    ("rollout.top_k=1", "rollout.top_k: 2 -> 1"),
+    ("trainer.seed=3", "trainer.seed: 0 -> 3"),
+])
+def test_resume_refuses_a_change_of_the_training_unless_forced(assets, two_steps, tmp_path, override, message):
+    run = copy_run(two_steps[0], tmp_path / "run")
+    with pytest.raises(RunDirError, match=f"config differs .*{message}.*--force-resume"):
+        Trainer(cfg(assets, run, "trainer.steps=3", override)).fit(resume=True)
+    assert latest_checkpoint(run).name == "step_000002"
+
+
+def test_resume_with_another_train_file_refuses_and_forced_does_not_crash(assets, two_steps, tmp_path, capsys):
+    run = copy_run(two_steps[0], tmp_path / "run")
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"id": "x", "question": "Who founded Zorbex?", "golden_answers": ["Mila Tarn"]}) + "\n")
+    with pytest.raises(RunDirError, match="data.train_file"):
+        Trainer(cfg(assets, run, "trainer.steps=3", f"data.train_file={other}")).fit(resume=True)
+    Trainer(cfg(assets, run, "trainer.steps=3", f"data.train_file={other}")).fit(resume=True, force_resume=True)
+    assert "warning: resuming with a changed config (--force-resume): data.train_file" in capsys.readouterr().out
+    assert latest_checkpoint(run).name == "step_000003"
+
+
+def test_a_train_file_whose_rows_changed_under_the_same_path_refuses(assets, two_steps, tmp_path, capsys):
+    import shutil
+
+    run = copy_run(two_steps[0], tmp_path / "run")
+    data = tmp_path / "assets"
+    shutil.copytree(assets, data)
+    with open(data / "train.jsonl", "a") as f:  # one more row, same path as far as the config goes
+        f.write(json.dumps({"id": "9", "question": "What flows through Quovia?", "golden_answers": ["Drelto"]}) + "\n")
+    moved = cfg(assets, run, "trainer.steps=3")
+    moved.data.train_file = str(assets / "train.jsonl")  # the config is unchanged ...
+    trainer = Trainer(cfg(data, run, "trainer.steps=3"))
+    trainer.cfg = moved  # ... while the rows are those of the grown file
+    with pytest.raises(RunDirError, match="data.train_file now has 4 usable rows, the checkpoint's run had 3"):
+        trainer.fit(resume=True)
+
+
+def test_steps_below_the_checkpoint_refuse_and_operational_changes_resume(assets, two_steps, tmp_path):
+    run = copy_run(two_steps[0], tmp_path / "run")
+    with pytest.raises(RunDirError, match="trainer.steps=1 is below the checkpoint's step 2"):
+        Trainer(cfg(assets, run, "trainer.steps=1")).fit(resume=True, force_resume=True)
+    # Logging, saving and validation settings, and more steps, are not changes of the training.
+    Trainer(cfg(assets, run, "trainer.steps=3", "trainer.log_every=2", "trainer.save_every=3",
+                "rollout.tool_workers=1")).fit(resume=True)
+    assert latest_checkpoint(run).name == "step_000003"
+
+
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter "
+                                                "failed writing file data/0: file write failed")])  # torch.save's
+def test_a_full_disk_during_a_save_leaves_no_temp_dir_and_names_the_last_checkpoint(assets, two_steps, tmp_path,
+                                                                                    monkeypatch, error):
+    run = copy_run(two_steps[0], tmp_path / "run")
+    trainer = Trainer(cfg(assets, run, "trainer.steps=3"))
+    real = trainer._write_checkpoint
+
+    def disk_full(tmp):
+        real(tmp)  # most of the checkpoint is written, then the disk fills up
+        raise error
+
+    monkeypatch.setattr(trainer, "_write_checkpoint", disk_full)
+    with pytest.raises(RunDirError, match="step 3 .* the disk is full; the last complete checkpoint is .*step_000002"):
+        trainer.fit(resume=True)
+    assert not list((run / "checkpoints").glob(".tmp*"))
+    assert latest_checkpoint(run).name == "step_000002"
+    monkeypatch.undo()
+    Trainer(cfg(assets, run, "trainer.steps=3")).fit(resume=True)  # space is back: the resume works
+    assert latest_checkpoint(run).name == "step_000003"
+
+
+def test_config_changes_lists_what_alters_training_only():
+    saved = {"algo": {"clip_high": 0.004}, "trainer": {"steps": 2, "log_every": 1}, "task": {"options": {"r": 1}},
+             "data": {"train_file": "a", "val_file": "v"}}
+    current = {"algo": {"clip_high": 0.004, "new_field": 1}, "trainer": {"steps": 9, "log_every": 5},
+               "task": {"options": {"r": 2}}, "data": {"train_file": "a", "val_file": "w"}}
+    # A field a later version added is not a change; options compare as a whole.
+    assert config_changes(saved, current) == ["task.options: {'r': 1} -> {'r': 2}"]
+
+
+def test_rewrite_metrics_keeps_rows_up_to_the_step_and_drops_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 3, "a"')
+    rewrite_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n'
+    rewrite_metrics(path, 0)
+    assert path.read_text() == ""
+
+
+def test_a_checkpoint_whose_file_lost_bytes_fails_its_manifest(two_steps, tmp_path):
+    ckpt = copy_run(two_steps[0], tmp_path / "run") / "checkpoints" / "step_000001"
+    run_dir.check_manifest(ckpt)
+    with open(ckpt / "tokenizer.json", "ab") as f:
+        f.write(b" ")
+    with pytest.raises(ValueError, match="tokenizer.json has"):
+        run_dir.check_manifest(ckpt)
