@@ -26,10 +26,20 @@ class ModelConfig:
     tokenizer_path: str = ""  # defaults to `path`
     dtype: str = "float32"  # float32 | bfloat16 (weights and compute of the policy)
     gradient_checkpointing: bool = False
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (PEFT, extra `lora`) instead of every weight
+    lora_alpha: float = 16.0  # LoRA scale numerator: the update is (lora_alpha / lora_rank)·B·A
+    lora_dropout: float = 0.0
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
 
     def __post_init__(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype={self.dtype!r} is not one of float32, bfloat16, float16")
+        if self.lora_rank < 0:
+            raise ValueError(f"model.lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"model.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.lora_rank and not self.lora_target_modules:
+            raise ValueError("model.lora_target_modules is empty: name the linear layers to adapt, e.g. [q_proj, v_proj]")
 
 
 @dataclass

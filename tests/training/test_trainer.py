@@ -17,6 +17,7 @@ from at2po.tasks.search_qa import SearchQATask
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
 from at2po.tools.base import TOOLS, Tool, ToolResult, register_tool
 from at2po.training.sft import SFTExample, sft_warm_start
+from at2po.training.distributed import combine
 from at2po.training.trainer import Trainer, build_train_batch, latest_checkpoint, response_log_probs
 from conftest import hand_credit, make_run_cfg, write_search_qa_files
 
@@ -630,7 +631,7 @@ def test_recompute_uses_the_first_epochs_micro_batches_and_the_truncated_correct
     batch, _ = build_train_batch(trainer.engine.rollout(prompts), cfg.algo)
     rollout_lp, advantages = batch.old_log_probs.clone(), batch.advantages.clone()
     plan = trainer._epoch_plan(batch, n_trees=2)
-    metrics = trainer._recompute_old_log_probs(batch, plan)
+    metrics = combine([trainer._recompute_old_log_probs(batch, plan).as_dict()])  # one process: its own
     mask = batch.response_mask.bool()
     # π_old is now the trainer's forward pass of exactly these micro-batches.
     for _, micros in plan:

@@ -7,8 +7,10 @@ the task, tools and generator backend come from the registries through ``at2po.f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,19 @@ from at2po.evaluation.evaluator import evaluate_greedy
 from at2po.factory import build_engine, build_task, build_tools, load_model, load_tokenizer
 from at2po.rollout.engine import RolloutResult
 from at2po.rollout.generator import sequence_logprobs
+from at2po.training.distributed import (
+    LocalMetrics,
+    all_gather_objects,
+    check_fsdp_request,
+    check_world_size,
+    full_optimizer_state,
+    full_state_dict,
+    is_fsdp,
+    load_full_state,
+    pad_plans,
+    reduce_metrics,
+    std_from_moments,
+)
 from at2po.tools.health import check_tools, preflight_tools
 from at2po.training.prompt_limits import drop_long_prompts
 from at2po.training.run_dir import (CHECKPOINT_STATE, check_data_size, check_fresh, check_resume_config,
@@ -125,9 +140,12 @@ def build_train_batch(result: RolloutResult, algo) -> tuple[TrainBatch, dict[str
     return batch, stats
 
 
-def response_log_probs(model, batch: TrainBatch, temperature: float) -> torch.Tensor:
-    """(B, T) log-probs of the response tokens under ``model`` (right-padded like the batch)."""
-    per_row = sequence_logprobs(model, batch.sequences, batch.response_starts, temperature=temperature)
+def response_log_probs(model, batch: TrainBatch, temperature: float, share_prefix: bool = True) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens under ``model`` (right-padded like the batch).
+    ``share_prefix=False`` runs one forward pass per call whatever the rows (FSDP: every process
+    must run as many forwards as the others, and a shared prompt prefix adds one)."""
+    kw = {} if share_prefix else {"min_shared_prefix": sys.maxsize}
+    per_row = sequence_logprobs(model, batch.sequences, batch.response_starts, temperature=temperature, **kw)
     out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=per_row[0].device)
     for i, lp in enumerate(per_row):  # scatter rows into the padded layout
         out[i, : lp.shape[0]] = lp
@@ -256,6 +274,8 @@ class Trainer:
         self.out_dir = Path(tc.output_dir)
         self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
         self.is_main = self.accelerator.is_main_process
+        check_world_size(tc.prompts_per_step, tc.mini_batch_prompts, self.accelerator.num_processes)
+        check_fsdp_request(self.accelerator)
         rank = self.accelerator.process_index
         random.seed(tc.seed + rank)
         np.random.seed(tc.seed + rank)
@@ -263,16 +283,31 @@ class Trainer:
 
         self.tokenizer = load_tokenizer(cfg.model)
         self.model = load_model(cfg.model)
+        if cfg.model.lora_rank:
+            from at2po.training.lora import apply_lora
+
+            self.model = apply_lora(self.model, cfg.model)
         self.ref_model = None
         if cfg.algo.kl_coef > 0:
             self.ref_model = load_model(cfg.model, self.accelerator.device).eval()
             self.ref_model.requires_grad_(False)
 
         oc = cfg.optim
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay)
+        trainable = [p for p in self.model.parameters() if p.requires_grad]  # LoRA: the adapters only
+        self.optimizer = torch.optim.AdamW(trainable, lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / oc.warmup_steps) if oc.warmup_steps else 1.0)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        # Under FSDP no process holds the whole policy, and the HF generator's forwards differ in
+        # number between processes (collectives would hang): it samples from a full, unsharded
+        # copy that receives the gathered weights after every update.
+        self._gen_model = None
+        if is_fsdp(self.accelerator):
+            if cfg.model.lora_rank:
+                raise ValueError("model.lora_rank > 0 with FSDP is not supported: LoRA is for one device; "
+                                 "use full fine-tuning with FSDP or launch without FSDP")
+            self._gen_model = load_model(cfg.model, self.accelerator.device).eval()
+            self._gen_model.requires_grad_(False)
 
         self.task = build_task(cfg)
         if not cfg.data.train_file:
@@ -286,7 +321,8 @@ class Trainer:
 
         self.tools = tools if tools is not None else build_tools(cfg, self.task)
         preflight_tools(self.tools)
-        self.engine = build_engine(cfg, self.accelerator.unwrap_model(self.model), self.tokenizer, task=self.task,
+        gen_model = self._gen_model if self._gen_model is not None else self.accelerator.unwrap_model(self.model)
+        self.engine = build_engine(cfg, gen_model, self.tokenizer, task=self.task,
                                    tools=self.tools, seed=tc.seed + rank, progress=self._rollout_progress)
         say = print if self.is_main else (lambda _: None)
         self.train_rows = drop_long_prompts(self.engine, self.model, self.train_rows, "data.train_file", say)
@@ -310,25 +346,38 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step_XXXXXX atomically: a temp dir renamed into place when complete
-        (at2po.training.run_dir.save_atomically)."""
+        (at2po.training.run_dir.save_atomically). The main process writes it; every process's RNG
+        states travel in it."""
         self.accelerator.wait_for_everyone()
+        rank_states = all_gather_objects(self.accelerator, self._rank_rng_state())
+        fsdp = is_fsdp(self.accelerator)
+        weights = full_state_dict(self.accelerator, self.model) if fsdp else None  # collectives
+        optim_state = full_optimizer_state(self.accelerator, self.model, self.optimizer)
         if not self.is_main:
             return None
-        return save_atomically(self.out_dir, self.step, self._write_checkpoint, self.cfg.trainer.keep_checkpoints)
+        # What the collectives above gathered, for _write_checkpoint (the main process only).
+        self._gathered = {"weights": weights, "optimizer": optim_state, "rank_states": rank_states}
+        try:
+            return save_atomically(self.out_dir, self.step, self._write_checkpoint, self.cfg.trainer.keep_checkpoints)
+        finally:
+            self._gathered = None
 
     def _write_checkpoint(self, tmp: Path) -> None:
-        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
+        gathered = self._gathered
+        self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True,
+                                                                  state_dict=gathered["weights"])
         self.tokenizer.save_pretrained(tmp)
         save_config(self.cfg, tmp / "config.yaml")
         state = {
             "step": self.step,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": gathered["optimizer"],
             "scheduler": self.scheduler.state_dict(),
             "sampler": self.sampler.state_dict(),
             "rng": _rng_state(),
             "shuffle_rng": self.shuffle_rng.get_state(),
             "engine_rng": self.engine.rng.bit_generator.state,
             "generator_rng": self.generator.get_rng_state(),
+            "rank_states": gathered["rank_states"],  # the RNG states above are rank_states[0]
         }
         torch.save(state, tmp / CHECKPOINT_STATE)
 
@@ -348,19 +397,51 @@ class Trainer:
         path = Path(path)
         weights, state = loaded if loaded is not None else self._read_checkpoint(path)
         model = self.accelerator.unwrap_model(self.model)
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-        # Tied embeddings are saved once; anything else missing means a wrong checkpoint.
-        missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.cfg.model.lora_rank:
+            from at2po.training.lora import load_adapter_weights
+
+            load_adapter_weights(model, weights, path)
+        elif is_fsdp(self.accelerator):
+            load_full_state(self.accelerator, self.model, self.optimizer, weights, state["optimizer"])
+        else:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+            # Tied embeddings are saved once; anything else missing means a wrong checkpoint.
+            missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+            if missing or unexpected:
+                raise ValueError(f"checkpoint {path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        if not is_fsdp(self.accelerator):
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
-        self.shuffle_rng.set_state(state["shuffle_rng"])
-        self.engine.rng.bit_generator.state = state["engine_rng"]
-        self.generator.set_rng_state(state["generator_rng"])
         self.step = state["step"]
+        ranks = state.get("rank_states") or [{k: state[k] for k in ("rng", "shuffle_rng", "engine_rng", "generator_rng")}]
+        n, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if len(ranks) == n:
+            self._set_rank_rng_state(ranks[rank])
+        else:
+            # Another world size: processes hold other prompts than before, so the saved streams
+            # have no counterpart; each process draws fresh ones from (seed, step, rank).
+            seed = [self.cfg.trainer.seed, self.step, rank]
+            random.seed(str(seed))
+            np.random.seed(seed)
+            torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+            self.shuffle_rng.manual_seed(int(np.random.SeedSequence([*seed, 1]).generate_state(1)[0]))
+            self.engine.rng = np.random.default_rng([*seed, 2])
+            if self.is_main:
+                print(f"{path} was written by {len(ranks)} process(es), resuming with {n}: prompts are split "
+                      f"anew and each process's random streams are reseeded from (seed, step, rank)")
+        if self._gen_model is not None:
+            self._gen_model.load_state_dict(full_state_dict(self.accelerator, self.model))
+
+    def _rank_rng_state(self) -> dict:
+        return {"rng": _rng_state(), "shuffle_rng": self.shuffle_rng.get_state(),
+                "engine_rng": self.engine.rng.bit_generator.state, "generator_rng": self.generator.get_rng_state()}
+
+    def _set_rank_rng_state(self, s: dict) -> None:
+        _set_rng_state(s["rng"])
+        self.shuffle_rng.set_state(s["shuffle_rng"])
+        self.engine.rng.bit_generator.state = s["engine_rng"]
+        self.generator.set_rng_state(s["generator_rng"])
 
     # -- one step ------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
@@ -372,12 +453,15 @@ class Trainer:
         t0 = time.perf_counter()
         self.val_records = evaluate_greedy(self.engine, self._my_share(self.val_rows))
         keys = [*self.task.metrics, "turns", "tool_calls"]
-        local = torch.tensor([[float(r[k]) for k in keys] for r in self.val_records], dtype=torch.float64)
-        local = local.reshape(-1, len(keys))
-        allrows = self.accelerator.gather_for_metrics(local) if self.accelerator.num_processes > 1 else local
-        n = max(len(allrows), 1)
-        return {**{f"val/{k}": float(allrows[:, i].sum()) / n for i, k in enumerate(keys)},
-                "time/val": time.perf_counter() - t0}
+        local = LocalMetrics()
+        for k in keys:
+            local.mean(f"val/{k}", sum(float(r[k]) for r in self.val_records), len(self.val_records))
+        local.maxima["time/val"] = time.perf_counter() - t0
+        return self._reduce(local)
+
+    def _reduce(self, local: LocalMetrics) -> dict[str, float]:
+        """Metrics over every process (one collective; every process must call it)."""
+        return reduce_metrics(self.accelerator, local)
 
     def train_step(self) -> dict[str, float]:
         cfg, tc = self.cfg, self.cfg.trainer
@@ -388,34 +472,35 @@ class Trainer:
         check_tools(self.tools)  # stop before a step trained on a dead retriever's error messages
         t_rollout = time.perf_counter() - t0
 
-        batch, adv_stats = build_train_batch(result, cfg.algo)
+        batch, _ = build_train_batch(result, cfg.algo)
         lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses (the scheduler steps inside it)
         update = self._update(batch, n_trees=len(prompts))
         totals = result.totals()
         scores = [r.score for r in result.rows if not r.duplicate]
-        n_rows = max(len(scores), 1)
         dt = time.perf_counter() - t0
-        metrics = {
-            "reward/mean": sum(s.reward for s in scores) / n_rows,
-            **{f"reward/{k}": sum(float(s.metrics[k]) for s in scores) / n_rows for k in self.task.metrics},
-            **adv_stats,
-            **update,
-            "rollout/generated_tokens": totals["generated_tokens"],
-            "rollout/prefill_tokens": totals["prefill_tokens"],
-            "rollout/tool_calls": totals["tool_calls"],
-            "rollout/tool_failures": totals["tool_failures"],
-            "rollout/tool_infra_failures": totals["tool_infra_failures"],
-            "rollout/leaves_per_tree": totals["leaves"] / max(len(prompts), 1),
-            "rollout/depth_max": totals["depth_max"],
-            "rollout/token_nll": _mean_nll(result),
-            "rollout/generation_calls": float(result.generation_calls),
-            "time/rollout": t_rollout,
-            "time/update": dt - t_rollout,
-            "time/step": dt,
-            "perf/gen_tokens_per_s": totals["generated_tokens"] / max(t_rollout, 1e-9),
-            **{f"time/phase_{k}": v for k, v in result.phase_seconds.items()},
-            "lr": lr,
-        }
+        # Each process describes its share; the step's metrics combine every process's (sums of
+        # counts, means over all rows or tokens, maxima), identical on every process.
+        local = LocalMetrics()
+        local.mean("reward/mean", sum(s.reward for s in scores), len(scores))
+        for k in self.task.metrics:
+            local.mean(f"reward/{k}", sum(float(s.metrics[k]) for s in scores), len(scores))
+        a = batch.advantages[batch.response_mask.bool()].double()
+        local.mean("adv/mean", float(a.sum()), a.numel())
+        local.sums.update({"_adv/sum": float(a.sum()), "_adv/sum_sq": float((a * a).sum()), "_adv/n": float(a.numel())})
+        local.maxima["adv/abs_max"] = float(a.abs().max()) if a.numel() else 0.0
+        local.mean("adv/zero_frac", float((a == 0).sum()), a.numel())
+        for k in ("generated_tokens", "prefill_tokens", "tool_calls", "tool_failures", "tool_infra_failures"):
+            local.sums[f"rollout/{k}"] = totals[k]
+        local.sums["rollout/generation_calls"] = float(result.generation_calls)
+        local.mean("rollout/leaves_per_tree", totals["leaves"], len(prompts))
+        local.maxima["rollout/depth_max"] = totals["depth_max"]
+        local.mean("rollout/token_nll", *_nll_sum(result))
+        local.maxima.update({"time/rollout": t_rollout, "time/update": dt - t_rollout, "time/step": dt, "lr": lr,
+                             **{f"time/phase_{k}": v for k, v in result.phase_seconds.items()}})
+        metrics = self._reduce(local)
+        metrics["adv/std"] = std_from_moments(metrics.pop("_adv/sum"), metrics.pop("_adv/sum_sq"), metrics.pop("_adv/n"))
+        metrics["perf/gen_tokens_per_s"] = metrics["rollout/generated_tokens"] / max(metrics["time/rollout"], 1e-9)
+        metrics.update(update)
         self.step += 1
         return metrics
 
@@ -429,86 +514,124 @@ class Trainer:
         for start in range(0, n_trees, mb_trees):
             trees = set(order[start:start + mb_trees])
             rows = [i for i, t in enumerate(batch.tree_of_row) if t in trees]
-            if rows:
-                plan.append((rows, [rows[m:m + tc.micro_batch_rows] for m in range(0, len(rows), tc.micro_batch_rows)]))
+            # An empty mini-batch stays in place (processes align mini-batches by position);
+            # pad_plans drops it when it is empty on every process.
+            plan.append((rows, [rows[m:m + tc.micro_batch_rows] for m in range(0, len(rows), tc.micro_batch_rows)]))
         return plan
 
-    def _recompute_old_log_probs(self, batch: TrainBatch, plan) -> dict[str, float]:
+    def _recompute_old_log_probs(self, batch: TrainBatch, plan) -> LocalMetrics:
         """Replace the sampler's log-probs by the trainer's own (no grad), micro-batch by micro-batch
         exactly as the first epoch will run them, so that every first-epoch ratio starts at 1
         (docs/method.md §6). Returns the sampler-vs-trainer mismatch, and applies the truncated
-        importance-sampling correction of the advantages when ``algo.rollout_correction``."""
+        importance-sampling correction of the advantages when ``algo.rollout_correction``.
+        ``plan`` is the padded first epoch: padding micro-batches (None) run a forward pass too, so
+        that every process runs as many forwards as the others (FSDP gathers weights in each)."""
         algo, device = self.cfg.algo, self.accelerator.device
         rollout_lp = batch.old_log_probs.clone()
         with torch.no_grad():
-            for _, micros in plan:
+            for _, micros, *_ in plan:
                 for rows in micros:
-                    lp = response_log_probs(self.model, batch.rows(rows), self.cfg.rollout.temperature)
-                    batch.old_log_probs[rows] = (lp.float() * batch.response_mask[rows].to(device)).cpu()
+                    lp = response_log_probs(self.model, batch.rows(rows or [0]), self.cfg.rollout.temperature,
+                                            share_prefix=not is_fsdp(self.accelerator))
+                    if rows:
+                        batch.old_log_probs[rows] = (lp.float() * batch.response_mask[rows].to(device)).cpu()
         m = logprob_mismatch(rollout_lp, batch.old_log_probs, batch.response_mask, batch.turn_ids,
                              algo.clip_low, algo.clip_high)
-        metrics = {f"rollout/logprob_{k}": v for k, v in m.items()}
+        mask = batch.response_mask.bool()
+        n_tokens = int(mask.sum())
+        n_turns = sum(len(set(batch.turn_ids[i][mask[i]].tolist())) for i in range(len(batch.sequences)))
+        local = LocalMetrics()
+        local.mean("rollout/logprob_diff_mean", m["diff_mean"] * n_tokens, n_tokens)
+        local.maxima["rollout/logprob_diff_max"] = m["diff_max"]
+        local.mean("rollout/logprob_turns_outside_clip", m["turns_outside_clip"] * n_turns, n_turns)
         if algo.rollout_correction:
             # Truncated importance sampling: the data came from the sampler's distribution, the
             # objective is the trainer's; weight each token by min(π_trainer / π_sampler, cap).
-            mask = batch.response_mask.bool()
             weight = torch.exp(batch.old_log_probs - rollout_lp).clamp(max=algo.rollout_correction_cap)
             weight = torch.where(mask, weight, torch.zeros_like(weight))
             batch.advantages.mul_(weight)
-            trained = weight[mask]
-            metrics["rollout/tis_weight_mean"] = float(trained.mean()) if trained.numel() else 0.0
-            metrics["rollout/tis_capped_frac"] = (
-                float((trained >= algo.rollout_correction_cap).float().mean()) if trained.numel() else 0.0)
-        return metrics
+            trained = weight[mask].double()
+            local.mean("rollout/tis_weight_mean", float(trained.sum()), trained.numel())
+            local.mean("rollout/tis_capped_frac", float((trained >= algo.rollout_correction_cap).sum()), trained.numel())
+        return local
+
+    def _share(self, batch: TrainBatch, rows: list[int]) -> float:
+        """A set of rows' weight in the loss normalisation: rows, or trained tokens for token-mean."""
+        if self.cfg.algo.loss_agg != "token-mean":
+            return float(len(rows))
+        return float(batch.response_mask[rows].sum()) if rows else 0.0
 
     def _update(self, batch: TrainBatch, n_trees: int) -> dict[str, float]:
-        """PPO epochs over mini-batches of whole trees, accumulating micro-batch gradients."""
+        """PPO epochs over mini-batches of whole trees, accumulating micro-batch gradients.
+
+        Every process runs the same number of mini-batches and micro-batches (padding with
+        zero-weight ones), synchronises gradients once per mini-batch (``no_sync`` before, except
+        under FSDP, where it would hold unsharded gradients), and weights each micro-batch by its
+        share of the whole mini-batch over all processes: the update equals the one-process update
+        on the same rows. Returns the update's metrics over all processes."""
         cfg, tc, algo = self.cfg, self.cfg.trainer, self.cfg.algo
         acc = self.accelerator
         device = acc.device
         model = self.model
         model.train()
-        sums: dict[str, float] = {}
-        n_updates = 0
+        world = acc.num_processes
+        fsdp = is_fsdp(acc)
         plans = [self._epoch_plan(batch, n_trees) for _ in range(tc.ppo_epochs)]
-        extra = self._recompute_old_log_probs(batch, plans[0]) if algo.recompute_old_logprobs else {}
+        # One collective gives every process the others' micro-batch counts and loss denominators.
+        mine = ([[len(micros) for _, micros in plan] for plan in plans],
+                [[self._share(batch, rows) for rows, _ in plan] for plan in plans])
+        everyone = all_gather_objects(acc, mine)
+        plans = pad_plans(plans, everyone)
+        local = self._recompute_old_log_probs(batch, plans[0]) if algo.recompute_old_logprobs else LocalMetrics()
+        sums: dict[str, float] = {}
+        grad_norms = 0.0
+        n_updates = 0
         for plan in plans:
-            for rows, micros in plan:
-                mini = batch.rows(rows)
-                weight_den = float(len(rows)) if algo.loss_agg != "token-mean" else float(mini.response_mask.sum().clamp(min=1))
-                stats_mb: dict[str, float] = {}
-                for micro_rows in micros:
-                    micro = batch.rows(micro_rows)
+            for rows, micros, den in plan:
+                den = max(den, 1.0)
+                for i, micro_rows in enumerate(micros):
+                    micro = batch.rows(micro_rows or [0])  # padding: any row, weight 0
                     mask = micro.response_mask.to(device)
-                    logp = response_log_probs(model, micro, cfg.rollout.temperature)
-                    loss, m = policy_loss(
-                        logp, micro.old_log_probs.to(device), micro.advantages.to(device), mask,
-                        level=algo.loss_level, clip_low=algo.clip_low, clip_high=algo.clip_high,
-                        turn_ids=micro.turn_ids.to(device), agg=algo.loss_agg, log_ratio_max=algo.log_ratio_max,
-                    )
-                    if self.ref_model is not None:
-                        with torch.no_grad():
-                            ref = response_log_probs(self.ref_model, micro, cfg.rollout.temperature)
-                        kl = aggregate(kl_penalty(logp, ref, algo.kl_kind), mask, algo.loss_agg)
-                        loss = loss + algo.kl_coef * kl
-                        m["kl_ref"] = float(kl.detach())
-                    w = (len(micro.sequences) if algo.loss_agg != "token-mean" else float(mask.sum())) / weight_den
-                    acc.backward(loss * w)
+                    last = i == len(micros) - 1
+                    with contextlib.nullcontext() if last or fsdp else acc.no_sync(model):
+                        logp = response_log_probs(model, micro, cfg.rollout.temperature, share_prefix=not fsdp)
+                        loss, m = policy_loss(
+                            logp, micro.old_log_probs.to(device), micro.advantages.to(device), mask,
+                            level=algo.loss_level, clip_low=algo.clip_low, clip_high=algo.clip_high,
+                            turn_ids=micro.turn_ids.to(device), agg=algo.loss_agg, log_ratio_max=algo.log_ratio_max,
+                        )
+                        if self.ref_model is not None:
+                            with torch.no_grad():
+                                ref = response_log_probs(self.ref_model, micro, cfg.rollout.temperature)
+                            kl = aggregate(kl_penalty(logp, ref, algo.kl_kind), mask, algo.loss_agg)
+                            loss = loss + algo.kl_coef * kl
+                            m["kl_ref"] = float(kl.detach())
+                        w = self._share(batch, micro_rows) / den if micro_rows else 0.0
+                        # Gradients are averaged over processes: scale by their number.
+                        acc.backward(loss * (w * world))
                     m["policy"] = float(loss.detach())
                     for k, v in m.items():
-                        stats_mb[k] = stats_mb.get(k, 0.0) + w * v
+                        sums[k] = sums.get(k, 0.0) + w * v
                 grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-                stats_mb["grad_norm"] = float(grad_norm)
-                for k, v in stats_mb.items():
-                    sums[k] = sums.get(k, 0.0) + v
+                grad_norms += float(grad_norm)
                 n_updates += 1
+        # Each process's weighted stats are its part of the mini-batch means: they add up.
+        local.sums.update({f"loss/{k}": v / max(n_updates, 1) for k, v in sums.items()})
+        # The clipped norm is of the synchronised gradient: the same on every process.
+        local.maxima.update({"loss/grad_norm": grad_norms / max(n_updates, 1), "loss/updates": float(n_updates)})
+        metrics = self._reduce(local)
         # The next rollout samples from the updated policy (a no-op for a backend that runs the
-        # training module itself, a weight copy for one that does not).
-        self.generator.load_weights(acc.unwrap_model(model))
-        return {f"loss/{k}": v / max(n_updates, 1) for k, v in sums.items()} | {"loss/updates": float(n_updates)} | extra
+        # training module itself, a weight copy for one that does not; under FSDP the gathered
+        # weights go to the unsharded generation copy).
+        if self._gen_model is not None:
+            self._gen_model.load_state_dict(full_state_dict(acc, model))
+            self.generator.load_weights(self._gen_model)
+        else:
+            self.generator.load_weights(acc.unwrap_model(model))
+        return metrics
 
     # -- loop ----------------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_after: int | None = None, *, overwrite: bool = False,
@@ -576,14 +699,15 @@ class Trainer:
         return {"history": history, "step": self.step}
 
 
-def _mean_nll(result: RolloutResult) -> float:
+def _nll_sum(result: RolloutResult) -> tuple[float, int]:
+    """Total negative log-prob of the sampled (trained) tokens, and their number."""
     tot, n = 0.0, 0
     for tree in result.trees:
         for node in tree.nodes[1:]:
             lp = [p for p, m in zip(node.gen_logprobs, node.gen_mask) if m]
             tot -= sum(lp)
             n += len(lp)
-    return tot / max(n, 1)
+    return tot, n
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, force_resume: bool = False) -> dict[str, Any]:
