@@ -422,7 +422,8 @@ def test_eval_records_turns_and_resume_fills_a_hole_in_the_middle(run_assets, tm
     monkeypatch.setattr(at2po.factory, "build_engine", scripted_engine)
     rows = [QARow(f"id{i}", q, ("paris",)) for i, q in enumerate(EVAL_QUESTIONS)]
     write_qa_file(rows, tmp_path / "toy.jsonl")
-    cfg = load_config(None, [f"model.path={run_assets / 'model'}", "trainer.progress=false"])
+    cfg = load_config(None, [f"model.path={run_assets / 'model'}", "trainer.progress=false",
+                             "rollout.max_response_tokens=512"])  # the tiny model's context is 2048
     out = tmp_path / "eval"
 
     def run():

@@ -242,22 +242,10 @@ def default_name(cfg: Config) -> str:
     return Path(cfg.model.path.rstrip("/")).name or "model"
 
 
-def _too_long_record(sample: Any, metrics: Sequence[str], reason: str) -> dict[str, Any]:
-    """The record of a question whose prompt cannot fit the model's context: scored as wrong, so
-    that the dataset's denominator stays its size (as in the paper's tables), and marked."""
-    return {"id": sample.id, "prompt": sample.prompt, "target": list(sample.target), "prediction": None,
-            "reward": 0.0, **{m: 0.0 for m in metrics}, "turns": 0, "tool_calls": 0, "tool_failures": 0,
-            "infra_failures": 0, "response": "", "skipped": reason}
-
-
 def _run_dataset(engine: TreeRolloutEngine, name: str, rows: list[QARow], done: dict[str, dict[str, Any]],
                  path: Path, batch_size: int, progress: bool, context: int | None = None) -> None:
     """Evaluate the rows not in ``done``, appending each batch's records to ``path`` (and to ``done``).
-
-    With ``context`` (the model's context in tokens), a question whose prompt plus
-    ``rollout.max_response_tokens`` exceeds it is not generated: it gets a record scored as wrong
-    with a ``skipped`` reason, and a warning counts them.
-    """
+    A question too long for ``context`` counts as wrong without being generated (``evaluate_greedy``)."""
     from tqdm.auto import tqdm
 
     from at2po.evaluation.evaluator import evaluate_greedy
@@ -265,19 +253,6 @@ def _run_dataset(engine: TreeRolloutEngine, name: str, rows: list[QARow], done: 
     from at2po.tools.health import check_tools
 
     todo = [Sample(row.id, row.question, row.golds) for row in rows if row.id not in done]
-    too_long = []
-    if context is not None:
-        budget = engine.config.max_response_tokens
-        lengths = {s.id: len(engine.prompt(s).prompt_ids) for s in todo}
-        too_long = [s for s in todo if lengths[s.id] + budget > context]
-        if too_long:
-            todo = [s for s in todo if lengths[s.id] + budget <= context]
-            reason = (f"prompt of {{n}} tokens + rollout.max_response_tokens={budget} > the model's context of "
-                      f"{context} tokens")
-            shown = ", ".join(str(s.id) for s in too_long[:5]) + (", ..." if len(too_long) > 5 else "")
-            print(f"warning: {name}: {len(too_long)} of {len(rows)} questions do not fit the model's context "
-                  f"and count as wrong (ids: {shown})")
-            too_long = [_too_long_record(s, engine.task.metrics, reason.format(n=lengths[s.id])) for s in too_long]
     n_done = len(rows) - len(todo)
     em_sum = sum(float(done[row.id]["em"]) for row in rows if row.id in done)
     with path.open("a", encoding="utf-8") as f, tqdm(
@@ -298,9 +273,12 @@ def _run_dataset(engine: TreeRolloutEngine, name: str, rows: list[QARow], done: 
             bar.update(len(batch))
             bar.set_postfix_str(f"EM {100 * em_sum / n_done:.2f}")
 
-        if too_long:
-            write(too_long)
-        evaluate_greedy(engine, todo, batch_size=batch_size, on_batch=write)
+        records = evaluate_greedy(engine, todo, batch_size=batch_size, on_batch=write, context=context)
+    skipped = [r["id"] for r in records if "skipped" in r]
+    if skipped:
+        shown = ", ".join(map(str, skipped[:5])) + (", ..." if len(skipped) > 5 else "")
+        print(f"warning: {name}: {len(skipped)} of {len(rows)} questions do not fit the model's context and count "
+              f"as wrong (ids: {shown})")
 
 
 def evaluate(
