@@ -379,6 +379,9 @@ class Trainer:
         prompts = [self.engine.prompt(self.train_rows[i]) for i in idx]
         result = self.engine.rollout(prompts)
         t_rollout = time.perf_counter() - t0
+        sleep = getattr(self.generator, "sleep", None)
+        if sleep is not None:  # an inference engine on the training GPU frees its memory for the update
+            sleep()
 
         batch, adv_stats = build_train_batch(result, cfg.algo)
         lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses (the scheduler steps inside it)
