@@ -199,6 +199,11 @@ class VLLMGenerator:
             enforce_eager=(not on_gpu) if options.enforce_eager is None else options.enforce_eager,
             logprobs_mode=self.logprobs_mode,
         )
+        if not on_gpu:
+            # A prompt prefilled in chunks makes vLLM rewind the request's seeded generator,
+            # which CPU generators cannot do: prefill whole prompts (up to max_model_len each).
+            engine_args["enable_chunked_prefill"] = False
+            engine_args["max_num_batched_tokens"] = max(self.max_model_len, 8192)
         if kv_gib:
             engine_args["kv_cache_memory_bytes"] = int(kv_gib * (1 << 30))
         if options.max_num_seqs:
