@@ -332,6 +332,7 @@ class VLLMGenerator:
             logprobs=0,  # the sampled token's own log-prob
             skip_special_tokens=False,
             spaces_between_special_tokens=False,
+            detokenize=bool(params.stop),  # text is only needed to find stop strings
             seed=seed,
         )
 
