@@ -20,6 +20,7 @@ import os
 import random
 import sys
 import tempfile
+import warnings
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -119,7 +120,9 @@ def _scans_badly(module) -> bool:
 @contextlib.contextmanager
 def _hide_modules_vllm_cannot_scan():
     """Take such modules out of ``sys.modules`` while an engine is built, then put them back."""
-    hidden = {name: mod for name, mod in list(sys.modules.items()) if _scans_badly(mod)}
+    with warnings.catch_warnings():  # reading every module attribute trips deprecation warnings
+        warnings.simplefilter("ignore")
+        hidden = {name: mod for name, mod in list(sys.modules.items()) if _scans_badly(mod)}
     for name in hidden:
         del sys.modules[name]
     try:
