@@ -1,9 +1,11 @@
 """GPU benchmark (a few minutes on one H100/H200): a random-init model shaped like Qwen3-0.6B.
 
-    python benchmarks/bench_gpu.py            # on a CUDA machine
-    python benchmarks/bench_gpu.py --tiny     # smoke run of the same code on CPU
+    python benchmarks/bench_gpu.py                          # on a CUDA machine
+    python benchmarks/bench_gpu.py --backends hf,vllm       # HF and vLLM generation (pip install 'at2po[vllm]')
+    python benchmarks/bench_gpu.py --tiny                   # smoke run of the same code on CPU
 
-Measures HFGenerator throughput (batched sampling with KV cache), one training step
+Measures generation throughput of each backend (``--backends``; HFGenerator: batched sampling
+with KV cache; vllm: the in-process vLLM engine) at each batch size of ``--gen-batches``, one training step
 (forward + backward of the response log-probs and the ATPO loss) in tokens/s, and the loss's
 share of the step. Prints one JSON line with the card's name.
 """
@@ -28,7 +30,8 @@ def sync():
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU smoke test)")
-    ap.add_argument("--gen-batch", type=int, default=64)
+    ap.add_argument("--gen-batches", default="64,256", help="comma-separated generation batch sizes")
+    ap.add_argument("--backends", default="hf", help="comma-separated generator backends: hf, vllm")
     ap.add_argument("--ctx", type=int, default=512)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--train-batch", type=int, default=8)
@@ -42,8 +45,8 @@ def main():
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if args.tiny:
         shape = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     intermediate_size=128, vocab_size=1000, head_dim=16)
-        args.gen_batch, args.ctx, args.new, args.train_batch, args.train_len = 4, 32, 16, 2, 64
+                     intermediate_size=128, vocab_size=1000, head_dim=32)  # vLLM: head dim >= 32
+        args.gen_batches, args.ctx, args.new, args.train_batch, args.train_len = "4", 32, 16, 2, 64
     else:  # Qwen3-0.6B's shape
         shape = dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
                      intermediate_size=3072, vocab_size=151936, head_dim=128)
@@ -56,21 +59,37 @@ def main():
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": str(dtype),
            "params_M": round(n_params / 1e6, 1), "torch": torch.__version__}
 
-    # Generation: random contexts, no stop strings, EOS made impossible so every row runs to the limit.
+    # Generation: random contexts, no stop strings, EOS made (nearly) impossible so rows run to the limit.
     with torch.no_grad():
         model.lm_head.weight[tok.eos_token_id].zero_()
-    gen = HFGenerator(model, tok, seed=0, eos_token_ids=[-1])
-    ctxs = torch.randint(300, shape["vocab_size"], (args.gen_batch, args.ctx)).tolist()
+    batches = [int(b) for b in args.gen_batches.split(",")]
+    ctxs = torch.randint(300, shape["vocab_size"], (max(batches), args.ctx)).tolist()
     params = SamplingParams(max_new_tokens=args.new)
-    gen.generate(ctxs[:2], SamplingParams(max_new_tokens=4))  # warm-up
-    sync()
-    t0 = time.perf_counter()
-    res = gen.generate(ctxs, params)
-    sync()
-    dt = time.perf_counter() - t0
-    n_tok = sum(len(r.token_ids) for r in res)
-    out.update(gen_batch=args.gen_batch, gen_ctx=args.ctx, gen_new=args.new, gen_seconds=round(dt, 2),
-               gen_tokens_per_s=round(n_tok / dt, 1))
+    out.update(gen_ctx=args.ctx, gen_new=args.new)
+    for backend in args.backends.split(","):
+        if backend == "hf":
+            gen = HFGenerator(model, tok, seed=0, eos_token_ids=[-1])
+        else:  # the engine shares the GPU with the trainer's model, as in training
+            from at2po.rollout.vllm_backend import VLLMGenerator
+
+            t0 = time.perf_counter()
+            gen = VLLMGenerator(model, tok, seed=0)
+            out[f"{backend}_build_seconds"] = round(time.perf_counter() - t0, 1)
+        gen.generate(ctxs[:2], SamplingParams(max_new_tokens=4))  # warm-up
+        for batch in batches:
+            sync()
+            t0 = time.perf_counter()
+            res = gen.generate(ctxs[:batch], params)
+            sync()
+            dt = time.perf_counter() - t0
+            n_tok = sum(len(r.token_ids) for r in res)
+            out[f"{backend}_gen_b{batch}_tokens_per_s"] = round(n_tok / dt, 1)
+            out[f"{backend}_gen_b{batch}_seconds"] = round(dt, 2)
+        if hasattr(gen, "close"):
+            gen.close()
+    if "vllm" in args.backends and "hf" in args.backends:
+        for batch in batches:
+            out[f"vllm_over_hf_b{batch}"] = round(out[f"vllm_gen_b{batch}_tokens_per_s"] / out[f"hf_gen_b{batch}_tokens_per_s"], 2)
 
     # One training step: forward + backward over (B, T), ATPO loss over the second half (the response).
     model.train()

