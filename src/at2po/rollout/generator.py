@@ -11,7 +11,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -195,6 +195,19 @@ def _forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
     return cache_arg, "logits_to_keep" in params
 
 
+def eos_token_set(model: Any, eos_token_id: int, eos_token_ids: Iterable[int] | None = None) -> frozenset[int]:
+    """The ids that end a generation: ``eos_token_ids`` when given, else the tokenizer's EOS plus
+    the model's ``generation_config.eos_token_id`` (one id or a list; Qwen3 ends chat turns on
+    ``<|im_end|>``, which only the generation config names)."""
+    if eos_token_ids is not None:
+        return frozenset(eos_token_ids)
+    ids = {eos_token_id}
+    config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if config_eos is not None:
+        ids |= {config_eos} if isinstance(config_eos, int) else set(config_eos)
+    return frozenset(ids)
+
+
 class HFGenerator:
     """A :class:`Generator` over a Hugging Face causal LM on its own device (CPU or one GPU).
 
@@ -226,12 +239,7 @@ class HFGenerator:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.eos_token_id: int = tokenizer.eos_token_id
-        if eos_token_ids is None:
-            eos_token_ids = {self.eos_token_id}
-            config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            if config_eos is not None:
-                eos_token_ids |= {config_eos} if isinstance(config_eos, int) else set(config_eos)
-        self.eos_token_ids = frozenset(eos_token_ids)
+        self.eos_token_ids = eos_token_set(model, self.eos_token_id, eos_token_ids)
         self.pad_token_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_token_id
         self.device = next(model.parameters()).device
         self._rng = torch.Generator(device=self.device)

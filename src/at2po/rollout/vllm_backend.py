@@ -34,6 +34,7 @@ from at2po.rollout.generator import (
     FINISH_STOP,
     Generation,
     SamplingParams,
+    eos_token_set,
     register_backend,
 )
 
@@ -175,12 +176,7 @@ class VLLMGenerator:
         model = unwrap_module(model)
         self.tokenizer = tokenizer
         self.eos_token_id: int = tokenizer.eos_token_id
-        if eos_token_ids is None:
-            eos_token_ids = {self.eos_token_id}
-            config_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            if config_eos is not None:
-                eos_token_ids |= {config_eos} if isinstance(config_eos, int) else set(config_eos)
-        self.eos_token_ids = frozenset(eos_token_ids)
+        self.eos_token_ids = eos_token_set(model, self.eos_token_id, eos_token_ids)
         self._rng = torch.Generator().manual_seed(seed)
         self.options = options
         self._asleep = False
