@@ -8,9 +8,10 @@
 
 The warm start imitates a sloppy demonstrator: half of its multi-hop demonstrations answer after
 too few searches, and none is 3-hop, so the warm start often answers a 2-hop question with the
-entity it reached first (seeds 0-2 with the package versions in the README: held-out EM
-49/49/39%, seed 0 by hops 88/61/0% for 1/2/3 hops, valid format 99-100%; the numbers move with
-package versions, and ``scripts/calibrate_warm_start.py`` re-measures a grid of settings). The outcome reward is what can teach it to keep searching. Demonstrations come from
+entity it reached first (seeds 0-2 with the package versions in the README, 2 threads: held-out
+EM 44/55/54%; one thread: 49/49/39%, seed 0 by hops 88/61/0% for 1/2/3 hops; the numbers move with
+thread count and package versions, and ``scripts/calibrate_warm_start.py`` re-measures a grid of
+settings). The outcome reward is what can teach it to keep searching. Demonstrations come from
 "sister" worlds (same names, other facts), so the warm start teaches reading search results and
 cannot memorise the facts of the world RL and evaluation use.
 """
