@@ -403,3 +403,44 @@ def test_a_question_longer_than_the_context_counts_as_wrong_and_is_not_generated
     # The denominator is the dataset's size: EM = (short's EM + 0) / 2.
     assert results["datasets"]["bamboogle"]["n"] == 2
     assert results["datasets"]["bamboogle"]["em"] == pytest.approx(100 * short["em"] / 2)
+
+
+def test_evaluate_greedy_context_rule_at_its_boundary(assets, full_run, monkeypatch):
+    """Which samples the context rule skips, the exact skipped record, and that the others keep
+    their order and records (whatever comes first in a batch)."""
+    cfg = make_cfg(assets)
+    tokenizer = load_tokenizer(cfg.model)
+    engine = build_engine(cfg, load_model(cfg.model).eval(), tokenizer)
+    validated = []
+    original = engine.validate
+
+    def counting(prompts):
+        validated.append([p.sample.id for p in prompts])
+        return original(prompts)
+
+    monkeypatch.setattr(engine, "validate", counting)
+    nq = {r["id"]: r for r in read_jsonl(full_run[0] / "nq.jsonl")}
+    short = [Sample(row.id, row.question, row.golds) for row in DATA["nq"][:2]]
+    n_short = max(len(engine.prompt(s).prompt_ids) for s in short)
+    long = Sample("long", "Which country is Quovia in? " * 10, ("Belmark", "X"), {"hops": 2})
+    n_long = len(engine.prompt(long).prompt_ids)
+    assert n_long > n_short
+    budget = cfg.rollout.max_response_tokens
+    # context = the longest short prompt + the budget: those fit exactly (<=), the long one does not.
+    records = evaluate_greedy(engine, [long, *short], context=n_short + budget)
+    assert validated == [[s.id for s in short]]
+    assert [r["id"] for r in records] == ["long", *(s.id for s in short)]
+    assert records[1:] == [nq[s.id] for s in short]
+    assert records[0] == {
+        "id": "long", "prompt": long.prompt, "target": ["Belmark", "X"], "prediction": None, "reward": 0.0,
+        "em": 0.0, "f1": 0.0, "format_ok": 0.0, "turns": 0, "tool_calls": 0, "tool_failures": 0,
+        "infra_failures": 0, "response": "", "meta": {"hops": 2},
+        "skipped": f"prompt of {n_long} tokens + rollout.max_response_tokens={budget} > the model's context of "
+                   f"{n_short + budget} tokens"}
+    # One token less of context: the longest short prompt no longer fits; a batch of only it
+    # generates nothing.
+    longest = max(short, key=lambda s: len(engine.prompt(s).prompt_ids))
+    validated.clear()
+    [rec] = evaluate_greedy(engine, [longest], context=n_short + budget - 1)
+    assert validated == [] and rec["id"] == longest.id and rec["skipped"].startswith(f"prompt of {n_short} tokens")
+    assert mean_metrics([], ["em"]) == {"em": 0.0}
