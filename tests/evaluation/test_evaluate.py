@@ -187,28 +187,34 @@ def test_results_match_per_sample_files(assets, full_run):
     assert any(0 < r["f1"] < 1 for recs in records.values() for r in recs)
 
 
-def test_resume_evaluates_only_missing_samples(assets, full_run, tmp_path, monkeypatch):
-    evaluated = []
+@pytest.fixture
+def rolled_out_ids(monkeypatch):
+    """The ids of the samples every engine is asked to roll out, in order."""
+    ids = []
     original = TreeRolloutEngine.validate
 
     def counting(self, prompts):
-        evaluated.extend(p.sample.id for p in prompts)
+        ids.extend(p.sample.id for p in prompts)
         return original(self, prompts)
 
     monkeypatch.setattr(TreeRolloutEngine, "validate", counting)
+    return ids
+
+
+def test_resume_evaluates_only_missing_samples(assets, full_run, tmp_path, rolled_out_ids):
     cfg, out = make_cfg(assets), tmp_path / "out"
 
     # An evaluation stopped early: the first 3 questions of each dataset.
     partial = evaluate(cfg, datasets(assets), out, name="tiny", batch_size=2, limit=3, progress=False)
     first = [row.id for rows in DATA.values() for row in rows[:3]]
-    assert evaluated == first
+    assert rolled_out_ids == first
     assert {d: r["n"] for d, r in partial["datasets"].items()} == {
         "nq": 3, "triviaqa": 3, "hotpotqa": 3, "bamboogle": 2}
     check_results(out, {d: rows[:3] for d, rows in DATA.items()})
 
-    evaluated.clear()
+    rolled_out_ids.clear()
     evaluate(cfg, datasets(assets), out, name="tiny", batch_size=2, progress=False)
-    assert evaluated == [row.id for rows in DATA.values() for row in rows[3:]]
+    assert rolled_out_ids == [row.id for rows in DATA.values() for row in rows[3:]]
 
     # Killed while writing: the last line of nq is cut in half, hotpotqa's last record is gone.
     nq = out / "nq.jsonl"
@@ -216,9 +222,9 @@ def test_resume_evaluates_only_missing_samples(assets, full_run, tmp_path, monke
     nq.write_text(text[: len(text) - len(text.splitlines()[-1]) // 2 - 1])
     hp = out / "hotpotqa.jsonl"
     hp.write_text("".join(line + "\n" for line in hp.read_text().splitlines()[:-1]))
-    evaluated.clear()
+    rolled_out_ids.clear()
     resumed = evaluate(cfg, datasets(assets), out, name="tiny", batch_size=2, progress=False)
-    assert evaluated == [DATA["nq"][-1].id, DATA["hotpotqa"][-1].id]
+    assert rolled_out_ids == [DATA["nq"][-1].id, DATA["hotpotqa"][-1].id]
 
     full_out, full_results = full_run
     assert resumed == full_results
@@ -226,9 +232,9 @@ def test_resume_evaluates_only_missing_samples(assets, full_run, tmp_path, monke
     for d in DATA:  # record by record, in the file's order
         assert records[d] == read_jsonl(full_out / f"{d}.jsonl")
 
-    evaluated.clear()
+    rolled_out_ids.clear()
     evaluate(cfg, datasets(assets), out, name="tiny", batch_size=2, progress=False)
-    assert evaluated == []  # nothing left to do
+    assert rolled_out_ids == []  # nothing left to do
 
 
 def test_resume_refuses_other_settings_unless_told(assets, full_run, tmp_path):
@@ -325,15 +331,7 @@ class _DownThenUp(LocalSearchTool):
 
 
 def test_resume_redoes_records_whose_search_failed_for_infrastructure_reasons(assets, full_run, tmp_path,
-                                                                              monkeypatch, capsys):
-    evaluated = []
-    original = TreeRolloutEngine.validate
-
-    def counting(self, prompts):
-        evaluated.extend(p.sample.id for p in prompts)
-        return original(self, prompts)
-
-    monkeypatch.setattr(TreeRolloutEngine, "validate", counting)
+                                                                              rolled_out_ids, capsys):
     cfg, out, tool = make_cfg(assets), tmp_path / "out", _DownThenUp()
     first = evaluate(cfg, datasets(assets), out, name="tiny", batch_size=3, tools=[tool], progress=False)
     failed = {r["id"] for d in DATA for r in read_jsonl(out / f"{d}.jsonl") if r["infra_failures"]}
@@ -342,11 +340,11 @@ def test_resume_redoes_records_whose_search_failed_for_infrastructure_reasons(as
     wrong_kept = {r["id"] for d in DATA for r in read_jsonl(out / f"{d}.jsonl")
                   if not r["infra_failures"] and not r["em"]}
 
-    evaluated.clear()
+    rolled_out_ids.clear()
     tool.down = False
     resumed = evaluate(cfg, datasets(assets), out, name="tiny", batch_size=3, tools=[tool], progress=False)
-    assert sorted(evaluated) == sorted(failed)  # exactly the infrastructure failures, none of the wrong answers
-    assert not wrong_kept & set(evaluated)
+    assert sorted(rolled_out_ids) == sorted(failed)  # exactly the infrastructure failures, none of the wrong answers
+    assert not wrong_kept & set(rolled_out_ids)
     assert resumed == full_run[1]  # the numbers of a run that never saw the outage
 
 
@@ -376,28 +374,20 @@ def test_eval_stops_when_the_retriever_fails_every_call_in_a_row(assets, tmp_pat
 
 
 def test_a_question_longer_than_the_context_counts_as_wrong_and_is_not_generated(assets, full_run, tmp_path,
-                                                                                monkeypatch, capsys):
-    evaluated = []
-    original = TreeRolloutEngine.validate
-
-    def counting(self, prompts):
-        evaluated.extend(p.sample.id for p in prompts)
-        return original(self, prompts)
-
-    monkeypatch.setattr(TreeRolloutEngine, "validate", counting)
+                                                                                rolled_out_ids, capsys):
     # The tiny model's context is 2048 tokens; this question alone is longer.
     rows = [DATA["bamboogle"][0], QARow("long", "Which country is Quovia in? " * 400, ("Belmark",))]
     write_qa_file(rows, tmp_path / "bb.jsonl")
     # batch_size=1: the long question is a batch of its own, with nothing to generate.
     results = evaluate(make_cfg(assets), [("bamboogle", tmp_path / "bb.jsonl")], tmp_path / "out", name="tiny",
                        batch_size=1, progress=False)
-    assert evaluated == [DATA["bamboogle"][0].id]
+    assert rolled_out_ids == [DATA["bamboogle"][0].id]
     assert "warning: bamboogle: 1 of 2 questions do not fit the model's context and count as wrong (ids: long)" \
         in capsys.readouterr().out
     on_disk = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "bamboogle.jsonl")}
     short, long = on_disk[DATA["bamboogle"][0].id], on_disk["long"]
     full_records = {r["id"]: r for r in read_jsonl(full_run[0] / "bamboogle.jsonl")}
-    assert short == full_records[short["id"]]  # the other question is evaluated as usual
+    assert short == full_records[short["id"]]  # the other question is rolled_out_ids as usual
     assert long["id"] == "long" and long["em"] == long["f1"] == long["reward"] == 0.0 and long["prediction"] is None
     assert long["skipped"].endswith("+ rollout.max_response_tokens=200 > the model's context of 2048 tokens")
     # The denominator is the dataset's size: EM = (short's EM + 0) / 2.
