@@ -195,6 +195,23 @@ def _forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
     return cache_arg, "logits_to_keep" in params
 
 
+def context_limits(contexts: Sequence[Sequence[int]], params: SamplingParams,
+                   max_new_tokens: Sequence[int] | None) -> list[int]:
+    """The new-token limit of each context for ``Generator.generate`` (``params.max_new_tokens``
+    unless per-context limits are given), after checking the arguments every backend takes."""
+    if max_new_tokens is None:
+        limits = [params.max_new_tokens] * len(contexts)
+    else:
+        if len(max_new_tokens) != len(contexts):
+            raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {len(contexts)} contexts")
+        if any(m < 0 for m in max_new_tokens):
+            raise ValueError("max_new_tokens entries must be >= 0")
+        limits = list(max_new_tokens)
+    if any(len(c) == 0 for c in contexts):
+        raise ValueError("every context must contain at least one token")
+    return limits
+
+
 def eos_token_set(model: Any, eos_token_id: int, eos_token_ids: Iterable[int] | None = None) -> frozenset[int]:
     """The ids that end a generation: ``eos_token_ids`` when given, else the tokenizer's EOS plus
     the model's ``generation_config.eos_token_id`` (one id or a list; Qwen3 ends chat turns on
@@ -266,18 +283,7 @@ class HFGenerator:
         params: SamplingParams,
         max_new_tokens: list[int] | None = None,
     ) -> list[Generation]:
-        if max_new_tokens is None:
-            limits = [params.max_new_tokens] * len(contexts)
-        else:
-            if len(max_new_tokens) != len(contexts):
-                raise ValueError(
-                    f"max_new_tokens has {len(max_new_tokens)} entries for {len(contexts)} contexts"
-                )
-            if any(m < 0 for m in max_new_tokens):
-                raise ValueError("max_new_tokens entries must be >= 0")
-            limits = list(max_new_tokens)
-        if any(len(c) == 0 for c in contexts):
-            raise ValueError("every context must contain at least one token")
+        limits = context_limits(contexts, params, max_new_tokens)
 
         results: list[Generation | None] = [None] * len(contexts)
         todo = []

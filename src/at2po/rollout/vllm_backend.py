@@ -34,6 +34,7 @@ from at2po.rollout.generator import (
     FINISH_STOP,
     Generation,
     SamplingParams,
+    context_limits,
     eos_token_set,
     register_backend,
 )
@@ -280,16 +281,7 @@ class VLLMGenerator:
         max_new_tokens: list[int] | None = None,
     ) -> list[Generation]:
         self._check_open()
-        if max_new_tokens is None:
-            limits = [params.max_new_tokens] * len(contexts)
-        else:
-            if len(max_new_tokens) != len(contexts):
-                raise ValueError(f"max_new_tokens has {len(max_new_tokens)} entries for {len(contexts)} contexts")
-            if any(m < 0 for m in max_new_tokens):
-                raise ValueError("max_new_tokens entries must be >= 0")
-            limits = list(max_new_tokens)
-        if any(len(c) == 0 for c in contexts):
-            raise ValueError("every context must contain at least one token")
+        limits = context_limits(contexts, params, max_new_tokens)
         if not params.greedy:
             if self.logprobs_mode == "raw_logprobs" and params.temperature != 1.0:
                 raise ValueError(f"this vllm generator was built for temperature 1, not {params.temperature}")
