@@ -36,6 +36,36 @@ def load_script(relative: str):
     return module
 
 
+class StatelessGenerator:
+    """Base of test generators that hold no weights and no random state: the trainer's calls to
+    ``load_weights`` and ``get/set_rng_state`` (the Generator protocol) do nothing."""
+
+    def load_weights(self, model):
+        pass
+
+    def get_rng_state(self):
+        return None
+
+    def set_rng_state(self, state):
+        pass
+
+
+class SearchThenAnswer(StatelessGenerator):
+    """A generator whose every trajectory searches once ("Zorbex"), then answers "Mila Tarn" after
+    the observation."""
+
+    def __init__(self, tokenizer):
+        self.eos_token_id = tokenizer.eos_token_id
+        self.end_of_result = tokenizer.convert_tokens_to_ids("</result>")
+        self.turns = [tokenizer.encode(t, add_special_tokens=False) for t in (
+            "<think> look </think> <search> Zorbex </search>",
+            "<think> ok </think> <answer> The final answer is \\[ \\boxed{Mila Tarn} \\] </answer>")]
+
+    def generate(self, contexts, params, max_new_tokens=None):
+        turns = [self.turns[int(c[-1] == self.end_of_result)] for c in contexts]
+        return [Generation(list(t), [-1.0] * len(t), "stop") for t in turns]
+
+
 # -- a scripted generator and tool: pin a rollout's shape exactly (the real path is tested too) --
 class ScriptedGenerator:
     """Answers each context with script(context_text, n_results_seen, call_index) -> (text, logprob).

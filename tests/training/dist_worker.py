@@ -18,13 +18,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest helpers
 
-from conftest import ANSWER, SEARCH, make_run_cfg  # noqa: E402
+from conftest import ANSWER, SEARCH, StatelessGenerator, make_run_cfg  # noqa: E402
 
 from at2po.rollout.generator import Generation  # noqa: E402
 from at2po.training.trainer import Trainer  # noqa: E402
 
 
-class ContextKeyedGenerator:
+class ContextKeyedGenerator(StatelessGenerator):
     """Scripted turns that depend only on the context and how often it was asked before, so that
     any split of the prompts over processes yields the same rollouts."""
 
@@ -45,15 +45,6 @@ class ContextKeyedGenerator:
             out.append(Generation(ids if stop else ids + [self.eos_token_id], [-1.0] * (len(ids) + (not stop)),
                                   "stop" if stop else "eos", stop))
         return out
-
-    def load_weights(self, model):
-        pass
-
-    def get_rng_state(self):
-        return None
-
-    def set_rng_state(self, state):
-        pass
 
 
 def record_reductions(trainer: Trainer, path: Path) -> None:

@@ -10,11 +10,10 @@ import socket
 import pytest
 import torch
 
-from at2po.rollout.generator import Generation
 from at2po.tools.base import Tool, ToolResult
 from at2po.tools.health import ToolServiceError
 from at2po.training.trainer import Trainer, read_metrics
-from conftest import make_run_cfg, tiny_search_qa_assets
+from conftest import SearchThenAnswer, make_run_cfg, tiny_search_qa_assets
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -56,33 +55,9 @@ def test_an_unreachable_retriever_stops_training_at_start(assets, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-class SearchesOnce:
-    """A generator whose every trajectory searches once, then answers after the observation."""
-
-    def __init__(self, tokenizer):
-        self.eos_token_id = tokenizer.eos_token_id
-        self.end_of_result = tokenizer.convert_tokens_to_ids("</result>")
-        self.turns = [tokenizer.encode(t, add_special_tokens=False) for t in (
-            "<think> look </think> <search> Zorbex </search>",
-            "<think> ok </think> <answer> The final answer is \\[ \\boxed{Mila Tarn} \\] </answer>")]
-
-    def generate(self, contexts, params, max_new_tokens=None):
-        turns = [self.turns[int(c[-1] == self.end_of_result)] for c in contexts]
-        return [Generation(list(t), [-1.0] * len(t), "stop") for t in turns]
-
-    def load_weights(self, model):
-        pass
-
-    def get_rng_state(self):
-        return None
-
-    def set_rng_state(self, state):
-        pass
-
-
 def searching_trainer(cfg, tool):
     trainer = Trainer(cfg, tools=[tool])
-    trainer.engine.generator = trainer.generator = SearchesOnce(trainer.tokenizer)
+    trainer.engine.generator = trainer.generator = SearchThenAnswer(trainer.tokenizer)
     return trainer
 
 

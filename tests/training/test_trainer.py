@@ -19,7 +19,7 @@ from at2po.tools.base import TOOLS, Tool, ToolResult, register_tool
 from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.training.distributed import combine
 from at2po.training.trainer import Trainer, build_train_batch, latest_checkpoint, response_log_probs
-from conftest import hand_credit, make_run_cfg, write_search_qa_files
+from conftest import SearchThenAnswer, StatelessGenerator, hand_credit, make_run_cfg, write_search_qa_files
 
 CORPUS = [
     "Zorbex was founded by Mila Tarn.",
@@ -124,7 +124,7 @@ class AlwaysFails(Tool):
 FAILED_SEARCH = format_observation("search failed: ConnectionError: retriever is on fire")
 
 
-class GarbageGenerator:
+class GarbageGenerator(StatelessGenerator):
     """Random ids (any byte pieces, broken UTF-8, tags in odd places) with random log-probs."""
 
     def __init__(self, vocab, eos):
@@ -137,33 +137,6 @@ class GarbageGenerator:
             n = int(self.rng.integers(0, lim + 1))
             ids = self.rng.integers(0, self.vocab, n).tolist()
             out.append(Generation(ids, (-self.rng.random(n) * 5).tolist(), "length"))
-        return out
-
-    def load_weights(self, model):
-        pass
-
-    def get_rng_state(self):
-        return None
-
-    def set_rng_state(self, state):
-        pass
-
-
-class SearchThenAnswer(GarbageGenerator):
-    """Every trajectory searches once (a well-formed call), then answers after the observation."""
-
-    def __init__(self, tokenizer):
-        super().__init__(len(tokenizer), tokenizer.eos_token_id)
-        self.end_of_result = tokenizer.convert_tokens_to_ids("</result>")
-        self.turns = [tokenizer.encode(t, add_special_tokens=False) for t in (
-            "<think> look it up </think> <search> Zorbex </search>",
-            "<think> no luck </think> <answer> The final answer is \\[ \\boxed{Mila Tarn} \\] </answer>")]
-
-    def generate(self, contexts, params, max_new_tokens=None):
-        out = []
-        for ctx in contexts:
-            ids = self.turns[int(ctx[-1] == self.end_of_result)]  # right after an observation: answer
-            out.append(Generation(list(ids), [-1.0] * len(ids), "stop"))
         return out
 
 
