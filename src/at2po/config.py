@@ -166,14 +166,14 @@ class RolloutConfig:
     top_p: float = 1.0
     tool_workers: int = 8  # threads running one turn's tool calls
     tool_timeout: float = 30.0  # seconds per tool call
-    schedule: str = "async"  # "async": each tree starts its next phase as soon as its own is done; "sync": all wait
+    schedule: str = "async"  # "async": each tree starts its next phase as soon as its own is done; "sync": all wait; "stream": requests one by one (vllm)
     seed: int = 0
     backend: str = "hf"  # generator backend (at2po.rollout.generator.GENERATOR_BACKENDS): hf | vllm
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # settings of the vllm backend
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("async", "sync"):
-            raise ValueError(f"rollout.schedule={self.schedule!r} is not one of async, sync")
+        if self.schedule not in ("async", "sync", "stream"):
+            raise ValueError(f"rollout.schedule={self.schedule!r} is not one of async, sync, stream")
         for name in ("n_initial", "max_turns", "chunk_tokens", "max_response_tokens", "tool_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"rollout.{name} must be >= 1, got {getattr(self, name)}")

@@ -14,6 +14,7 @@ self-description (``AgentProtocol``): it runs any task with any registered tools
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -32,9 +33,16 @@ from at2po.agent import (
 from at2po.algorithms.expansion import select_from_tree
 from at2po.algorithms.tree import ACTIVE, FAILED, LEAF, LeafSequence, TurnTree
 from at2po.config import RolloutConfig
-from at2po.rollout.generator import FINISH_LENGTH, FINISH_STOP, Generator, SamplingParams
+from at2po.rollout.generator import (
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Generation,
+    Generator,
+    SamplingParams,
+    StreamingGenerator,
+)
 from at2po.tasks.base import Sample, Score, Task
-from at2po.tools.base import Tool, run_tool_calls
+from at2po.tools.base import Tool, ToolCallPool, ToolResult, run_tool_calls
 
 
 @dataclass
@@ -101,6 +109,27 @@ class _Open:
     tool_calls: int  # tool calls made on the path so far
     turns: int  # turns on the path so far (the continued turn included)
     node: int = -1  # the turn being continued after a call stopped on its chunk size
+    # Where the batched schedules put this request: (phase, request number j of the trajectory,
+    # then, newest first, 1 for each earlier request whose result waited on a tool (0 if not),
+    # then the slot in the phase). Batched calls create a tree's nodes in exactly this order (a
+    # call keeps its trajectories' order and puts those back from a tool after the others), so
+    # sorting by it gives every schedule the same node numbering; it also names the request.
+    order: tuple[int, ...] = (0, 0, 0)
+
+    def then(self, group: int) -> tuple[int, ...]:
+        """The order of this trajectory's next request (group 1: it came back from a tool)."""
+        return (self.order[0], self.order[1] + 1, group, *self.order[2:])
+
+
+@dataclass
+class _Call:
+    """A tool call waiting for its result: the trajectory and the turn that made it."""
+
+    open: _Open
+    node: int
+    turns: int
+    tool: Tool
+    query: str
 
 
 class TreeRolloutEngine:
@@ -134,6 +163,7 @@ class TreeRolloutEngine:
 
     def rollout(self, prompts: Sequence[Prompt], *, greedy: bool = False, config: RolloutConfig | None = None) -> RolloutResult:
         cfg = config or self.config
+        self._check_schedule(cfg)
         params = SamplingParams(
             temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.chunk_tokens,
             stop=self.protocol.stop_strings, greedy=greedy,
@@ -142,31 +172,15 @@ class TreeRolloutEngine:
         stats = [TreeStats() for _ in prompts]
         self._calls = 0
         self._seconds = {"generate": 0.0, "tools": 0.0}
+        self._new_nodes: list[dict[int, tuple[int, ...]]] = [{} for _ in trees]  # node -> order, this phase
         start = time.perf_counter()
-
-        phase = [0] * len(trees)  # 0 = initial chains, r = expansion round r
-        opened = [_Open(t, 0, [], 0, 0) for t in range(len(trees)) for _ in range(cfg.n_initial)]
-        while True:
-            # A tree whose current phase is over starts its next one right away (schedule
-            # "async"), or only once every tree is done with the phase (schedule "sync", the
-            # authors' barrier). Either way a tree's selection sees exactly its finished phase.
-            busy = {o.tree for o in opened}
-            ready = [t for t in range(len(trees)) if t not in busy and phase[t] < cfg.expansion_rounds]
-            if cfg.schedule == "sync" and busy:
-                ready = []
-            for t in ready:
-                stats[t].phase_end_seconds.append(time.perf_counter() - start)
-                opened += self._expand(trees[t], t, cfg)
-                phase[t] += 1
-            if not opened:
-                if any(p < cfg.expansion_rounds for p in phase):
-                    continue  # trees whose selection found no candidate move on to their next round
-                break
-            if self.progress is not None:
-                self.progress(f"phase {min(phase)}-{max(phase)}", self._calls + 1, len(opened))
-            opened = self._advance(trees, stats, opened, params, cfg)
+        if cfg.schedule == "stream":
+            self._run_stream(trees, stats, params, cfg, start)
+        else:
+            self._run_batched(trees, stats, params, cfg, start)
         end = time.perf_counter() - start
-        for st in stats:
+        for t, st in enumerate(stats):
+            self._phase_over(trees[t], t)
             st.phase_end_seconds.append(end)
 
         t0 = time.perf_counter()
@@ -180,112 +194,246 @@ class TreeRolloutEngine:
         val = RolloutConfig(**{**cfg.__dict__, "n_initial": 1, "expansion_rounds": 0, "samples_per_tree": 1})
         return self.rollout(prompts, greedy=True, config=val)
 
+    def _check_schedule(self, cfg: RolloutConfig) -> None:
+        if cfg.schedule == "stream" and not isinstance(self.generator, StreamingGenerator):
+            raise ValueError(f"rollout.schedule=stream needs a backend that streams requests (rollout.backend=vllm); "
+                             f"{type(self.generator).__name__} does not: set rollout.schedule=async")
+
+    # -- schedules ----------------------------------------------------------------------------
+    def _run_batched(self, trees, stats, params, cfg, start) -> None:
+        """Schedules "async" and "sync": every generation call batches the next chunk of every
+        open trajectory, then the turns that ended in a tool call run their calls together."""
+        phase = [0] * len(trees)  # 0 = initial chains, r = expansion round r
+        opened = [_Open(t, 0, [], 0, 0, order=(0, 0, i)) for t in range(len(trees)) for i in range(cfg.n_initial)]
+        while True:
+            # A tree whose current phase is over starts its next one right away (schedule
+            # "async"), or only once every tree is done with the phase (schedule "sync", the
+            # authors' barrier). Either way a tree's selection sees exactly its finished phase.
+            busy = {o.tree for o in opened}
+            ready = [t for t in range(len(trees)) if t not in busy and phase[t] < cfg.expansion_rounds]
+            if cfg.schedule == "sync" and busy:
+                ready = []
+            for t in ready:
+                self._phase_over(trees[t], t)
+                stats[t].phase_end_seconds.append(time.perf_counter() - start)
+                phase[t] += 1
+                opened += self._expand(trees[t], t, cfg, self.rng, phase[t])
+            if not opened:
+                if any(p < cfg.expansion_rounds for p in phase):
+                    continue  # trees whose selection found no candidate move on to their next round
+                break
+            if self.progress is not None:
+                self.progress(f"phase {min(phase)}-{max(phase)}", self._calls + 1, len(opened))
+            opened = self._advance(trees, stats, opened, params, cfg)
+
+    def _run_stream(self, trees, stats, params, cfg, start) -> None:
+        """Schedule "stream": each request goes to the engine on its own. A turn's result is
+        handled as soon as the engine returns it: its tool call starts at once (in the
+        background) and the trajectory's next turn is submitted when the tool returns, while the
+        other requests keep decoding; a tree's expansions are submitted the moment its phase is
+        over. The engine is stepped while it has work; when it has none, the loop waits for the
+        first tool call to finish.
+
+        Nothing random depends on that timing: each request's sampling seed comes from one draw
+        of the generator's RNG per rollout and the request's place in its tree (``_Open.order``),
+        each tree draws its random expansions from its own RNG, and pruning happens after the
+        rollout, tree by tree, as in the other schedules."""
+        gen = self.generator
+        base = gen.draw_seed()
+        rngs = [np.random.default_rng([base, 0, t]) for t in range(len(trees))]
+        pool = ToolCallPool(cfg.tool_workers, cfg.tool_timeout)
+        phase = [0] * len(trees)
+        in_flight = [0] * len(trees)  # trajectories generating or waiting for a tool, per tree
+        finished = [False] * len(trees)
+        requests: dict[int, tuple[_Open, list[int], int]] = {}
+        keys = itertools.count()
+
+        def submit(o: _Open) -> None:
+            request = self._request(trees, o, cfg)
+            if request is None:
+                in_flight[o.tree] -= 1
+                return
+            key = next(keys)
+            requests[key] = (o, *request)
+            seed = int(np.random.SeedSequence([base, 1, o.tree, *o.order]).generate_state(1, np.uint64)[0] >> 2)
+            gen.submit(key, request[0], params, min(cfg.chunk_tokens, request[1]), seed=seed)
+
+        def start_phase(t: int, opens: list[_Open]) -> None:
+            in_flight[t] += len(opens)
+            for o in opens:
+                submit(o)
+
+        for t in range(len(trees)):
+            start_phase(t, [_Open(t, 0, [], 0, 0, order=(0, 0, i)) for i in range(cfg.n_initial)])
+        while True:
+            for t in range(len(trees)):
+                while not finished[t] and in_flight[t] == 0:  # the tree's phase is over
+                    if phase[t] == cfg.expansion_rounds:
+                        finished[t] = True
+                        break
+                    self._phase_over(trees[t], t)
+                    stats[t].phase_end_seconds.append(time.perf_counter() - start)
+                    phase[t] += 1
+                    start_phase(t, self._expand(trees[t], t, cfg, rngs[t], phase[t]))
+            results: list[tuple[_Call, ToolResult]] = []
+            if gen.unfinished():
+                t0 = time.perf_counter()
+                done = gen.step()
+                self._seconds["generate"] += time.perf_counter() - t0
+                self._calls += 1
+                for key, g in done:
+                    o, ctx, budget = requests.pop(key)
+                    nxt, call = self._take_generation(trees, stats, o, ctx, g, budget, cfg)
+                    if nxt is not None:
+                        submit(nxt)
+                    elif call is not None:
+                        pool.submit(call, call.tool, call.query)
+                    else:
+                        in_flight[o.tree] -= 1
+                if done and self.progress is not None:
+                    self.progress(f"phase {min(phase)}-{max(phase)}", self._calls, gen.unfinished() + pool.pending)
+                if pool.pending:
+                    results = pool.wait(0)
+            elif pool.pending:
+                t0 = time.perf_counter()
+                results = pool.wait()
+                self._seconds["tools"] += time.perf_counter() - t0
+            else:
+                break  # nothing generating, no tool running, every tree past its last phase
+            for call, res in results:
+                submit(self._take_tool_result(trees, stats, call, res))
+
     # -- phases -------------------------------------------------------------------------------
-    def _expand(self, tree: TurnTree, t: int, cfg: RolloutConfig) -> list[_Open]:
+    def _expand(self, tree: TurnTree, t: int, cfg: RolloutConfig, rng: np.random.Generator, phase: int) -> list[_Open]:
         """Siblings of the K selected turns (docs/method.md §2): each starts from exactly the turn's state."""
         opened = []
-        for n in select_from_tree(tree, cfg.top_k, alpha=cfg.alpha, mode=cfg.expansion_mode, rng=self.rng,
-                                  include_root=cfg.root_fallback):
+        for slot, n in enumerate(select_from_tree(tree, cfg.top_k, alpha=cfg.alpha, mode=cfg.expansion_mode, rng=rng,
+                                                  include_root=cfg.root_fallback)):
             if n == 0:  # the root's "sibling" (the authors' fallback): a fresh chain
-                opened.append(_Open(t, 0, [], 0, 0))
+                opened.append(_Open(t, 0, [], 0, 0, order=(phase, 0, slot)))
                 continue
             node = tree.nodes[n]
             # Same parent, same observation, same tool-call count (not the authors' count − 1).
-            opened.append(_Open(t, node.parent, list(node.obs_ids), node.tool_calls_at_start, tree.depth(n) - 1))
+            opened.append(_Open(t, node.parent, list(node.obs_ids), node.tool_calls_at_start, tree.depth(n) - 1,
+                                order=(phase, 0, slot)))
         return opened
+
+    def _phase_over(self, tree: TurnTree, t: int) -> None:
+        """Number the nodes the tree's finished phase added by their request order (see
+        ``_Open.order``), whatever order they were created in: node numbers decide ties in the
+        expansion selection and which leaves pruning draws, and must not depend on timing."""
+        new = self._new_nodes[t]
+        if new:
+            first = min(new)
+            tree.nodes[first:] = sorted(tree.nodes[first:], key=lambda n: new[n.index])
+            renumber = {n.index: i for i, n in enumerate(tree.nodes)}
+            for n in tree.nodes:
+                n.index = renumber[n.index]
+                n.parent = renumber[n.parent] if n.parent >= 0 else -1
+                n.children = sorted(renumber[c] for c in n.children)
+            new.clear()
+
+    def _request(self, trees, o: _Open, cfg) -> tuple[list[int], int] | None:
+        """The context of an open trajectory's next request and its response budget (>= 1), or
+        None when the trajectory cannot take a turn."""
+        tree = trees[o.tree]
+        ctx = tree.full_ids(o.node) if o.node >= 0 else tree.full_ids(o.parent) + o.obs_ids
+        budget = cfg.max_response_tokens - (len(ctx) - len(tree.prompt_ids))
+        # A trajectory whose observation already used up the response budget cannot take a turn:
+        # it ends on its previous node, which becomes a failed leaf. (A re-sampled sibling starts
+        # from a state that once had budget, so only continuing chains get here.)
+        if budget < 1 and o.node < 0 and o.parent > 0 and not tree.nodes[o.parent].children:
+            node = tree.nodes[o.parent]
+            node.status = FAILED
+            node.info["end"] = "response budget exhausted by the observation"
+            return None
+        return ctx, max(budget, 1)
 
     def _advance(self, trees, stats, opened: list[_Open], params, cfg) -> list[_Open]:
         """Generate the next chunk of every open trajectory's turn, run the tool calls of the turns
         that ended in one, and return what stays open."""
-        contexts = [trees[o.tree].full_ids(o.node) if o.node >= 0 else trees[o.tree].full_ids(o.parent) + o.obs_ids
-                    for o in opened]
-        budgets = [cfg.max_response_tokens - (len(c) - len(trees[o.tree].prompt_ids)) for o, c in zip(opened, contexts)]
-
-        # A trajectory whose observation already used up the response budget cannot take a turn:
-        # it ends on its previous node, which becomes a failed leaf. (A re-sampled sibling starts
-        # from a state that once had budget, so only continuing chains get here.)
-        live = []
-        for o, ctx, b in zip(opened, contexts, budgets):
-            if b < 1 and o.node < 0 and o.parent > 0 and not trees[o.tree].nodes[o.parent].children:
-                node = trees[o.tree].nodes[o.parent]
-                node.status = FAILED
-                node.info["end"] = "response budget exhausted by the observation"
-            else:
-                live.append((o, ctx, max(b, 1)))
+        live = [(o, *r) for o in opened if (r := self._request(trees, o, cfg)) is not None]
         if not live:
             return []
-        opened = [o for o, _, _ in live]
-        contexts = [c for _, c, _ in live]
-        budgets = [b for _, _, b in live]
-        limits = [min(cfg.chunk_tokens, b) for b in budgets]
-
         t0 = time.perf_counter()
-        gens = self.generator.generate(contexts, params, max_new_tokens=limits)
+        gens = self.generator.generate([ctx for _, ctx, _ in live], params,
+                                       max_new_tokens=[min(cfg.chunk_tokens, b) for _, _, b in live])
         self._seconds["generate"] += time.perf_counter() - t0
         self._calls += 1
 
         next_open: list[_Open] = []
-        calls: list[tuple[Tool, str]] = []
-        call_slots: list[tuple[_Open, int, int]] = []  # (trajectory, node, its turn count) awaiting a tool result
-        for o, ctx, gen, budget in zip(opened, contexts, gens, budgets):
-            tree, st = trees[o.tree], stats[o.tree]
-            st.generated_tokens += len(gen.token_ids)
-            st.prefill_tokens += len(ctx)
-            if o.node >= 0:
-                node, turns = o.node, o.turns
-                tree.extend_turn(node, gen.token_ids, gen.logprobs)
-            else:
-                node, turns = tree.add_turn(o.parent, obs_ids=o.obs_ids, gen_ids=gen.token_ids, gen_logprobs=gen.logprobs,
-                                            tool_calls_at_start=o.tool_calls), o.turns + 1
-            st.depth = max(st.depth, turns)
-            if gen.finish_reason == FINISH_LENGTH and 0 < len(gen.token_ids) < budget:
-                # The call stopped on its chunk size, not on the response budget: the same turn
-                # goes on in the next call (the authors have no per-turn cap). An empty one (the
-                # context already fills the backend's model length) cannot go on: the turn ends.
-                next_open.append(_Open(o.tree, o.parent, o.obs_ids, o.tool_calls, turns, node=node))
-                continue
-            # The whole turn decides; a turn that stopped on a tool's closing tag is that tool call.
-            text = decode_ids(self.tokenizer, tree.nodes[node].gen_ids)
-            action = self.protocol.parse(text, stop=gen.stop_string if gen.finish_reason == FINISH_STOP else None)
-            info = {"finish": gen.finish_reason, "action": action.kind}
-            is_call = gen.finish_reason == FINISH_STOP and action.kind in self.tools
-            if not is_call:
-                status = LEAF
-                info["end"] = action.kind if action.kind == "answer" else gen.finish_reason
-            elif turns >= cfg.max_turns:
-                status = FAILED
-                info["end"] = f"turn limit ({cfg.max_turns}) reached"
-            else:
-                status = ACTIVE
-            tree.nodes[node].status = status
-            tree.nodes[node].info.update(info)
-            if status != ACTIVE:
-                continue
-            if o.tool_calls >= cfg.max_tool_calls:
-                st.limit_notices += 1
-                next_open.append(_Open(o.tree, node, list(self._limit_notice_ids), o.tool_calls, turns))
-                continue
-            st.tool_calls += 1
-            if action.error is not None:
-                st.tool_failures += 1
-                obs = encode_observation(self.tokenizer, format_error_observation(action.error))
-                next_open.append(_Open(o.tree, node, obs, o.tool_calls + 1, turns))
-                continue
-            calls.append((self.tools[action.kind], action.query))
-            call_slots.append((o, node, turns))
-
+        calls: list[_Call] = []
+        for (o, ctx, budget), gen in zip(live, gens):
+            nxt, call = self._take_generation(trees, stats, o, ctx, gen, budget, cfg)
+            if nxt is not None:
+                next_open.append(nxt)
+            if call is not None:
+                calls.append(call)
         if calls:
             t0 = time.perf_counter()
-            results = run_tool_calls(calls, max_workers=cfg.tool_workers, timeout=cfg.tool_timeout)
+            results = run_tool_calls([(c.tool, c.query) for c in calls], max_workers=cfg.tool_workers,
+                                     timeout=cfg.tool_timeout)
             self._seconds["tools"] += time.perf_counter() - t0
-            for (o, node, turns), res in zip(call_slots, results):
-                if not res.ok:
-                    stats[o.tree].tool_failures += 1
-                    stats[o.tree].tool_infra_failures += int(res.infra)
-                trees[o.tree].nodes[node].info["tool_ok"] = res.ok
-                obs = encode_observation(self.tokenizer, format_observation(res.text))
-                next_open.append(_Open(o.tree, node, obs, o.tool_calls + 1, turns))
+            next_open += [self._take_tool_result(trees, stats, c, res) for c, res in zip(calls, results)]
         return next_open
+
+    def _take_generation(self, trees, stats, o: _Open, ctx: list[int], gen: Generation, budget: int,
+                         cfg) -> tuple[_Open | None, _Call | None]:
+        """Add one generation to its tree and decide what follows: the same turn's next chunk, a
+        next turn that needs no tool (limit notice, malformed call), a tool call, or nothing
+        (the trajectory ended). Returns (next open trajectory, tool call); at most one is set."""
+        tree, st = trees[o.tree], stats[o.tree]
+        st.generated_tokens += len(gen.token_ids)
+        st.prefill_tokens += len(ctx)
+        if o.node >= 0:
+            node, turns = o.node, o.turns
+            tree.extend_turn(node, gen.token_ids, gen.logprobs)
+        else:
+            node, turns = tree.add_turn(o.parent, obs_ids=o.obs_ids, gen_ids=gen.token_ids, gen_logprobs=gen.logprobs,
+                                        tool_calls_at_start=o.tool_calls), o.turns + 1
+            self._new_nodes[o.tree][node] = o.order
+        st.depth = max(st.depth, turns)
+        if gen.finish_reason == FINISH_LENGTH and 0 < len(gen.token_ids) < budget:
+            # The call stopped on its chunk size, not on the response budget: the same turn
+            # goes on in the next call (the authors have no per-turn cap). An empty one (the
+            # context already fills the backend's model length) cannot go on: the turn ends.
+            return _Open(o.tree, o.parent, o.obs_ids, o.tool_calls, turns, node=node, order=o.then(0)), None
+        # The whole turn decides; a turn that stopped on a tool's closing tag is that tool call.
+        text = decode_ids(self.tokenizer, tree.nodes[node].gen_ids)
+        action = self.protocol.parse(text, stop=gen.stop_string if gen.finish_reason == FINISH_STOP else None)
+        info = {"finish": gen.finish_reason, "action": action.kind}
+        is_call = gen.finish_reason == FINISH_STOP and action.kind in self.tools
+        if not is_call:
+            status = LEAF
+            info["end"] = action.kind if action.kind == "answer" else gen.finish_reason
+        elif turns >= cfg.max_turns:
+            status = FAILED
+            info["end"] = f"turn limit ({cfg.max_turns}) reached"
+        else:
+            status = ACTIVE
+        tree.nodes[node].status = status
+        tree.nodes[node].info.update(info)
+        if status != ACTIVE:
+            return None, None
+        if o.tool_calls >= cfg.max_tool_calls:
+            st.limit_notices += 1
+            return _Open(o.tree, node, list(self._limit_notice_ids), o.tool_calls, turns, order=o.then(0)), None
+        st.tool_calls += 1
+        if action.error is not None:
+            st.tool_failures += 1
+            obs = encode_observation(self.tokenizer, format_error_observation(action.error))
+            return _Open(o.tree, node, obs, o.tool_calls + 1, turns, order=o.then(0)), None
+        return None, _Call(o, node, turns, self.tools[action.kind], action.query)
+
+    def _take_tool_result(self, trees, stats, call: _Call, res: ToolResult) -> _Open:
+        """The trajectory's next turn, after its tool call returned (or failed)."""
+        o = call.open
+        if not res.ok:
+            stats[o.tree].tool_failures += 1
+            stats[o.tree].tool_infra_failures += int(res.infra)
+        trees[o.tree].nodes[call.node].info["tool_ok"] = res.ok
+        obs = encode_observation(self.tokenizer, format_observation(res.text))
+        return _Open(o.tree, call.node, obs, o.tool_calls + 1, call.turns, order=o.then(1))
 
     # -- leaves -> rows -----------------------------------------------------------------------
     def _collect(self, trees, stats, prompts, cfg) -> list[LeafRow]:

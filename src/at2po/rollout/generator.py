@@ -110,6 +110,31 @@ class Generator(Protocol):
     def set_rng_state(self, state: object) -> None: ...
 
 
+@runtime_checkable
+class StreamingGenerator(Protocol):
+    """What a backend adds to :class:`Generator` to serve ``rollout.schedule=stream``: requests
+    go to a running engine one at a time and come back as they finish, so the rollout engine can
+    submit a trajectory's next turn while other requests are still decoding.
+
+    ``submit(key, context, params, max_new_tokens, seed)`` queues one request (``key`` is the
+    caller's, returned with the result; ``seed`` makes its sampling independent of what else
+    runs). ``step()`` advances the engine by one batch and returns the ``(key, Generation)`` pairs
+    that finished, with the same post-processing as ``generate``. ``unfinished()`` counts the
+    requests submitted and not yet returned. ``draw_seed()`` takes one seed from the generator's
+    RNG (whose state ``get_rng_state`` saves), from which a rollout derives its requests' seeds.
+    The ``hf`` backend does not stream.
+    """
+
+    def draw_seed(self) -> int: ...
+
+    def submit(self, key: Any, context: list[int], params: SamplingParams, max_new_tokens: int,
+               seed: int | None = None) -> None: ...
+
+    def step(self) -> list[tuple[Any, Generation]]: ...
+
+    def unfinished(self) -> int: ...
+
+
 # -- backends by name (``rollout.backend``) ------------------------------------------------------------
 GeneratorBuilder = Callable[..., Generator]
 GENERATOR_BACKENDS: dict[str, GeneratorBuilder] = {}

@@ -149,7 +149,11 @@ class VLLMGenerator:
     Sampling randomness: every request carries its own seed, drawn from a ``torch.Generator``
     seeded at construction, so outputs do not depend on batch composition or on the trainer's
     global RNG, and ``get_rng_state``/``set_rng_state`` make a resumed run sample what the
-    uninterrupted one would have.
+    uninterrupted one would have. A streamed request (``submit``) may bring its own seed.
+
+    Streaming (``rollout.schedule=stream``): ``submit`` adds one request to the running engine,
+    ``step`` runs one engine step and returns the requests that finished. ``generate`` is the
+    same path (submit every context, step until all are back), so both post-process alike.
     """
 
     def __init__(
@@ -181,6 +185,9 @@ class VLLMGenerator:
         self._rng = torch.Generator().manual_seed(seed)
         self.options = options
         self._asleep = False
+        self._requests: dict[str, Any] = {}  # vLLM request id -> the caller's key, for requests in flight
+        self._done: list[tuple[Any, Generation]] = []  # finished without running (no room left)
+        self._next_request = 0
 
         on_gpu = torch.cuda.is_available()
         if options.enable_sleep_mode and not on_gpu:
@@ -225,6 +232,9 @@ class VLLMGenerator:
         with _keep_process_state(), _hide_modules_vllm_cannot_scan():
             self.llm = vllm.LLM(model=self._dir.name, tokenizer=self._dir.name, **engine_args)
         self._vllm = vllm
+        from vllm.sampling_params import RequestOutputKind
+
+        self._final_only = RequestOutputKind.FINAL_ONLY
         self.closed = False
         _live = weakref.ref(self)
         self.load_weights(model)
@@ -252,6 +262,7 @@ class VLLMGenerator:
         """Copy the weights of ``model`` into the engine, in memory: a plain or wrapped (DDP,
         Accelerate) module, or (name, full tensor) pairs under the Hugging Face names. The prefix
         cache is dropped, since its KV entries came from the old weights."""
+        self._check_idle("load_weights")
         if self._asleep:
             self.llm.wake_up(tags=["weights"])
         weights = named_weights(model)
@@ -281,19 +292,13 @@ class VLLMGenerator:
         max_new_tokens: list[int] | None = None,
     ) -> list[Generation]:
         self._check_open()
+        self._check_idle("generate")
         limits = context_limits(contexts, params, max_new_tokens)
-        if not params.greedy:
-            if self.logprobs_mode == "raw_logprobs" and params.temperature != 1.0:
-                raise ValueError(f"this vllm generator was built for temperature 1, not {params.temperature}")
-            if self.logprobs_mode == "processed_logprobs" and params.top_p < 1.0:
-                raise ValueError(f"this vllm generator was built for top_p 1, not {params.top_p}")
-
+        self._check_sampling(params)
         results: list[Generation | None] = [None] * len(contexts)
         todo: list[int] = []
         for i, (ctx, limit) in enumerate(zip(contexts, limits)):
-            # vLLM rejects a request longer than max_model_len; like a response budget running
-            # out, a context with no room left ends as an empty "length" generation.
-            limits[i] = min(limit, self.max_model_len - len(ctx))
+            limits[i] = self._room(ctx, limit)
             if limits[i] <= 0:
                 results[i] = Generation([], [], FINISH_LENGTH)
             else:
@@ -301,16 +306,76 @@ class VLLMGenerator:
         if not todo:
             return results  # type: ignore[return-value]
 
-        self._wake()
         seeds = torch.randint(0, 2**62, (len(todo),), generator=self._rng).tolist()
-        requests = [self._vllm.inputs.TokensPrompt(prompt_token_ids=list(contexts[i])) for i in todo]
-        sampling = [self._sampling_params(params, limits[i], seed) for i, seed in zip(todo, seeds)]
-        outputs = self.llm.generate(requests, sampling, use_tqdm=False)
-        for i, out in zip(todo, outputs):
-            results[i] = self._to_generation(out.outputs[0])
+        for i, seed in zip(todo, seeds):
+            self._add(i, contexts[i], params, limits[i], seed)
+        while self._requests:
+            for i, gen in self.step():
+                results[i] = gen
         return results  # type: ignore[return-value]
 
+    # -- streaming (at2po.rollout.generator.StreamingGenerator, rollout.schedule=stream) -------
+    def submit(self, key: Any, context: list[int], params: SamplingParams, max_new_tokens: int,
+               seed: int | None = None) -> None:
+        """Queue one request in the running engine; ``step`` returns it with ``key`` once it is
+        done. ``seed`` (drawn from the generator's RNG when None) fixes its sampling whatever
+        else the engine runs alongside it."""
+        self._check_open()
+        limit = context_limits([context], params, [max_new_tokens])[0]
+        self._check_sampling(params)
+        limit = self._room(context, limit)
+        if limit <= 0:
+            self._done.append((key, Generation([], [], FINISH_LENGTH)))
+            return
+        self._add(key, context, params, limit, self.draw_seed() if seed is None else seed)
+
+    def draw_seed(self) -> int:
+        """One seed from the generator's RNG (e.g. for a rollout to derive its requests' seeds)."""
+        return int(torch.randint(0, 2**62, (1,), generator=self._rng))
+
+    def step(self) -> list[tuple[Any, Generation]]:
+        """Run one engine step (one batch over every request in flight) and return the requests
+        that finished, as (key, Generation), in the engine's order."""
+        self._check_open()
+        done, self._done = self._done, []
+        if self._requests:
+            for out in self.llm.llm_engine.step():
+                if out.finished:
+                    done.append((self._requests.pop(out.request_id), self._to_generation(out.outputs[0])))
+        return done
+
+    def unfinished(self) -> int:
+        """Requests submitted and not yet returned by ``step``."""
+        return len(self._requests) + len(self._done)
+
     # -- helpers ------------------------------------------------------------------------------
+    def _check_idle(self, what: str) -> None:
+        if self.unfinished():
+            raise RuntimeError(f"{what} while {self.unfinished()} streamed requests are in flight: step() them "
+                               "to completion first")
+
+    def _check_sampling(self, params: SamplingParams) -> None:
+        if not params.greedy:
+            if self.logprobs_mode == "raw_logprobs" and params.temperature != 1.0:
+                raise ValueError(f"this vllm generator was built for temperature 1, not {params.temperature}")
+            if self.logprobs_mode == "processed_logprobs" and params.top_p < 1.0:
+                raise ValueError(f"this vllm generator was built for top_p 1, not {params.top_p}")
+
+    def _room(self, context: list[int], limit: int) -> int:
+        # vLLM rejects a request longer than max_model_len; like a response budget running
+        # out, a context with no room left ends as an empty "length" generation.
+        return min(limit, self.max_model_len - len(context))
+
+    def _add(self, key: Any, context: list[int], params: SamplingParams, limit: int, seed: int) -> None:
+        self._wake()
+        request_id = f"at2po-{self._next_request}"
+        self._next_request += 1
+        sampling = self._sampling_params(params, limit, seed)
+        sampling.output_kind = self._final_only  # one output per request, once it is finished
+        self.llm.llm_engine.add_request(request_id, self._vllm.inputs.TokensPrompt(prompt_token_ids=list(context)),
+                                        sampling)
+        self._requests[request_id] = key
+
     def _sampling_params(self, params: SamplingParams, limit: int, seed: int):
         return self._vllm.SamplingParams(
             n=1,

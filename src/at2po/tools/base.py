@@ -89,53 +89,97 @@ def _safe_call(tool: Callable[[str], ToolResult], query: str) -> ToolResult:
     return result
 
 
+class ToolCallPool:
+    """Runs tool calls in the background: at most ``max_workers`` at once, each with ``timeout``
+    seconds of wall clock from its start; calls beyond ``max_workers`` wait for a free slot.
+
+    A call that overruns is reported as timed out and abandoned: Python cannot kill a thread, so
+    it keeps running in a daemon thread and its late result is dropped. Abandoned calls free
+    their slot, so a stuck tool delays its caller by at most ``timeout`` and never blocks the
+    process from exiting. (A ThreadPoolExecutor would do neither: its workers stay occupied and
+    are joined at interpreter exit.) Failures come back as ``ToolResult(ok=False)``, never raised.
+
+    ``submit`` queues a call under a caller's key; ``wait`` returns the (key, result) pairs that
+    are done, so a caller can keep other work (e.g. a generation engine) going in between.
+    """
+
+    def __init__(self, max_workers: int = 8, timeout: float = 30.0) -> None:
+        if max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+        self.max_workers = max_workers
+        self.timeout = timeout
+        self._queued: list[tuple[Any, Tool, str]] = []
+        self._running: dict[int, tuple[Any, Tool, float]] = {}  # call id -> (key, tool, monotonic deadline)
+        self._finished: queue.Queue[tuple[int, ToolResult]] = queue.Queue()  # private to this pool
+        self._next_id = 0
+
+    def submit(self, key: Any, tool: Tool, query: str) -> None:
+        """Queue one call; it starts at the next ``wait`` with a free worker slot."""
+        self._queued.append((key, tool, query))
+
+    @property
+    def pending(self) -> int:
+        """Calls submitted and not yet returned by ``wait`` (queued or running)."""
+        return len(self._queued) + len(self._running)
+
+    def wait(self, timeout: float | None = None) -> list[tuple[Any, ToolResult]]:
+        """Start queued calls while slots are free, then wait until at least one call is done
+        (finished or timed out) or ``timeout`` seconds passed (None: no limit; 0: just look).
+        Returns every call done by then, in the order they finished."""
+        self._start_queued()
+        done: list[tuple[Any, ToolResult]] = []
+        if not self._running:
+            return done
+        until = None if timeout is None else time.monotonic() + timeout
+        while True:
+            deadline = min(d for _, _, d in self._running.values())
+            limit = deadline if until is None else min(deadline, until)
+            try:
+                self._take(*self._finished.get(timeout=max(0.0, limit - time.monotonic())), done)
+                while True:  # whatever else finished meanwhile
+                    self._take(*self._finished.get_nowait(), done)
+            except queue.Empty:
+                pass
+            now = time.monotonic()
+            for call_id, (key, tool, deadline) in list(self._running.items()):
+                if deadline <= now:
+                    del self._running[call_id]
+                    done.append((key, ToolResult(
+                        text=f"tool '{_tool_name(tool)}' timed out after {self.timeout:g}s", ok=False, error="timeout")))
+            self._start_queued()
+            if done or not self._running or (until is not None and now >= until):
+                return done
+
+    def _take(self, call_id: int, result: ToolResult, done: list) -> None:
+        if call_id in self._running:  # otherwise it already timed out; drop the late result
+            done.append((self._running.pop(call_id)[0], result))
+
+    def _start_queued(self) -> None:
+        while self._queued and len(self._running) < self.max_workers:
+            key, tool, query = self._queued.pop(0)
+            call_id, self._next_id = self._next_id, self._next_id + 1
+            self._running[call_id] = (key, tool, time.monotonic() + self.timeout)
+            threading.Thread(
+                target=self._worker, args=(call_id, tool, query), daemon=True,
+                name=f"tool-{_tool_name(tool)}-{call_id}",
+            ).start()
+
+    def _worker(self, call_id: int, tool: Tool, query: str) -> None:
+        self._finished.put((call_id, _safe_call(tool, query)))
+
+
 def run_tool_calls(
     calls: list[tuple[Tool, str]], max_workers: int = 8, timeout: float = 30.0
 ) -> list[ToolResult]:
-    """Run one generation round's tool calls concurrently; results come back in input order.
-
-    At most ``max_workers`` calls run at once and each gets ``timeout`` seconds of wall clock
-    from its start. A call that overruns is reported as timed out and abandoned: Python
-    cannot kill a thread, so it keeps running in a daemon thread and its late result is
-    dropped. Abandoned calls free their slot, so a stuck tool delays the round by at most
-    ``timeout`` and never blocks the process from exiting. (A ThreadPoolExecutor would do
-    neither: its workers stay occupied and are joined at interpreter exit.)
-    """
-    if max_workers < 1:
-        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    """Run one generation round's tool calls concurrently (a :class:`ToolCallPool`, same
+    concurrency, timeout and failure handling) and return the results in input order."""
+    pool = ToolCallPool(max_workers, timeout)
+    for index, (tool, query) in enumerate(calls):
+        pool.submit(index, tool, query)
     results: list[ToolResult | None] = [None] * len(calls)
-    finished: queue.Queue[tuple[int, ToolResult]] = queue.Queue()  # private to this round
-    deadlines: dict[int, float] = {}  # running call index -> monotonic deadline
-    next_call = 0
-
-    def worker(index: int, tool: Tool, query: str) -> None:
-        finished.put((index, _safe_call(tool, query)))
-
-    while next_call < len(calls) or deadlines:
-        while next_call < len(calls) and len(deadlines) < max_workers:
-            tool, query = calls[next_call]
-            deadlines[next_call] = time.monotonic() + timeout
-            threading.Thread(
-                target=worker, args=(next_call, tool, query), daemon=True,
-                name=f"tool-{_tool_name(tool)}-{next_call}",
-            ).start()
-            next_call += 1
-        try:
-            wait = max(0.0, min(deadlines.values()) - time.monotonic())
-            index, result = finished.get(timeout=wait)
-            if index in deadlines:  # otherwise it already timed out; drop the late result
-                del deadlines[index]
-                results[index] = result
-        except queue.Empty:
-            pass
-        now = time.monotonic()
-        for index, deadline in list(deadlines.items()):
-            if deadline <= now:
-                del deadlines[index]
-                name = _tool_name(calls[index][0])
-                results[index] = ToolResult(
-                    text=f"tool '{name}' timed out after {timeout:g}s", ok=False, error="timeout"
-                )
+    while pool.pending:
+        for index, result in pool.wait():
+            results[index] = result
     return cast(list[ToolResult], results)  # every slot is filled by now
 
 
