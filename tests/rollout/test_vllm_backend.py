@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -356,3 +358,142 @@ def test_two_training_steps_with_the_vllm_backend(warm, tmp_path):
     # ... which are far from the warm start's the run began with.
     initial = fresh(warm[1], contexts, outs)
     assert max(abs(a - b) for o, i in zip(outs, initial) for a, b in zip(o.logprobs, i.tolist())) > 10 * LOGPROB_ATOL
+
+
+# -- streaming: requests one by one (rollout.schedule=stream) ----------------------------------
+def drain(gen, until=None):
+    """Step the engine until every streamed request is back (or ``until()`` holds): {key: Generation}."""
+    out = {}
+    while gen.unfinished() and not (until and until()):
+        for key, g in gen.step():
+            assert key not in out
+            out[key] = g
+    return out
+
+
+def test_streamed_requests_equal_generate(gen, model, tok, contexts):
+    """Requests submitted one by one, some while others decode, come back with the tokens,
+    log-probs and finish reasons ``generate`` gives the same requests (same seeds): stop strings
+    (kept), EOS, limits, and the empty "length" case of a context that fills the model."""
+    plain = gen.generate(contexts, SamplingParams(greedy=True, max_new_tokens=24))
+    stops = (tok.decode(plain[0].token_ids[4:6]), tok.decode(plain[1].token_ids[3:4]))
+    extra = [[5] * 256, [5] * 250]  # no room left; 6 tokens of room
+    ctxs = contexts + extra
+    limits = [24, 24, 3, 24, 1, 9, 24, 13, 10, 10]
+    for params in (SamplingParams(temperature=1.0, max_new_tokens=24, stop=stops),
+                   SamplingParams(greedy=True, max_new_tokens=24, stop=stops)):
+        state = gen.get_rng_state()
+        ref = gen.generate(ctxs, params, max_new_tokens=limits)
+        gen.set_rng_state(state)
+        # Half now; the rest after a few engine steps, while the first half is decoding.
+        for i in range(5):
+            gen.submit(("k", i), ctxs[i], params, limits[i])
+        early = {}
+        for _ in range(3):
+            early.update(gen.step())
+        assert gen.unfinished() > 0
+        for i in range(5, len(ctxs)):
+            gen.submit(("k", i), ctxs[i], params, limits[i])
+        got = {**early, **drain(gen)}
+        assert gen.unfinished() == 0 and sorted(got) == [("k", i) for i in range(len(ctxs))]
+        assert [got[("k", i)] for i in range(len(ctxs))] == ref
+        assert got[("k", 8)] == ref[8] and ref[8].token_ids == [] and ref[8].finish_reason == FINISH_LENGTH
+        assert 1 <= len(ref[9].token_ids) <= 6
+        if params.greedy:
+            assert {g.finish_reason for g in ref} >= {FINISH_STOP, FINISH_LENGTH}
+            assert any(g.finish_reason == FINISH_STOP and g.stop_string in tok.decode(g.token_ids) for g in ref)
+    # A request's result does not depend on what runs beside it: alone, with its seed, it is the same.
+    gen.submit("alone", ctxs[0], params, limits[0], seed=11)
+    alone = drain(gen)["alone"]
+    gen.submit("again", ctxs[0], params, limits[0], seed=11)
+    for i in range(1, 6):
+        gen.submit(i, ctxs[i], SamplingParams(temperature=1.0, max_new_tokens=20), 20, seed=i)
+    assert drain(gen)["again"] == alone
+    with pytest.raises(RuntimeError, match="in flight"):
+        gen.submit("busy", ctxs[0], params, 5)
+        gen.generate(ctxs[:1], params)
+    drain(gen)
+    with pytest.raises(ValueError, match="temperature 1"):
+        gen.submit("bad", ctxs[0], SamplingParams(temperature=0.5), 5)
+
+
+class DelayedSearch(LocalSearchTool):
+    """BM25 search with a latency, like a remote retriever: ``delays`` (seconds) in turn, per call."""
+
+    def __init__(self, index, delays=(0.0,), **kw):
+        super().__init__(index, **kw)
+        self.delays, self.calls = list(delays), 0
+
+    def run(self, query):
+        delay = self.delays[self.calls % len(self.delays)]
+        self.calls += 1
+        time.sleep(delay)
+        return super().run(query)
+
+
+def tree_cfg(schedule, **kw):
+    return RolloutConfig(**{**dict(n_initial=4, expansion_rounds=2, top_k=2, samples_per_tree=6, chunk_tokens=40,
+                                   max_response_tokens=200, schedule=schedule), **kw})
+
+
+def trees_of(res):
+    return [[(n.parent, n.gen_ids, n.status) for n in t.nodes] for t in res.trees]
+
+
+def test_stream_tree_rollout_is_a_valid_tree_and_matches_async(warm):
+    tok, model, tool, prompt, _ = warm
+    other = Prompt(render_prompt(tok, SearchQATask().user_message(Sample("z", "Who founded Zorbex?", ("Mila Tarn",))),
+                                 PAPER_SYSTEM_PROMPT), Sample("z", "Who founded Zorbex?", ("Mila Tarn",)))
+    gen = build_generator("vllm", model, tok, seed=1)
+    search = LocalSearchTool(BM25Index(CORPUS), topk=2)
+    res = TreeRolloutEngine(gen, tok, [search], SearchQATask(), tree_cfg("stream")).rollout([prompt, other])
+    assert sum(s.tool_calls for s in res.stats) > 0, "the warm-started model should call the search tool"
+    assert all(s.leaves >= 4 for s in res.stats) and all(len(s.phase_end_seconds) == 3 for s in res.stats)
+    assert all(sum(1 for r in res.rows if r.tree == t) == 6 for t in range(2))
+    assert any(len(n.children) > 1 for t in res.trees for n in t.nodes)  # expansions happened
+    for t in res.trees:
+        assert all(n.index == i and n.parent < i for i, n in enumerate(t.nodes))
+        assert all(t.nodes[c].parent == n.index for n in t.nodes for c in n.children)
+    rows = [r for r in res.rows if not r.duplicate]
+    seqs = [res.trees[r.tree].prompt_ids + r.sequence.response_ids.tolist() for r in rows]
+    with torch.no_grad():
+        ref = sequence_logprobs(model, seqs, [len(res.trees[r.tree].prompt_ids) for r in rows])
+    for r, lp in zip(rows, ref):
+        m = r.sequence.loss_mask.astype(bool)
+        np.testing.assert_allclose(r.sequence.old_log_probs[m], lp.numpy()[m], atol=LOGPROB_ATOL)
+
+    # Greedy: the stream schedule builds the trees the async one does, node for node (M greedy
+    # chains are equal, so entropy ties and node numbers decide the expansions), whatever the
+    # tools' latency does to the order in which turns finish.
+    greedy = {}
+    for schedule, delays in (("async", (0.0,)), ("stream", (0.0,)), ("stream", (0.2, 0.0, 0.05, 0.0, 0.0, 0.1))):
+        engine = TreeRolloutEngine(gen, tok, [DelayedSearch(BM25Index(CORPUS), delays, topk=2)], SearchQATask(),
+                                   tree_cfg(schedule, seed=3))
+        greedy[schedule, delays] = engine.rollout([prompt, other], greedy=True)
+    runs = list(greedy.values())
+    assert sum(s.tool_calls for s in runs[0].stats) > 0
+    for r in runs[1:]:
+        assert trees_of(r) == trees_of(runs[0])
+        assert [(x.tree, x.sequence.response_ids.tolist()) for x in r.rows] == \
+               [(x.tree, x.sequence.response_ids.tolist()) for x in runs[0].rows]
+
+
+def test_sampled_stream_rollouts_do_not_depend_on_tool_timing(warm):
+    """Same seeds, same tool outputs, other tool latencies (so turns finish in another order):
+    the same trees, node for node, and the same rows after pruning."""
+    tok, model, _, prompt, _ = warm
+    gen = build_generator("vllm", model, tok, seed=5)
+    state = gen.get_rng_state()
+    out = []
+    for delays in ((0.0,), (0.15, 0.0, 0.0, 0.05), (0.0, 0.1, 0.0)):
+        gen.set_rng_state(state)
+        tool = DelayedSearch(BM25Index(CORPUS), delays, topk=2)
+        cfg = tree_cfg("stream", expansion_mode="random", samples_per_tree=5)
+        out.append(TreeRolloutEngine(gen, tok, [tool], SearchQATask(), cfg).rollout([prompt, prompt]))
+    assert sum(s.tool_calls for s in out[0].stats) > 2
+    assert trees_of(out[0]) != [trees_of(out[0])[0]] * 2  # sampled: the two trees differ
+    for res in out[1:]:
+        assert trees_of(res) == trees_of(out[0])
+        for a, b in zip(res.rows, out[0].rows):
+            assert a.sequence.response_ids.tolist() == b.sequence.response_ids.tolist()
+            np.testing.assert_allclose(a.sequence.old_log_probs, b.sequence.old_log_probs, atol=LOGPROB_ATOL)
