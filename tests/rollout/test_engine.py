@@ -374,3 +374,16 @@ def test_an_empty_length_generation_ends_the_turn(tok):
     tree = res.trees[0]
     assert len(tree) == 5 and all(tree.nodes[n].gen_ids == [] for n in tree.leaves())
     assert all(tree.nodes[n].info["end"] == "length" for n in tree.leaves())
+
+
+def test_the_stream_schedule_needs_a_streaming_backend(tok):
+    """schedule=stream with a backend that only generates in batches (the hf backend, these
+    scripted doubles) is a configuration error naming the fix, at construction and per call."""
+    gen = ScriptedGenerator(tok, lambda c, k, n: (ANSWER.format(a="x"), -1.0))
+    with pytest.raises(ValueError, match=r"rollout.schedule=stream needs .*rollout.backend=vllm.*set rollout.schedule=async"):
+        TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward, RolloutConfig(schedule="stream"))
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward, RolloutConfig(n_initial=1, expansion_rounds=0))
+    with pytest.raises(ValueError, match="rollout.schedule=stream needs"):
+        eng.rollout([prompt(tok)], config=RolloutConfig(schedule="stream"))
+    with pytest.raises(ValueError, match="not one of async, sync, stream"):
+        RolloutConfig(schedule="streaming")

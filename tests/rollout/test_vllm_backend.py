@@ -497,3 +497,101 @@ def test_sampled_stream_rollouts_do_not_depend_on_tool_timing(warm):
         for a, b in zip(res.rows, out[0].rows):
             assert a.sequence.response_ids.tolist() == b.sequence.response_ids.tolist()
             np.testing.assert_allclose(a.sequence.old_log_probs, b.sequence.old_log_probs, atol=LOGPROB_ATOL)
+
+
+class Recorder:
+    """The vLLM generator with a log of what the rollout engine asks of it: every submitted
+    request's tree (found by its prompt) and, per tree, the requests not yet returned. The
+    finished requests of tree ``slow`` are held back until ``release`` is set, as if that tree
+    decoded longer (after 60 s it lets go and sets ``forced``: only a failing run waits that long)."""
+
+    def __init__(self, gen, prompts, slow=None):
+        self.gen, self.prompts, self.slow = gen, [p.prompt_ids for p in prompts], slow
+        self.tree_of, self.submitted, self.release = {}, threading.Event(), threading.Event()
+        self.held, self.hold_since, self.forced = [], None, False
+        self.eos_token_id = gen.eos_token_id
+
+    def submit(self, key, context, params, max_new_tokens, seed=None):
+        self.tree_of[key] = next(t for t, p in enumerate(self.prompts) if context[:len(p)] == p)
+        self.gen.submit(key, context, params, max_new_tokens, seed)
+        self.submitted.set()
+
+    def step(self):
+        done = []
+        for key, g in self.gen.step():
+            (self.held if self.tree_of[key] == self.slow and not self.release.is_set() else done).append((key, g))
+        if self.held and not self.release.is_set():
+            self.hold_since = self.hold_since or time.monotonic()
+            if time.monotonic() - self.hold_since > 60:
+                self.forced = True
+                self.release.set()
+        if self.release.is_set():
+            done, self.held = done + self.held, []
+        for key, _ in done:
+            del self.tree_of[key]
+        return done
+
+    def in_flight(self, tree):
+        return sum(1 for t in self.tree_of.values() if t == tree)
+
+    def unfinished(self):
+        return self.gen.unfinished() + len(self.held)
+
+    def draw_seed(self):
+        return self.gen.draw_seed()
+
+
+class FirstCallWaits(LocalSearchTool):
+    """Search whose first call returns only once the engine received a new request after it
+    started (at most ``patience`` seconds): proof that generation went on during the call."""
+
+    def __init__(self, index, recorder, patience=20.0, **kw):
+        super().__init__(index, **kw)
+        self.recorder, self.patience, self.calls, self.saw_request = recorder, patience, 0, None
+
+    def run(self, query):
+        self.calls += 1
+        if self.calls == 1:
+            self.recorder.submitted.clear()
+            self.saw_request = self.recorder.submitted.wait(self.patience)
+        return super().run(query)
+
+
+def test_stream_overlaps_tools_and_generation(warm):
+    """While a tool call runs, the engine takes new requests; a tree's expansions go to the
+    engine while another tree's requests are still out. Both are events, not timings."""
+    tok, model, _, prompt, _ = warm
+    other = Prompt(render_prompt(tok, SearchQATask().user_message(Sample("z", "Who founded Zorbex?", ("Mila Tarn",))),
+                                 PAPER_SYSTEM_PROMPT), Sample("z", "Who founded Zorbex?", ("Mila Tarn",)))
+    gen = build_generator("vllm", model, tok, seed=2)
+    rec = Recorder(gen, [prompt, other], slow=0)
+    tool = FirstCallWaits(BM25Index(CORPUS), rec, topk=2)
+    engine = TreeRolloutEngine(rec, tok, [tool], SearchQATask(), tree_cfg("stream", chunk_tokens=16))
+    expansions = []  # (tree, requests of the other tree not yet returned) at each expansion
+    expand = engine._expand
+
+    def recording_expand(tree, t, *args):
+        expansions.append((t, rec.in_flight(1 - t)))
+        if t == 1:
+            rec.release.set()
+        return expand(tree, t, *args)
+
+    engine._expand = recording_expand
+    res = engine.rollout([prompt, other])
+    assert tool.calls > 1 and tool.saw_request, "no request reached the engine while the first tool call ran"
+    # Tree 1 expanded while all 4 first turns of tree 0 were still out (without waiting for them).
+    assert not rec.forced and expansions[0] == (1, 4), expansions
+    assert len(expansions) == 4 and all(len(s.phase_end_seconds) == 3 for s in res.stats)
+
+
+def test_a_training_step_with_the_stream_schedule(warm, tmp_path):
+    from at2po.training.trainer import Trainer
+
+    *_, root = warm
+    cfg = make_run_cfg(root, tmp_path / "run", "rollout.backend=vllm", "rollout.schedule=stream", "trainer.steps=1",
+                       "trainer.save_every=0", "rollout.chunk_tokens=24", "rollout.max_response_tokens=60", "optim.lr=1e-2")
+    trainer = Trainer(cfg)
+    out = trainer.fit()
+    [h] = [h for h in out["history"] if "loss/policy" in h]
+    assert out["step"] == 1 and h["rollout/generated_tokens"] > 0 and h["rollout/generation_calls"] > 0
+    assert h["rollout/logprob_diff_max"] < LOGPROB_ATOL

@@ -15,6 +15,7 @@ from at2po.tools import (
     register_tool,
     run_tool_calls,
 )
+from at2po.tools.base import ToolCallPool
 
 
 class SleepTool(Tool):
@@ -334,3 +335,40 @@ def test_register_tool_needs_an_identifier(clean_registry, bad):
 def test_register_tool_needs_a_name(clean_registry):
     with pytest.raises(ValueError, match="must be an identifier"):
         register_tool()(lambda: Echo())  # a function has no `name`
+
+
+def test_a_pool_reports_calls_as_they_finish_and_lets_its_caller_go_on():
+    """ToolCallPool (the stream schedule's tool runner): ``wait(0)`` only looks, results come
+    back under the caller's keys in the order the calls finish, queued calls wait for a slot,
+    and a stuck call times out while the others go on."""
+    tool, stuck = GatedTool(), StuckTool()
+    pool = ToolCallPool(max_workers=2, timeout=60)
+    try:
+        pool.submit("a", tool, "a")
+        pool.submit("b", tool, "b")
+        pool.submit("c", tool, "c")
+        assert pool.wait(0) == [] and pool.pending == 3  # nothing finished: the caller goes on
+        tool.wait_started(2)
+        assert tool.started == 2  # "c" is queued behind the two workers
+        tool.gate.release()
+        first = pool.wait()
+        assert len(first) == 1 and first[0][0] in ("a", "b") and first[0][1].text == f"done {first[0][0]}"
+        tool.wait_started(3)  # its slot went to "c"
+        tool.gate.release(2)
+        rest = []
+        while pool.pending:
+            rest += pool.wait()
+        assert sorted(k for k, _ in first + rest) == ["a", "b", "c"]
+        assert all(r.ok for _, r in rest)
+
+        short = ToolCallPool(max_workers=1, timeout=0.2)
+        short.submit(1, stuck, "x")
+        short.submit(2, Echo(), "y")
+        got = []
+        while short.pending:
+            got += short.wait()
+        assert got == [(1, ToolResult("tool 'stuck' timed out after 0.2s", ok=False, error="timeout")),
+                       (2, ToolResult("Y", ok=True))]
+    finally:
+        stuck.release.set()
+        tool.gate.release(10)

@@ -153,6 +153,7 @@ class TreeRolloutEngine:
         self.system_prompt = system_prompt if system_prompt is not None else task.system_prompt(list(tools))
         self.config = config or RolloutConfig()
         self.rng = np.random.default_rng(self.config.seed)
+        self._check_schedule(self.config)
         self.progress = progress
         self._limit_notice_ids = encode_observation(tokenizer, TOOL_LIMIT_NOTICE)
 
