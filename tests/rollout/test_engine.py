@@ -1,6 +1,7 @@
 """Tree rollout engine driven by a scripted generator (pins tree shapes exactly)."""
 
 import math
+import random
 import time
 
 import numpy as np
@@ -14,6 +15,7 @@ from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
 from at2po.tiny import synthetic_agent_texts, train_tokenizer
 from at2po.tools.base import Tool, ToolResult
 from at2po.algorithms.tree import ACTIVE, FAILED, LEAF
+from at2po.rollout.generator import Generation
 from conftest import ANSWER, SEARCH, EchoSearch, ScriptedGenerator
 from conftest import make_prompt as prompt
 
@@ -387,3 +389,125 @@ def test_the_stream_schedule_needs_a_streaming_backend(tok):
         eng.rollout([prompt(tok)], config=RolloutConfig(schedule="stream"))
     with pytest.raises(ValueError, match="not one of async, sync, stream"):
         RolloutConfig(schedule="streaming")
+
+
+class ShuffledStream:
+    """A scripted backend whose turn depends on the context alone (the same context, the same
+    turn: like greedy decoding, so a tree's trajectories tie and node numbers decide), cut at the
+    call's limit and continued from where it was cut, with the streaming interface: each
+    ``step`` returns a random subset of the requests in flight, in a random order, so turns
+    finish in another order than in a batched call."""
+
+    def __init__(self, tok, by_context, seed=0):
+        self.tok, self.by_context, self.eos_token_id = tok, by_context, tok.eos_token_id
+        self.rest = {}  # context after a cut turn -> (the turn's remaining ids, log-prob, stop string)
+        self.pending, self.chance = [], random.Random(seed)
+
+    def _turn(self, ctx, params):
+        full = self.tok.decode(ctx)
+        question = full.rsplit("Question: ", 1)[1][0]
+        response = full.split("<|im_start|>assistant\n", 1)[-1]
+        text, lp = self.by_context(question, response, response.count("<result>"))
+        stop = next((s for s in params.stop if text.endswith(s)), None)
+        ids = self.tok.encode(text, add_special_tokens=False)
+        return (ids if stop else ids + [self.eos_token_id]), lp, stop
+
+    def _one(self, ctx, params, limit):
+        ids, lp, stop = self.rest.get(tuple(ctx)) or self._turn(ctx, params)
+        if len(ids) > limit:
+            self.rest[tuple(ctx) + tuple(ids[:limit])] = (ids[limit:], lp, stop)
+            return Generation(ids[:limit], [lp] * limit, "length")
+        return Generation(ids, [lp] * len(ids), "stop" if stop else "eos", stop)
+
+    def generate(self, contexts, params, max_new_tokens=None):
+        return [self._one(c, params, m) for c, m in zip(contexts, max_new_tokens or [params.max_new_tokens] * len(contexts))]
+
+    def submit(self, key, context, params, max_new_tokens, seed=None):
+        self.pending.append((key, context, params, max_new_tokens))
+
+    def step(self):
+        self.chance.shuffle(self.pending)
+        k = self.chance.randint(0, len(self.pending))
+        done, self.pending = self.pending[:k], self.pending[k:]
+        return [(key, self._one(c, p, m)) for key, c, p, m in done]
+
+    def unfinished(self):
+        return len(self.pending)
+
+    def draw_seed(self):
+        return 0
+
+
+class JitteryEcho(EchoSearch):
+    """EchoSearch with a random latency of 0-5 ms per call, so tool calls return out of order."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.jitter = random.Random(seed)
+
+    def run(self, query):
+        time.sleep(self.jitter.random() * 0.005)
+        return super().run(query)
+
+
+def test_stream_builds_the_trees_async_builds_whatever_the_completion_order(tok):
+    """Four trees that meet every case of a turn: tool calls, a turn longer than the chunk size
+    (continued), a malformed call (error observation), the tool-call limit (masked notice), the
+    turn limit, and a tree that stops on its response budget. Streamed with requests and tool
+    calls finishing in random orders, every tree is the async one node for node, rows included."""
+    def by_context(question, response, n_results):
+        h = -0.3 - 0.2 * n_results  # turns of the same depth tie: node numbers break the tie
+        if question == "a":  # two searches, then an answer
+            return (SEARCH.format(q=f"a{n_results}"), h) if n_results < 2 else (ANSWER.format(a="x"), -0.4)
+        if question == "b":  # long turns, cut at chunk_tokens; the third call gets the limit notice
+            if TOOL_LIMIT_MESSAGE in response:
+                return ANSWER.format(a="y"), -0.2
+            return "<think> " + "long thought " * 6 + "</think> " + SEARCH.format(q=f"b{n_results}"), h
+        if question == "c":  # an empty query first (an error observation), then an answer
+            return (SEARCH.format(q=" "), h) if n_results == 0 else (ANSWER.format(a="z"), -0.5)
+        if question == "d":  # searches forever: the turn limit ends it
+            return SEARCH.format(q=f"d{n_results}"), h
+        if question == "f":  # search, malformed search, answer; expanding both turns in one round
+            # puts a sibling whose call fails (no tool) after siblings waiting on the tool
+            return [("<search> f </search>", -1.0), ("<search> </search>", -0.3), (ANSWER.format(a="f"), -0.2)][n_results]
+        return "<think> " + "on and on " * 100, -0.1  # "e": no stop, over the response budget
+
+    cfg = dict(n_initial=3, expansion_rounds=2, top_k=4, samples_per_tree=0, chunk_tokens=12, max_tool_calls=2,
+               max_turns=4, max_response_tokens=300, seed=4)
+    prompts = [prompt(tok, q) for q in "abcdef"]
+
+    renumbered = []
+
+    def run(gen, schedule, tool):
+        engine = TreeRolloutEngine(gen, tok, [tool], qa_reward, RolloutConfig(schedule=schedule, **cfg))
+        if schedule == "async":
+            # The numbering by request order is the order in which batched calls create nodes:
+            # there, renumbering a finished phase leaves every node where it is.
+            phase_over = engine._phase_over
+
+            def checked(tree, t):
+                before = list(tree.nodes)
+                phase_over(tree, t)
+                renumbered.append(tree.nodes != before)
+
+            engine._phase_over = checked
+        res = engine.rollout(prompts)
+        trees = [[(n.parent, n.obs_ids, n.gen_ids, n.gen_logprobs, n.status, n.info) for n in t.nodes] for t in res.trees]
+        rows = [(r.tree, r.sequence.response_ids.tolist(), r.score.reward, r.duplicate) for r in res.rows]
+        keys = ("generated_tokens", "prefill_tokens", "tool_calls", "tool_failures", "limit_notices", "depth", "leaves")
+        stats = [[getattr(s, k) for k in keys] for s in res.stats]
+        return trees, rows, stats, res
+
+    batched = run(ShuffledStream(tok, by_context), "async", EchoSearch())
+    assert len(renumbered) == 6 * 3 and not any(renumbered)
+    trees, _, stats, res = batched
+    assert [len(s.phase_end_seconds) for s in res.stats] == [3] * 6
+    assert stats[1][4] > 0 and stats[2][3] > 0  # limit notices (b), a malformed call (c)
+    assert any(n.info.get("end", "").startswith("turn limit") for n in res.trees[3].nodes)
+    assert any(len(n.gen_ids) > cfg["chunk_tokens"] for n in res.trees[1].nodes)  # continued turns
+    assert all(n.info.get("end") == "length" for n in res.trees[4].nodes[1:])
+    for seed in range(3):
+        gen = ShuffledStream(tok, by_context, seed=seed)
+        streamed = run(gen, "stream", JitteryEcho(seed))
+        assert streamed[:3] == batched[:3]
+        assert streamed[3].generation_calls > batched[3].generation_calls  # engine steps, some returning nothing

@@ -5,7 +5,10 @@ selected turns get a new sibling that re-samples the turn from exactly its state
 to a leaf. Every generation call batches the next turn of every unfinished trajectory of every
 tree, whatever phase its tree is in, and the tool calls of a turn run concurrently. With the
 default "async" schedule a tree expands as soon as its own phase is over instead of waiting for
-the slowest trajectory of the batch (the authors' barrier, kept as schedule "sync").
+the slowest trajectory of the batch (the authors' barrier, kept as schedule "sync"). Schedule
+"stream" (backends that stream requests, e.g. vllm) drops the batches: each turn goes to the
+running engine on its own, its tool call starts as soon as it finishes and the next turn as soon
+as the tool returns, while the other requests keep decoding (docs/method.md §6.8).
 A chain rollout (GRPO/GSPO baselines) is L = 0; validation is greedy with M = 1.
 
 The engine knows a task only through ``at2po.tasks.Task.score`` and tools only through their
