@@ -79,10 +79,13 @@ def main() -> None:
     ap.add_argument("--out", default="", help="write the numbers as JSON here")
     ap.add_argument("--backends", default="hf", help="comma-separated generator backends (hf, vllm)")
     ap.add_argument("--shape", default="", help="LAYERSxHIDDEN: a random-init model instead of the warm start")
-    ap.add_argument("--configs", default="tree,tree_sync,chain16", help="comma-separated: tree, tree_sync, chain16")
+    ap.add_argument("--configs", default="tree,tree_sync,chain16",
+                    help="comma-separated: tree, tree_sync, tree_stream, chain16")
     ap.add_argument("--max-response", type=int, default=400, help="rollout.max_response_tokens")
     ap.add_argument("--device", default="cpu", help="device of the HF backend's model (cpu, cuda)")
     ap.add_argument("--tool-latency", type=float, default=0.0, help="seconds every tool call waits first")
+    ap.add_argument("--tool-workers", type=int, default=RolloutConfig.tool_workers,
+                    help="rollout.tool_workers: tool calls running at once")
     ap.add_argument("--heads", type=int, default=0,
                     help="attention heads of the warm start built when --assets is missing (1: head dim 64, for vllm)")
     args = ap.parse_args()
@@ -107,7 +110,8 @@ def main() -> None:
     if args.tool_latency:
         tools = [WithLatency(t, args.tool_latency) for t in tools]
     rows = task.load(assets / "train.jsonl")[: args.prompts]
-    common = dict(chunk_tokens=48, max_response_tokens=args.max_response, max_turns=6, max_tool_calls=4)
+    common = dict(chunk_tokens=48, max_response_tokens=args.max_response, max_turns=6, max_tool_calls=4,
+                  tool_workers=args.tool_workers)
     all_configs = {
         "tree": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, **common),
         "tree_sync": RolloutConfig(n_initial=10, expansion_rounds=2, top_k=6, samples_per_tree=22, schedule="sync", **common),

@@ -595,3 +595,47 @@ def test_a_training_step_with_the_stream_schedule(warm, tmp_path):
     [h] = [h for h in out["history"] if "loss/policy" in h]
     assert out["step"] == 1 and h["rollout/generated_tokens"] > 0 and h["rollout/generation_calls"] > 0
     assert h["rollout/logprob_diff_max"] < LOGPROB_ATOL
+
+
+def test_weights_gathered_from_an_fsdp_sharded_model(gen, model, tok, contexts, tmp_path):
+    """Under FSDP the trainer hands the engine the full parameters gathered from the shards. Here
+    two processes shard the model with torch's ``fully_shard`` (gloo, CPU), take one SGD step on
+    the shards and gather; the engine, given those (name, tensor) pairs, reports the log-probs of
+    the same step taken on the unsharded model. (The pairs cross a file: the engine cannot join
+    the workers' process group, vLLM sets up its own.)"""
+    import socket
+    import subprocess
+
+    save_pretrained_dir(model, tok, tmp_path / "model")
+    ids, lr = contexts[1] + contexts[3], 0.5
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = os.path.join(os.path.dirname(__file__), "fsdp_gather_worker.py")
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port), worker,
+         str(tmp_path / "model"), str(tmp_path / "full.pt"), str(lr), ",".join(map(str, ids))],
+        env={**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}, capture_output=True, text=True,
+        timeout=150)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    gathered = torch.load(tmp_path / "full.pt")
+    assert gathered.keys() == model.state_dict().keys()
+
+    stepped = widen(tiny64(tok))  # the same step on the unsharded model
+    stepped.load_state_dict(model.state_dict())
+    batch = torch.tensor([ids])
+    stepped(batch, labels=batch).loss.backward()
+    torch.optim.SGD(stepped.parameters(), lr=lr).step()
+    stepped.eval()
+
+    params = SamplingParams(greedy=True, max_new_tokens=8)
+    try:
+        gen.load_weights(list(gathered.items()))
+        outs = gen.generate(contexts, params)
+        new = fresh(stepped, contexts, outs)
+        for o, ref in zip(outs, new):
+            np.testing.assert_allclose(o.logprobs, ref.numpy(), atol=LOGPROB_ATOL)
+        old = fresh(model, contexts, outs)
+        assert max(float((a - b).abs().max()) for a, b in zip(old, new)) > 100 * LOGPROB_ATOL  # the step moved them
+    finally:
+        gen.load_weights(model)
