@@ -434,6 +434,9 @@ class ShuffledStream:
     def unfinished(self):
         return len(self.pending)
 
+    def abort(self):
+        self.pending.clear()
+
     def draw_seed(self):
         return 0
 
@@ -511,3 +514,25 @@ def test_stream_builds_the_trees_async_builds_whatever_the_completion_order(tok)
         streamed = run(gen, "stream", JitteryEcho(seed))
         assert streamed[:3] == batched[:3]
         assert streamed[3].generation_calls > batched[3].generation_calls  # engine steps, some returning nothing
+
+
+def test_an_interrupted_stream_rollout_leaves_nothing_in_flight(tok):
+    """A rollout stopped by an exception (here from the progress callback, as Ctrl-C would)
+    aborts its requests, so that none of their results reaches the next rollout."""
+    gen = ShuffledStream(tok, lambda q, response, k: (SEARCH.format(q="x"), -1.0) if k < 2 else (ANSWER.format(a="x"), -1.0))
+    calls = []
+
+    def progress(phase, step, open_trajectories):
+        calls.append(step)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    cfg = RolloutConfig(n_initial=3, expansion_rounds=1, top_k=2, samples_per_tree=0, schedule="stream")
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], qa_reward, cfg, progress=progress)
+    with pytest.raises(KeyboardInterrupt):
+        eng.rollout([prompt(tok, "a")])
+    assert gen.unfinished() == 0
+    eng.progress = None
+    again = eng.rollout([prompt(tok, "a")])
+    fresh = TreeRolloutEngine(ShuffledStream(tok, gen.by_context), tok, [EchoSearch()], qa_reward, cfg).rollout([prompt(tok, "a")])
+    assert [n.gen_ids for n in again.trees[0].nodes] == [n.gen_ids for n in fresh.trees[0].nodes]

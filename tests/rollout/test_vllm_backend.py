@@ -403,9 +403,10 @@ def test_streamed_requests_equal_generate(gen, model, tok, contexts):
             assert {g.finish_reason for g in ref} >= {FINISH_STOP, FINISH_LENGTH}
             assert any(g.finish_reason == FINISH_STOP and g.stop_string in tok.decode(g.token_ids) for g in ref)
     # A request's result does not depend on what runs beside it: alone, with its seed, it is the same.
-    gen.submit("alone", ctxs[0], params, limits[0], seed=11)
+    sampled = SamplingParams(temperature=1.0, max_new_tokens=24)
+    gen.submit("alone", ctxs[0], sampled, 24, seed=11)
     alone = drain(gen)["alone"]
-    gen.submit("again", ctxs[0], params, limits[0], seed=11)
+    gen.submit("again", ctxs[0], sampled, 24, seed=11)
     for i in range(1, 6):
         gen.submit(i, ctxs[i], SamplingParams(temperature=1.0, max_new_tokens=20), 20, seed=i)
     assert drain(gen)["again"] == alone
@@ -413,6 +414,13 @@ def test_streamed_requests_equal_generate(gen, model, tok, contexts):
         gen.submit("busy", ctxs[0], params, 5)
         gen.generate(ctxs[:1], params)
     drain(gen)
+    # Requests dropped half-way (an interrupted rollout) never come back, and the engine is free.
+    for i in range(3):
+        gen.submit(("dropped", i), ctxs[i], params, 20)
+    gen.step()
+    gen.abort()
+    assert gen.unfinished() == 0 and not gen.llm.llm_engine.has_unfinished_requests()
+    assert gen.step() == [] and gen.generate(ctxs[:2], params, limits[:2]) == ref[:2]  # greedy: no draws
     with pytest.raises(ValueError, match="temperature 1"):
         gen.submit("bad", ctxs[0], SamplingParams(temperature=0.5), 5)
 
@@ -536,6 +544,9 @@ class Recorder:
 
     def unfinished(self):
         return self.gen.unfinished() + len(self.held)
+
+    def abort(self):
+        self.gen.abort()
 
     def draw_seed(self):
         return self.gen.draw_seed()

@@ -248,7 +248,6 @@ class TreeRolloutEngine:
         pool = ToolCallPool(cfg.tool_workers, cfg.tool_timeout)
         phase = [0] * len(trees)
         in_flight = [0] * len(trees)  # trajectories generating or waiting for a tool, per tree
-        finished = [False] * len(trees)
         requests: dict[int, tuple[_Open, list[int], int]] = {}
         keys = itertools.count()
 
@@ -267,45 +266,53 @@ class TreeRolloutEngine:
             for o in opens:
                 submit(o)
 
-        for t in range(len(trees)):
-            start_phase(t, [_Open(t, 0, [], 0, 0, order=(0, 0, i)) for i in range(cfg.n_initial)])
-        while True:
+        def run() -> None:
             for t in range(len(trees)):
-                while not finished[t] and in_flight[t] == 0:  # the tree's phase is over
-                    if phase[t] == cfg.expansion_rounds:
-                        finished[t] = True
-                        break
-                    self._phase_over(trees[t], t)
-                    stats[t].phase_end_seconds.append(time.perf_counter() - start)
-                    phase[t] += 1
-                    start_phase(t, self._expand(trees[t], t, cfg, rngs[t], phase[t]))
-            results: list[tuple[_Call, ToolResult]] = []
-            if gen.unfinished():
-                t0 = time.perf_counter()
-                done = gen.step()
-                self._seconds["generate"] += time.perf_counter() - t0
-                self._calls += 1
-                for key, g in done:
-                    o, ctx, budget = requests.pop(key)
-                    nxt, call = self._take_generation(trees, stats, o, ctx, g, budget, cfg)
-                    if nxt is not None:
-                        submit(nxt)
-                    elif call is not None:
-                        pool.submit(call, call.tool, call.query)
-                    else:
-                        in_flight[o.tree] -= 1
-                if done and self.progress is not None:
-                    self.progress(f"phase {min(phase)}-{max(phase)}", self._calls, gen.unfinished() + pool.pending)
-                if pool.pending:
-                    results = pool.wait(0)
-            elif pool.pending:
-                t0 = time.perf_counter()
-                results = pool.wait()
-                self._seconds["tools"] += time.perf_counter() - t0
-            else:
-                break  # nothing generating, no tool running, every tree past its last phase
-            for call, res in results:
-                submit(self._take_tool_result(trees, stats, call, res))
+                start_phase(t, [_Open(t, 0, [], 0, 0, order=(0, 0, i)) for i in range(cfg.n_initial)])
+            finished = [False] * len(trees)
+            while True:
+                for t in range(len(trees)):
+                    while not finished[t] and in_flight[t] == 0:  # the tree's phase is over
+                        if phase[t] == cfg.expansion_rounds:
+                            finished[t] = True
+                            break
+                        self._phase_over(trees[t], t)
+                        stats[t].phase_end_seconds.append(time.perf_counter() - start)
+                        phase[t] += 1
+                        start_phase(t, self._expand(trees[t], t, cfg, rngs[t], phase[t]))
+                results: list[tuple[_Call, ToolResult]] = []
+                if gen.unfinished():
+                    t0 = time.perf_counter()
+                    done = gen.step()
+                    self._seconds["generate"] += time.perf_counter() - t0
+                    self._calls += 1
+                    for key, g in done:
+                        o, ctx, budget = requests.pop(key)
+                        nxt, call = self._take_generation(trees, stats, o, ctx, g, budget, cfg)
+                        if nxt is not None:
+                            submit(nxt)
+                        elif call is not None:
+                            pool.submit(call, call.tool, call.query)
+                        else:
+                            in_flight[o.tree] -= 1
+                    if done and self.progress is not None:
+                        self.progress(f"phase {min(phase)}-{max(phase)}", self._calls, gen.unfinished() + pool.pending)
+                    if pool.pending:
+                        results = pool.wait(0)
+                elif pool.pending:
+                    t0 = time.perf_counter()
+                    results = pool.wait()
+                    self._seconds["tools"] += time.perf_counter() - t0
+                else:
+                    break  # nothing generating, no tool running, every tree past its last phase
+                for call, res in results:
+                    submit(self._take_tool_result(trees, stats, call, res))
+
+        try:
+            run()
+        except BaseException:
+            gen.abort()  # an interrupted rollout (e.g. Ctrl-C): no stale result may reach the next one
+            raise
 
     # -- phases -------------------------------------------------------------------------------
     def _expand(self, tree: TurnTree, t: int, cfg: RolloutConfig, rng: np.random.Generator, phase: int) -> list[_Open]:

@@ -120,10 +120,12 @@ class StreamingGenerator(Protocol):
     caller's, returned with the result; ``seed`` makes its sampling independent of what else
     runs). ``step()`` advances the engine by one batch and returns the ``(key, Generation)`` pairs
     that finished, with the same post-processing as ``generate``. ``unfinished()`` counts the
-    requests submitted and not yet returned. ``draw_seed()`` takes one seed from the generator's
-    RNG (whose state ``get_rng_state`` saves), from which a rollout derives its requests' seeds.
-    The ``hf`` backend does not stream.
+    requests submitted and not yet returned; ``abort()`` drops them (an interrupted rollout).
+    ``draw_seed()`` takes one seed from the generator's RNG (whose state ``get_rng_state``
+    saves), from which a rollout derives its requests' seeds. The ``hf`` backend does not stream.
     """
+
+    def abort(self) -> None: ...
 
     def draw_seed(self) -> int: ...
 

@@ -309,9 +309,13 @@ class VLLMGenerator:
         seeds = torch.randint(0, 2**62, (len(todo),), generator=self._rng).tolist()
         for i, seed in zip(todo, seeds):
             self._add(i, contexts[i], params, limits[i], seed)
-        while self._requests:
-            for i, gen in self.step():
-                results[i] = gen
+        try:
+            while self._requests:
+                for i, gen in self.step():
+                    results[i] = gen
+        except BaseException:
+            self.abort()
+            raise
         return results  # type: ignore[return-value]
 
     # -- streaming (at2po.rollout.generator.StreamingGenerator, rollout.schedule=stream) -------
@@ -347,6 +351,14 @@ class VLLMGenerator:
     def unfinished(self) -> int:
         """Requests submitted and not yet returned by ``step``."""
         return len(self._requests) + len(self._done)
+
+    def abort(self) -> None:
+        """Drop every request in flight (e.g. after an interrupted rollout), so that none of their
+        results comes back to a later caller."""
+        if self._requests and not self.closed:
+            self.llm.llm_engine.abort_request(list(self._requests))
+        self._requests.clear()
+        self._done.clear()
 
     # -- helpers ------------------------------------------------------------------------------
     def _check_idle(self, what: str) -> None:
