@@ -47,11 +47,12 @@ MODULES: dict[str, list[str]] = {
         "tests/algorithms/test_tree.py", "tests/algorithms/test_expansion.py", "tests/rollout/test_fidelity.py",
     ],
     "algorithms/advantages.py": [
-        "tests/training/test_trainer.py", "tests/training/test_glue.py", "-k", "advantage",
-    ],  # "-k advantage" also matches "advantages" (test_glue.py -k advantages)
+        "tests/algorithms/test_advantages.py",
+        "tests/training/test_trainer.py::test_tree_and_grpo_advantages_on_a_branching_tree",
+    ],
     "rewards.py": ["tests/tasks/test_rewards.py"],
     "rollout/engine.py": ["tests/rollout/test_engine.py", "tests/rollout/test_fidelity.py"],
-    "rollout/generator.py": ["tests/rollout/test_generator.py"],
+    "rollout/generator.py": ["tests/rollout/test_generator.py", "tests/rollout/test_generator_paths.py"],
     "training/trainer.py": ["tests/training/test_trainer.py", "tests/training/test_glue.py"],
     "evaluation/evaluator.py": [
         "tests/evaluation/test_evaluate.py",
