@@ -3,6 +3,7 @@ progress callback and phase times, the statistics and their totals, tool failure
 and a response budget used up by an observation. Scripted generator and tools, through the
 engine's public ``rollout``/``validate`` only; every case runs in well under a second."""
 
+import numpy as np
 import pytest
 
 from at2po.agent import encode_observation, format_error_observation, format_observation
@@ -196,5 +197,83 @@ def test_validate_is_one_greedy_chain_whatever_the_config(tok):
     assert len(res.rows) == 2 and not any(r.duplicate for r in res.rows)
     assert [p.greedy for p in gen.params] == [True, True] and gen.params[0].max_new_tokens == 40
     assert [r.score.metrics["em"] for r in res.rows] == [1.0, 0.0]
+    assert len(gen.contexts) == 4 and [st.leaves for st in res.stats] == [1, 1]  # one chain each, before trimming
     # The engine's own config is untouched: the next rollout samples M = 3 chains again.
     assert eng.config.n_initial == 3 and eng.config.samples_per_tree == 4
+
+
+def test_totals_of_an_empty_rollout():
+    from at2po.rollout.engine import RolloutResult
+
+    assert RolloutResult([], [], [], {}, 0).totals() == {
+        "generated_tokens": 0.0, "prefill_tokens": 0.0, "tool_calls": 0.0, "tool_failures": 0.0,
+        "tool_infra_failures": 0.0, "limit_notices": 0.0, "leaves": 0.0, "depth_max": 0.0, "rows": 0.0}
+
+
+# -- the expansion settings reach the selection ------------------------------------------------------------
+def _expansion_script(ctx, k, n):
+    """Phase 0 (calls 0-2 open chains A, B, C): A searches twice (H = 1.0, then 0.8), B once
+    (H = 0.5), C answers at once; every later first turn searches "qr"; answers have H = 0.1."""
+    if k == 0 and n < 3:
+        return [(SEARCH.format(q="qa"), -1.0), (SEARCH.format(q="qb"), -0.5), (ANSWER.format(a="x"), -0.1)][n]
+    if k == 0:
+        return SEARCH.format(q="qr"), -0.3
+    if k == 1 and "qa" in ctx:
+        return SEARCH.format(q="qa2"), -0.8
+    return ANSWER.format(a="x"), -0.1
+
+
+def _expanded_from(tok, **cfg):
+    """The node the single expansion re-sampled (its sibling's parent and observation identify it)."""
+    gen = ScriptedGenerator(tok, _expansion_script)
+    eng = TreeRolloutEngine(gen, tok, [EchoSearch()], task,
+                            RolloutConfig(n_initial=3, expansion_rounds=1, top_k=1, samples_per_tree=0, **cfg))
+    tree = eng.rollout([prompt(tok)]).trees[0]
+    # Phase 0 nodes: A1 = 1, B1 = 2, C1 = 3, A2 = 4, B2 = 5, A3 = 6; the sibling is node 7.
+    assert [n.parent for n in tree.nodes[:7]] == [-1, 0, 0, 0, 1, 2, 4]
+    sib = tree.nodes[7]
+    matches = [n for n in (0, 1, 2, 4) if n != 0 and tree.nodes[n].parent == sib.parent
+               and tree.nodes[n].obs_ids == sib.obs_ids]
+    if sib.parent == 0 and not sib.obs_ids:  # root or a first turn: both start from the prompt alone
+        assert sib.tool_calls_at_start == 0
+        return "first turn"
+    assert len(matches) == 1 and sib.tool_calls_at_start == tree.nodes[matches[0]].tool_calls_at_start
+    return matches[0]
+
+
+def test_expansion_uses_the_configured_alpha(tok):
+    # s(A1) = 1.0 - 3α, s(A2) = 0.8 - 1α (A1 has one child), s(B1) = 0.5 - 3α, s(root) = -3α.
+    assert _expanded_from(tok, alpha=0.05) == "first turn"  # A1 (0.85 > 0.75): a sibling under the root
+    assert _expanded_from(tok, alpha=0.2) == 4  # A2 (0.6 > 0.4): a sibling under A1 after its result
+
+
+@pytest.mark.parametrize("root_fallback, candidates", [(True, [0, 1, 2, 4]), (False, [1, 2, 4])])
+def test_random_expansion_draws_from_the_seeded_engine_rng(tok, root_fallback, candidates):
+    """The pick is the engine rng's first draw (seeded by rollout.seed) over the candidates: the
+    root (with the fallback) and the tool-calling turns A1, B1, A2. A1, B1 and the root all start
+    from the prompt alone, so only a pick of A2 is told apart; 20 seeds make a wrong rng or mode
+    show (a fresh rng matches all 20 with probability < 1e-3)."""
+    outcomes = []
+    for seed in range(20):
+        expected = int(np.random.default_rng(seed).permutation(candidates)[0])
+        got = _expanded_from(tok, expansion_mode="random", seed=seed, root_fallback=root_fallback)
+        assert got == (4 if expected == 4 else "first turn"), seed
+        outcomes.append(got)
+    assert len(set(outcomes)) == 2
+
+
+def test_a_root_fallback_sibling_is_a_fresh_chain_with_fresh_counts(tok):
+    """One chain (search, answer); K = 2 picks its search turn, then the root (cyclic reuse): the
+    root's "sibling" starts with no tool calls and no turns, so with max_tool_calls = 1 and
+    max_turns = 2 it may search once and then answer."""
+    tool = EchoSearch()
+    gen = ScriptedGenerator(tok, lambda c, k, n: (SEARCH.format(q=f"q{n}"), -1.0) if k == 0 else (ANSWER.format(a="x"), -0.1))
+    eng = TreeRolloutEngine(gen, tok, [tool], task, RolloutConfig(
+        n_initial=1, expansion_rounds=1, top_k=2, samples_per_tree=0, max_tool_calls=1, max_turns=2))
+    res = eng.rollout([prompt(tok)])
+    tree = res.trees[0]
+    assert [n.parent for n in tree.nodes] == [-1, 0, 1, 0, 0, 3, 4]
+    fresh = tree.nodes[4]
+    assert fresh.obs_ids == [] and fresh.tool_calls_at_start == 0 and fresh.status != FAILED
+    assert tree.nodes[6].status == LEAF and tree.nodes[6].tool_calls_at_start == 1
+    assert res.stats[0].limit_notices == 0 and res.stats[0].tool_calls == 3 and len(tool.queries) == 3
