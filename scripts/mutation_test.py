@@ -63,7 +63,14 @@ MODULES: dict[str, list[str]] = {
         "-k", "not malformed",
     ],
     "rollout/generator.py": ["tests/rollout/test_generator.py", "tests/rollout/test_generator_paths.py"],
-    "training/trainer.py": ["tests/training/test_trainer.py", "tests/training/test_glue.py"],
+    # ~35 s per pass on 2 cores: the three slowest trainer tests (26, 9 and 7 s: bit-identical
+    # resume, one step raising log-probs, validation and logs) are left out; they stay in CI. The
+    # glue resume test (10 s, kept) resumes a run with validation too.
+    "training/trainer.py": [
+        "tests/training/test_trainer_parts.py", "tests/training/test_trainer_state.py", "tests/training/test_trainer.py",
+        "tests/training/test_glue.py",
+        "-k", "not test_resume_is_bit_identical and not test_one_step_raises and not test_validation_and_logs",
+    ],
     "evaluation/evaluator.py": [
         "tests/evaluation/test_evaluate.py",
         "tests/training/test_glue.py::test_eval_records_turns_and_resume_fills_a_hole_in_the_middle",

@@ -243,3 +243,60 @@ def test_rng_state_round_trip_and_latest_checkpoint(tmp_path):
     _set_rng_state(state)
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == drawn
     assert latest_checkpoint(tmp_path) is None
+
+
+def test_plot_metrics_draws_each_panel(tmp_path, monkeypatch):
+    """The six panels: title, data, markers for short series, a 5-step moving average for noisy
+    series of >= 10 points (not for held-out EM), and a 12 x 6 inch figure at 110 dpi."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    rows = [{"step": s, "reward/mean": (s % 7) / 7} for s in range(1, 36)]  # 35 points: no markers
+    for s in range(1, 13):
+        rows[s - 1]["reward/em"] = (s % 3) / 3  # 12 points
+    for s in (5, 10, 15):
+        rows[s - 1]["val/em"] = s / 100
+    for s in range(1, 10):
+        rows[s - 1]["loss/clipfrac"] = s / 50  # 9 points: too few for an average
+    for s in range(1, 11):
+        rows[s - 1]["loss/turn_kl_entropy"] = s / 10  # exactly 10 points: averaged
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
+    png = plot_metrics(path, tmp_path / "curves.png")
+
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")) == (1320, 660)
+    axes = figures[0].axes
+    assert [ax.get_title() for ax in axes] == ["train reward", "train EM", "held-out EM (greedy)", "clip fraction",
+                                               "H_turn", "generated tokens / step"]
+    assert all(ax.get_xlabel() == "step" for ax in axes)
+
+    def series(key):
+        pts = [(r["step"], r[key]) for r in rows if key in r]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    def moving_average(ys, w=5):
+        return [sum(ys[i:i + w]) / w for i in range(len(ys) - w + 1)]
+
+    for ax, key, marker, averaged in zip(axes, ["reward/mean", "reward/em", "val/em", "loss/clipfrac",
+                                                "loss/turn_kl_entropy"],
+                                         ["None", "o", "o", "o", "o"], [True, True, False, False, True]):
+        xs, ys = series(key)
+        raw = ax.lines[0]
+        assert list(raw.get_xdata()) == xs and list(raw.get_ydata()) == pytest.approx(ys), key
+        assert raw.get_marker() == marker and (raw.get_markersize() == 3 or marker == "None"), key
+        assert raw.get_alpha() == (1.0 if key == "val/em" else 0.35), key
+        assert len(ax.lines) == (2 if averaged else 1), key
+        if averaged:
+            ma = ax.lines[1]
+            assert list(ma.get_xdata()) == xs[4:] and list(ma.get_ydata()) == pytest.approx(moving_average(ys)), key
+            assert (ma.get_color(), ma.get_linewidth(), ma.get_label()) == ("C0", 2, "5-step mean"), key
+            legend = ax.get_legend()
+            assert [t.get_text() for t in legend.get_texts()] == ["5-step mean"]
+            assert legend.get_texts()[0].get_fontsize() == 7
+        else:
+            assert ax.get_legend() is None
+    assert len(axes[5].lines) == 0  # no generated-token counts logged: an empty panel

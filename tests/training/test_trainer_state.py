@@ -1,0 +1,116 @@
+"""What a checkpoint holds and what loading it restores, through Trainer.save_checkpoint and
+Trainer.load_checkpoint directly (no training step): every random stream, the prompt position,
+the step, the weights; and the reseeding when the world size changed since the save."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from at2po.training.run_dir import CHECKPOINT_STATE
+from at2po.training.trainer import Trainer
+from conftest import make_run_cfg, tiny_search_qa_assets
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return tiny_search_qa_assets(tmp_path_factory.mktemp("state_assets"))
+
+
+def weights(tr):
+    return {k: v.detach().clone() for k, v in tr.accelerator.unwrap_model(tr.model).state_dict().items()}
+
+
+def draws(tr):
+    """One draw from every random stream a resumed run must continue, and the sampler's RNG state."""
+    return (random.random(), float(np.random.rand()), float(torch.rand(1)),
+            float(torch.rand(1, generator=tr.shuffle_rng)), float(tr.engine.rng.random()),
+            tr.generator.get_rng_state().tolist())
+
+
+def test_checkpoint_contents_and_a_direct_load_restore_everything(assets, tmp_path):
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0"))
+    tr.sampler.take(2)
+    tr.step = 3
+    saved_weights = weights(tr)
+    ckpt = tr.save_checkpoint()
+    assert ckpt == tmp_path / "run" / "checkpoints" / "step_000003"
+    state = torch.load(ckpt / CHECKPOINT_STATE, weights_only=False)
+    assert set(state) == {"step", "optimizer", "scheduler", "sampler", "rng", "shuffle_rng", "engine_rng",
+                          "generator_rng", "rank_states"}
+    assert state["step"] == 3 and state["sampler"] == {"epoch": 0, "pos": 2, "n": 3}
+    assert state["engine_rng"] == tr.engine.rng.bit_generator.state
+    assert torch.equal(state["shuffle_rng"], tr.shuffle_rng.get_state())
+    assert torch.equal(state["generator_rng"], tr.generator.get_rng_state())
+    assert torch.equal(state["rng"]["torch"], torch.get_rng_state())
+    # One process: rank_states[0] holds the same streams as the top-level keys.
+    assert len(state["rank_states"]) == 1
+    rank0 = state["rank_states"][0]
+    assert set(rank0) == {"rng", "shuffle_rng", "engine_rng", "generator_rng"}
+    assert rank0["engine_rng"] == state["engine_rng"] and torch.equal(rank0["shuffle_rng"], state["shuffle_rng"])
+    assert torch.equal(rank0["generator_rng"], state["generator_rng"])
+    assert torch.equal(rank0["rng"]["torch"], state["rng"]["torch"]) and rank0["rng"]["python"] == state["rng"]["python"]
+    assert (ckpt / "config.yaml").exists() and list(ckpt.glob("*.safetensors")) and (ckpt / "tokenizer.json").exists()
+
+    expected = draws(tr)  # what comes next after the save
+    # Move every stream and the weights, then load the checkpoint by path (read here, not passed in).
+    draws(tr)
+    tr.generator.set_rng_state(torch.Generator().manual_seed(123).get_state())
+    tr.sampler.take(1)
+    tr.step = 9
+    with torch.no_grad():
+        for p in tr.model.parameters():
+            p.add_(0.5)
+    tr.load_checkpoint(ckpt)
+    assert tr.step == 3 and tr.sampler.state_dict() == {"epoch": 0, "pos": 2, "n": 3}
+    for k, v in weights(tr).items():
+        assert torch.equal(v, saved_weights[k]), k
+    assert draws(tr) == expected
+
+    # A directory without weights does not read back.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^no \*\.safetensors weights$"):
+        tr._read_checkpoint(tmp_path / "empty")
+
+
+def test_a_checkpoint_of_another_world_size_reseeds_every_stream_from_seed_step_rank(assets, tmp_path, capsys):
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0", "trainer.seed=5"))
+    tr.step = 4
+    ckpt = tr.save_checkpoint()
+    state = torch.load(ckpt / CHECKPOINT_STATE, weights_only=False)
+    state["rank_states"] = state["rank_states"] * 2  # as if two processes had written it
+    torch.save(state, ckpt / CHECKPOINT_STATE)
+    generator_state = tr.generator.get_rng_state()
+
+    tr.load_checkpoint(ckpt)
+    got = draws(tr)
+    assert f"{ckpt} was written by 2 process(es), resuming with 1" in capsys.readouterr().out
+
+    seed = [5, 4, 0]  # (trainer.seed, step, rank)
+    random.seed(str(seed))
+    np.random.seed(seed)
+    torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    shuffle = torch.Generator().manual_seed(int(np.random.SeedSequence([*seed, 1]).generate_state(1)[0]))
+    engine = np.random.default_rng([*seed, 2])
+    # The sampler's stream is not reseeded (it is the same as before the load).
+    assert got == (random.random(), float(np.random.rand()), float(torch.rand(1)),
+                   float(torch.rand(1, generator=shuffle)), float(engine.random()), generator_state.tolist())
+
+
+def test_fit_refuses_a_used_output_dir_unless_overwrite(assets, tmp_path):
+    from at2po.training.run_dir import RunDirError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 7}\n')
+    (out / "notes.txt").write_text("mine")
+    tr = Trainer(make_run_cfg(assets, out, "trainer.save_every=0"))
+    with pytest.raises(RunDirError, match="is not empty"):
+        tr.fit(stop_after=0)
+    assert (out / "metrics.jsonl").read_text() == '{"step": 7}\n'  # nothing touched
+    assert tr.fit(overwrite=True, stop_after=0) == {"history": [], "step": 0}
+    assert (out / "notes.txt").read_text() == "mine"  # not a run file: kept
+    assert (out / "metrics.jsonl").read_text() == "" and (out / "config.yaml").exists()
