@@ -217,6 +217,12 @@ def run_module(module: str, tests: list[str], args, root: Path) -> dict:
     res.update(run=run, killed=count("killed"), survived=count("survived"), timeout=count("timeout"),
                no_tests=count("no tests"), not_checked=count("not checked"),
                other=run - count("killed") - count("survived") - count("timeout") - count("no tests"))
+    by_function: dict[str, dict[str, int]] = {}  # per-function counts, e.g. to tell apart a module's parts
+    for k, v in status.items():
+        if v != "not checked":
+            counts = by_function.setdefault(mutant_function(k), {})
+            counts[v] = counts.get(v, 0) + 1
+    res["by_function"] = dict(sorted(by_function.items()))
     tested = res["killed"] + res["survived"] + res["timeout"] + res["no_tests"]
     res["kill_rate"] = round(100.0 * (res["killed"] + res["timeout"]) / tested, 1) if tested else None
     source = (REPO / "src" / "at2po" / module).read_text().splitlines()
