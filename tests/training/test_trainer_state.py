@@ -114,3 +114,18 @@ def test_fit_refuses_a_used_output_dir_unless_overwrite(assets, tmp_path):
     assert tr.fit(overwrite=True, stop_after=0) == {"history": [], "step": 0}
     assert (out / "notes.txt").read_text() == "mine"  # not a run file: kept
     assert (out / "metrics.jsonl").read_text() == "" and (out / "config.yaml").exists()
+
+
+def test_fit_validates_before_training_and_logs_it_as_step_0(assets, tmp_path):
+    from at2po.training.trainer import read_metrics
+
+    out = tmp_path / "run"
+    tr = Trainer(make_run_cfg(assets, out, "trainer.save_every=0", "trainer.val_before_train=true",
+                              "data.val_size=2", "rollout.max_response_tokens=12"))
+    result = tr.fit(stop_after=0)
+    assert result["step"] == 0 and len(result["history"]) == 1
+    logged = read_metrics(out / "metrics.jsonl")
+    assert logged == result["history"] and logged[0]["step"] == 0
+    assert {"val/em", "val/f1", "val/turns", "val/tool_calls"} <= set(logged[0])
+    assert len(tr.val_records) == 2
+    assert logged[0]["val/turns"] == pytest.approx(sum(r["turns"] for r in tr.val_records) / 2)
