@@ -202,8 +202,41 @@ def test_metrics_logger_writes_tensorboard_when_asked(tmp_path):
     pytest.importorskip("torch.utils.tensorboard")
     logger = MetricsLogger(tmp_path, load_config(None, ["trainer.tensorboard=true"]))
     logger.log(3, {"reward/mean": 0.5}, console=False)
+    logger.log(4, {"reward/mean": 0.75, "loss/policy": -1.0}, console=False)
     logger.close()
-    assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("reward/mean")] == [(3, 0.5), (4, 0.75)]
+    assert [(e.step, e.value) for e in events.Scalars("loss/policy")] == [(4, -1.0)]
+
+
+def test_metrics_logger_sends_to_wandb_when_asked(tmp_path, monkeypatch):
+    """W&B is an explicit opt-in (trainer.wandb): a stand-in module records what it receives."""
+    import sys
+    import types
+
+    from at2po.config import config_to_dict
+
+    calls = []
+
+    class Run:
+        def log(self, metrics, step=None):
+            calls.append(("log", metrics, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    cfg = load_config(None, ["trainer.tensorboard=false", "trainer.wandb=true", "trainer.wandb_project=glue"])
+    logger = MetricsLogger(tmp_path, cfg)
+    logger.log(2, {"reward/mean": 0.5}, console=False)
+    logger.close()
+    assert calls == [("init", {"project": "glue", "config": config_to_dict(cfg), "dir": str(tmp_path)}),
+                     ("log", {"reward/mean": 0.5}, 2), ("finish",)]
 
 
 def test_read_metrics_skips_a_line_cut_by_a_kill(tmp_path):

@@ -129,3 +129,44 @@ def test_fit_validates_before_training_and_logs_it_as_step_0(assets, tmp_path):
     assert {"val/em", "val/f1", "val/turns", "val/tool_calls"} <= set(logged[0])
     assert len(tr.val_records) == 2
     assert logged[0]["val/turns"] == pytest.approx(sum(r["turns"] for r in tr.val_records) / 2)
+
+
+def test_train_step_order_and_rollout_metrics(assets, tmp_path):
+    """One step: rollout, then the generator's sleep (an engine sharing the GPU frees memory), then
+    the update; its rollout and reward metrics against naive sums over the rollout it made."""
+    from at2po.training.trainer import build_train_batch
+
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0"))
+    events, results = [], []
+    rollout, update = tr.engine.rollout, tr._update
+
+    def recording_rollout(prompts, **kw):
+        events.append("rollout")
+        results.append(rollout(prompts, **kw))
+        return results[-1]
+
+    tr.engine.rollout = recording_rollout
+    tr.generator.sleep = lambda: events.append("sleep")
+    tr._update = lambda batch, n_trees: events.append(("update", n_trees)) or update(batch, n_trees)
+    lr = tr.scheduler.get_last_lr()[0]
+    m = tr.train_step()
+    assert events == ["rollout", "sleep", ("update", 2)] and tr.step == 1
+    res = results[0]
+    scored = [r.score for r in res.rows if not r.duplicate]
+    assert m["reward/mean"] == pytest.approx(sum(s.reward for s in scored) / len(scored))
+    for k in ("em", "f1", "format_ok"):
+        assert m[f"reward/{k}"] == pytest.approx(sum(s.metrics[k] for s in scored) / len(scored)), k
+    nll = [-lp for tree in res.trees for node in tree.nodes[1:] for lp, keep in zip(node.gen_logprobs, node.gen_mask)
+           if keep]
+    assert m["rollout/token_nll"] == pytest.approx(sum(nll) / len(nll))
+    assert m["rollout/generation_calls"] == res.generation_calls
+    assert m["rollout/leaves_per_tree"] == pytest.approx(sum(s.leaves for s in res.stats) / 2)
+    assert m["rollout/depth_max"] == max(s.depth for s in res.stats)
+    for k in ("generated_tokens", "prefill_tokens", "tool_calls", "tool_failures", "tool_infra_failures"):
+        assert m[f"rollout/{k}"] == sum(getattr(s, k) for s in res.stats), k
+    adv = build_train_batch(res, tr.cfg.algo)[0]
+    a = adv.advantages[adv.response_mask.bool()].double()
+    assert m["adv/mean"] == pytest.approx(float(a.mean()))
+    assert m["adv/abs_max"] == pytest.approx(float(a.abs().max()))
+    assert m["adv/zero_frac"] == pytest.approx(float((a == 0).double().mean()))
+    assert m["lr"] == lr and m["loss/updates"] == 2.0
