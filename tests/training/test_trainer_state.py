@@ -136,7 +136,12 @@ def test_train_step_order_and_rollout_metrics(assets, tmp_path):
     the update; its rollout and reward metrics against naive sums over the rollout it made."""
     from at2po.training.trainer import build_train_batch
 
+    from at2po.tasks.base import Score
+
     tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0"))
+    # A reward that varies on the random policy's output (odd length wins), so advantages are not all 0.
+    tr.task.score = lambda response, sample, protocol: Score(
+        float(len(response) % 2), {"em": float(len(response) % 2), "f1": 0.5, "format_ok": 1.0}, None, "")
     events, results = [], []
     rollout, update = tr.engine.rollout, tr._update
 
@@ -166,7 +171,23 @@ def test_train_step_order_and_rollout_metrics(assets, tmp_path):
         assert m[f"rollout/{k}"] == sum(getattr(s, k) for s in res.stats), k
     adv = build_train_batch(res, tr.cfg.algo)[0]
     a = adv.advantages[adv.response_mask.bool()].double()
+    assert a.abs().max() > 0 and len({s.reward for s in scored}) == 2
     assert m["adv/mean"] == pytest.approx(float(a.mean()))
     assert m["adv/abs_max"] == pytest.approx(float(a.abs().max()))
     assert m["adv/zero_frac"] == pytest.approx(float((a == 0).double().mean()))
-    assert m["lr"] == lr and m["loss/updates"] == 2.0
+    assert m["lr"] == lr and m["loss/updates"] == 2.0 and m["loss/grad_norm"] > 0
+
+
+def test_optimizer_and_schedule_follow_the_config(assets, tmp_path):
+    tr = Trainer(make_run_cfg(assets, tmp_path / "a", "optim.lr=0.02", "optim.betas=[0.8, 0.95]",
+                              "optim.weight_decay=0.3"))
+    (group,) = tr.optimizer.param_groups
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.02, (0.8, 0.95), 0.3)
+    assert tr.scheduler.get_last_lr() == [0.02]  # no warm-up: the configured lr from the first step
+    warm = Trainer(make_run_cfg(assets, tmp_path / "b", "optim.lr=0.02", "optim.warmup_steps=4"))
+    lrs = []
+    for _ in range(5):
+        lrs.append(warm.scheduler.get_last_lr()[0])
+        warm.optimizer.step()
+        warm.scheduler.step()
+    assert lrs == pytest.approx([0.005, 0.01, 0.015, 0.02, 0.02])
