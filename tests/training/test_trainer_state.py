@@ -191,3 +191,18 @@ def test_optimizer_and_schedule_follow_the_config(assets, tmp_path):
         warm.optimizer.step()
         warm.scheduler.step()
     assert lrs == pytest.approx([0.005, 0.01, 0.015, 0.02, 0.02])
+
+
+def test_prompts_too_long_for_the_context_are_skipped_with_a_printed_warning(assets, tmp_path, capsys):
+    import json
+
+    rows = [json.loads(l) for l in (assets / "train.jsonl").read_text().splitlines()]
+    rows.append({"id": "long", "question": "why " * 2100, "golden_answers": ["x"]})  # > 2048 positions alone
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", f"data.train_file={data}", f"data.val_file={data}"))
+    assert [r.id for r in tr.train_rows] == [r["id"] for r in rows[:-1]]
+    assert [r.id for r in tr.val_rows] == [r["id"] for r in rows[:-1]]
+    out = capsys.readouterr().out
+    assert out.count(f"skipping 1 of {len(rows)} rows that do not fit") == 2
+    assert "warning: data.train_file:" in out and "warning: data.val_file:" in out and "ids: long" in out
