@@ -206,3 +206,9 @@ def test_prompts_too_long_for_the_context_are_skipped_with_a_printed_warning(ass
     out = capsys.readouterr().out
     assert out.count(f"skipping 1 of {len(rows)} rows that do not fit") == 2
     assert "warning: data.train_file:" in out and "warning: data.val_file:" in out and "ids: long" in out
+    # A validation set of only too-long rows leaves validation off (the training set decides the run).
+    only_long = tmp_path / "val.jsonl"
+    only_long.write_text(json.dumps(rows[-1]) + "\n")
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run2", f"data.val_file={only_long}"))
+    assert tr.val_rows == [] and len(tr.train_rows) == len(rows) - 1
+    assert "warning: data.val_file: skipping 1 of 1 rows" in capsys.readouterr().out
