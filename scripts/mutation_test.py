@@ -171,6 +171,12 @@ def mutant_function(key: str) -> str:
     return part.split("ǁ")[-1] if part.startswith("xǁ") else part[2:]
 
 
+def qualified_function(key: str) -> str:
+    """Class-qualified function name of a mutant key: ``func`` or ``Class.method``."""
+    part = key.rsplit("__mutmut_", 1)[0].split(".")[-1]
+    return ".".join(part.split("ǁ")[1:]) if part.startswith("xǁ") else part[2:]
+
+
 def locate(diff: str, source: list[str], func: str) -> int | None:
     """Line (1-based) in the original file of the first removed line of a mutant's diff.
 
@@ -220,7 +226,7 @@ def run_module(module: str, tests: list[str], args, root: Path) -> dict:
     by_function: dict[str, dict[str, int]] = {}  # per-function counts, e.g. to tell apart a module's parts
     for k, v in status.items():
         if v != "not checked":
-            counts = by_function.setdefault(mutant_function(k), {})
+            counts = by_function.setdefault(qualified_function(k), {})
             counts[v] = counts.get(v, 0) + 1
     res["by_function"] = dict(sorted(by_function.items()))
     tested = res["killed"] + res["survived"] + res["timeout"] + res["no_tests"]
