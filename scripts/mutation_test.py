@@ -68,7 +68,7 @@ MODULES: dict[str, list[str]] = {
     # glue resume test (10 s, kept) resumes a run with validation too.
     "training/trainer.py": [
         "tests/training/test_trainer_parts.py", "tests/training/test_trainer_state.py", "tests/training/test_trainer.py",
-        "tests/training/test_glue.py",
+        "tests/training/test_glue.py", "tests/training/test_lora.py",
         "-k", "not test_resume_is_bit_identical and not test_one_step_raises and not test_validation_and_logs",
     ],
     "evaluation/evaluator.py": [

@@ -212,3 +212,12 @@ def test_prompts_too_long_for_the_context_are_skipped_with_a_printed_warning(ass
     tr = Trainer(make_run_cfg(assets, tmp_path / "run2", f"data.val_file={only_long}"))
     assert tr.val_rows == [] and len(tr.train_rows) == len(rows) - 1
     assert "warning: data.val_file: skipping 1 of 1 rows" in capsys.readouterr().out
+
+
+def test_progress_bar_names_the_run_and_shows_the_reward(assets, tmp_path, capsys):
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0", "trainer.progress=true",
+                              "trainer.steps=1"))
+    history = tr.fit()["history"]
+    err = capsys.readouterr().err
+    assert "AT²PO" in err and "1/1" in err
+    assert f"reward {history[-1]['reward/mean']:.3f}" in err
