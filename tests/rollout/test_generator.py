@@ -155,6 +155,13 @@ def test_stop_string_spanning_tokens_and_not_from_context(tok, model):
     assert (out.token_ids, out.finish_reason, out.stop_string) == (a * 4, FINISH_LENGTH, None)
 
 
+def test_stop_on_a_special_token_string_during_generation(tok, model):
+    special = tok.convert_tokens_to_ids("<|im_start|>")
+    forced = with_logit_bias(model, {special: 50.0})
+    out = HFGenerator(forced, tok).generate([tok.encode("a b")], SamplingParams(max_new_tokens=4, stop=("<|im_start|>",)))[0]
+    assert (out.token_ids, out.finish_reason, out.stop_string) == ([special], FINISH_STOP, "<|im_start|>")
+
+
 def test_stop_checker_finds_each_stop_when_completed(tok):
     text = "<think> ok </think> Zürich is near Page 1: the lake"
     ids = tok.encode(text)

@@ -123,6 +123,8 @@ def test_f1_score_empty_strings() -> None:
         ("<answer> \\boxed{a\\}b} </answer>", "a\\}b"),  # escaped braces do not count
         ("<answer> \\boxed{ok} \\boxed{unbalanced </answer>", "ok"),
         ("<answer> \\boxed{} </answer>", ""),
+        ("<answer> \\boxed{\\{} </answer>", "\\{"),  # an escape skips one character, not two
+        ("<answer> \\boxed{1} </answer> \\boxed{2} </answer>", "1"),  # the block ends at its first </answer>
     ],
 )
 def test_extract_answer(response: str, expected: str) -> None:

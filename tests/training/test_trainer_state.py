@@ -1,0 +1,223 @@
+"""What a checkpoint holds and what loading it restores, through Trainer.save_checkpoint and
+Trainer.load_checkpoint directly (no training step): every random stream, the prompt position,
+the step, the weights; and the reseeding when the world size changed since the save."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from at2po.training.run_dir import CHECKPOINT_STATE
+from at2po.training.trainer import Trainer
+from conftest import make_run_cfg, tiny_search_qa_assets
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return tiny_search_qa_assets(tmp_path_factory.mktemp("state_assets"))
+
+
+def weights(tr):
+    return {k: v.detach().clone() for k, v in tr.accelerator.unwrap_model(tr.model).state_dict().items()}
+
+
+def draws(tr):
+    """One draw from every random stream a resumed run must continue, and the sampler's RNG state."""
+    return (random.random(), float(np.random.rand()), float(torch.rand(1)),
+            float(torch.rand(1, generator=tr.shuffle_rng)), float(tr.engine.rng.random()),
+            tr.generator.get_rng_state().tolist())
+
+
+def test_checkpoint_contents_and_a_direct_load_restore_everything(assets, tmp_path):
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0"))
+    tr.sampler.take(2)
+    tr.step = 3
+    saved_weights = weights(tr)
+    ckpt = tr.save_checkpoint()
+    assert ckpt == tmp_path / "run" / "checkpoints" / "step_000003"
+    state = torch.load(ckpt / CHECKPOINT_STATE, weights_only=False)
+    assert set(state) == {"step", "optimizer", "scheduler", "sampler", "rng", "shuffle_rng", "engine_rng",
+                          "generator_rng", "rank_states"}
+    assert state["step"] == 3 and state["sampler"] == {"epoch": 0, "pos": 2, "n": 3}
+    assert state["engine_rng"] == tr.engine.rng.bit_generator.state
+    assert torch.equal(state["shuffle_rng"], tr.shuffle_rng.get_state())
+    assert torch.equal(state["generator_rng"], tr.generator.get_rng_state())
+    assert torch.equal(state["rng"]["torch"], torch.get_rng_state())
+    # One process: rank_states[0] holds the same streams as the top-level keys.
+    assert len(state["rank_states"]) == 1
+    rank0 = state["rank_states"][0]
+    assert set(rank0) == {"rng", "shuffle_rng", "engine_rng", "generator_rng"}
+    assert rank0["engine_rng"] == state["engine_rng"] and torch.equal(rank0["shuffle_rng"], state["shuffle_rng"])
+    assert torch.equal(rank0["generator_rng"], state["generator_rng"])
+    assert torch.equal(rank0["rng"]["torch"], state["rng"]["torch"]) and rank0["rng"]["python"] == state["rng"]["python"]
+    assert (ckpt / "config.yaml").exists() and list(ckpt.glob("*.safetensors")) and (ckpt / "tokenizer.json").exists()
+
+    expected = draws(tr)  # what comes next after the save
+    # Move every stream and the weights, then load the checkpoint by path (read here, not passed in).
+    draws(tr)
+    tr.generator.set_rng_state(torch.Generator().manual_seed(123).get_state())
+    tr.sampler.take(1)
+    tr.step = 9
+    with torch.no_grad():
+        for p in tr.model.parameters():
+            p.add_(0.5)
+    tr.load_checkpoint(ckpt)
+    assert tr.step == 3 and tr.sampler.state_dict() == {"epoch": 0, "pos": 2, "n": 3}
+    for k, v in weights(tr).items():
+        assert torch.equal(v, saved_weights[k]), k
+    assert draws(tr) == expected
+
+    # A directory without weights does not read back.
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"^no \*\.safetensors weights$"):
+        tr._read_checkpoint(tmp_path / "empty")
+
+
+def test_a_checkpoint_of_another_world_size_reseeds_every_stream_from_seed_step_rank(assets, tmp_path, capsys):
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0", "trainer.seed=5"))
+    tr.step = 4
+    ckpt = tr.save_checkpoint()
+    state = torch.load(ckpt / CHECKPOINT_STATE, weights_only=False)
+    state["rank_states"] = state["rank_states"] * 2  # as if two processes had written it
+    torch.save(state, ckpt / CHECKPOINT_STATE)
+    generator_state = tr.generator.get_rng_state()
+
+    tr.load_checkpoint(ckpt)
+    got = draws(tr)
+    assert f"{ckpt} was written by 2 process(es), resuming with 1" in capsys.readouterr().out
+
+    seed = [5, 4, 0]  # (trainer.seed, step, rank)
+    random.seed(str(seed))
+    np.random.seed(seed)
+    torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    shuffle = torch.Generator().manual_seed(int(np.random.SeedSequence([*seed, 1]).generate_state(1)[0]))
+    engine = np.random.default_rng([*seed, 2])
+    # The sampler's stream is not reseeded (it is the same as before the load).
+    assert got == (random.random(), float(np.random.rand()), float(torch.rand(1)),
+                   float(torch.rand(1, generator=shuffle)), float(engine.random()), generator_state.tolist())
+
+
+def test_fit_refuses_a_used_output_dir_unless_overwrite(assets, tmp_path):
+    from at2po.training.run_dir import RunDirError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 7}\n')
+    (out / "notes.txt").write_text("mine")
+    tr = Trainer(make_run_cfg(assets, out, "trainer.save_every=0"))
+    with pytest.raises(RunDirError, match="is not empty"):
+        tr.fit(stop_after=0)
+    assert (out / "metrics.jsonl").read_text() == '{"step": 7}\n'  # nothing touched
+    assert tr.fit(overwrite=True, stop_after=0) == {"history": [], "step": 0}
+    assert (out / "notes.txt").read_text() == "mine"  # not a run file: kept
+    assert (out / "metrics.jsonl").read_text() == "" and (out / "config.yaml").exists()
+
+
+def test_fit_validates_before_training_and_logs_it_as_step_0(assets, tmp_path):
+    from at2po.training.trainer import read_metrics
+
+    out = tmp_path / "run"
+    tr = Trainer(make_run_cfg(assets, out, "trainer.save_every=0", "trainer.val_before_train=true",
+                              "data.val_size=2", "rollout.max_response_tokens=12"))
+    result = tr.fit(stop_after=0)
+    assert result["step"] == 0 and len(result["history"]) == 1
+    logged = read_metrics(out / "metrics.jsonl")
+    assert logged == result["history"] and logged[0]["step"] == 0
+    assert {"val/em", "val/f1", "val/turns", "val/tool_calls"} <= set(logged[0])
+    assert len(tr.val_records) == 2
+    assert logged[0]["val/turns"] == pytest.approx(sum(r["turns"] for r in tr.val_records) / 2)
+
+
+def test_train_step_order_and_rollout_metrics(assets, tmp_path):
+    """One step: rollout, then the generator's sleep (an engine sharing the GPU frees memory), then
+    the update; its rollout and reward metrics against naive sums over the rollout it made."""
+    from at2po.training.trainer import build_train_batch
+
+    from at2po.tasks.base import Score
+
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0"))
+    # A reward that varies on the random policy's output (odd length wins), so advantages are not all 0.
+    tr.task.score = lambda response, sample, protocol: Score(
+        float(len(response) % 2), {"em": float(len(response) % 2), "f1": 0.5, "format_ok": 1.0}, None, "")
+    events, results = [], []
+    rollout, update = tr.engine.rollout, tr._update
+
+    def recording_rollout(prompts, **kw):
+        events.append("rollout")
+        results.append(rollout(prompts, **kw))
+        return results[-1]
+
+    tr.engine.rollout = recording_rollout
+    tr.generator.sleep = lambda: events.append("sleep")
+    tr._update = lambda batch, n_trees: events.append(("update", n_trees)) or update(batch, n_trees)
+    lr = tr.scheduler.get_last_lr()[0]
+    m = tr.train_step()
+    assert events == ["rollout", "sleep", ("update", 2)] and tr.step == 1
+    res = results[0]
+    scored = [r.score for r in res.rows if not r.duplicate]
+    assert m["reward/mean"] == pytest.approx(sum(s.reward for s in scored) / len(scored))
+    for k in ("em", "f1", "format_ok"):
+        assert m[f"reward/{k}"] == pytest.approx(sum(s.metrics[k] for s in scored) / len(scored)), k
+    nll = [-lp for tree in res.trees for node in tree.nodes[1:] for lp, keep in zip(node.gen_logprobs, node.gen_mask)
+           if keep]
+    assert m["rollout/token_nll"] == pytest.approx(sum(nll) / len(nll))
+    assert m["rollout/generation_calls"] == res.generation_calls
+    assert m["rollout/leaves_per_tree"] == pytest.approx(sum(s.leaves for s in res.stats) / 2)
+    assert m["rollout/depth_max"] == max(s.depth for s in res.stats)
+    for k in ("generated_tokens", "prefill_tokens", "tool_calls", "tool_failures", "tool_infra_failures"):
+        assert m[f"rollout/{k}"] == sum(getattr(s, k) for s in res.stats), k
+    adv = build_train_batch(res, tr.cfg.algo)[0]
+    a = adv.advantages[adv.response_mask.bool()].double()
+    assert a.abs().max() > 0 and len({s.reward for s in scored}) == 2
+    assert m["adv/mean"] == pytest.approx(float(a.mean()))
+    assert m["adv/abs_max"] == pytest.approx(float(a.abs().max()))
+    assert m["adv/zero_frac"] == pytest.approx(float((a == 0).double().mean()))
+    assert m["lr"] == lr and m["loss/updates"] == 2.0 and m["loss/grad_norm"] > 0
+
+
+def test_optimizer_and_schedule_follow_the_config(assets, tmp_path):
+    tr = Trainer(make_run_cfg(assets, tmp_path / "a", "optim.lr=0.02", "optim.betas=[0.8, 0.95]",
+                              "optim.weight_decay=0.3"))
+    (group,) = tr.optimizer.param_groups
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (0.02, (0.8, 0.95), 0.3)
+    assert tr.scheduler.get_last_lr() == [0.02]  # no warm-up: the configured lr from the first step
+    warm = Trainer(make_run_cfg(assets, tmp_path / "b", "optim.lr=0.02", "optim.warmup_steps=4"))
+    lrs = []
+    for _ in range(5):
+        lrs.append(warm.scheduler.get_last_lr()[0])
+        warm.optimizer.step()
+        warm.scheduler.step()
+    assert lrs == pytest.approx([0.005, 0.01, 0.015, 0.02, 0.02])
+
+
+def test_prompts_too_long_for_the_context_are_skipped_with_a_printed_warning(assets, tmp_path, capsys):
+    import json
+
+    rows = [json.loads(l) for l in (assets / "train.jsonl").read_text().splitlines()]
+    rows.append({"id": "long", "question": "why " * 2100, "golden_answers": ["x"]})  # > 2048 positions alone
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", f"data.train_file={data}", f"data.val_file={data}"))
+    assert [r.id for r in tr.train_rows] == [r["id"] for r in rows[:-1]]
+    assert [r.id for r in tr.val_rows] == [r["id"] for r in rows[:-1]]
+    out = capsys.readouterr().out
+    assert out.count(f"skipping 1 of {len(rows)} rows that do not fit") == 2
+    assert "warning: data.train_file:" in out and "warning: data.val_file:" in out and "ids: long" in out
+    # A validation set of only too-long rows leaves validation off (the training set decides the run).
+    only_long = tmp_path / "val.jsonl"
+    only_long.write_text(json.dumps(rows[-1]) + "\n")
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run2", f"data.val_file={only_long}"))
+    assert tr.val_rows == [] and len(tr.train_rows) == len(rows) - 1
+    assert "warning: data.val_file: skipping 1 of 1 rows" in capsys.readouterr().out
+
+
+def test_progress_bar_names_the_run_and_shows_the_reward(assets, tmp_path, capsys):
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0", "trainer.progress=true",
+                              "trainer.steps=1"))
+    history = tr.fit()["history"]
+    err = capsys.readouterr().err
+    assert "AT²PO" in err and "1/1" in err
+    assert f"reward {history[-1]['reward/mean']:.3f}" in err
