@@ -63,6 +63,17 @@ TEXTS = ["<think> the", "<search> the old library was founded by two brothers </
          "<answer> The final", "1887 the capital", "Marie Curie was", "<result>\nPage 2: the river"]
 
 
+def assert_old_logprobs_are_the_models(model, res) -> None:
+    """Every trained token's old log-prob in the rows equals a fresh HF forward pass of the model."""
+    rows = [r for r in res.rows if not r.duplicate]
+    seqs = [res.trees[r.tree].prompt_ids + r.sequence.response_ids.tolist() for r in rows]
+    with torch.no_grad():
+        ref = sequence_logprobs(model, seqs, [len(res.trees[r.tree].prompt_ids) for r in rows])
+    for r, lp in zip(rows, ref):
+        m = r.sequence.loss_mask.astype(bool)
+        np.testing.assert_allclose(r.sequence.old_log_probs[m], lp.numpy()[m], atol=LOGPROB_ATOL)
+
+
 def widen(model, std=0.2, seed=0):
     """Redraw the matrices with a wider std: a random model's greedy text then varies."""
     gen = torch.Generator().manual_seed(seed)
@@ -325,13 +336,7 @@ def test_tree_rollout_with_the_vllm_backend(warm):
     assert all(sum(1 for r in res.rows if r.tree == t) == 6 for t in range(2))
     # Expansions happened: some turn hangs under a parent that already had a child.
     assert any(len(n.children) > 1 for t in res.trees for n in t.nodes)
-    rows = [r for r in res.rows if not r.duplicate]
-    seqs = [res.trees[r.tree].prompt_ids + r.sequence.response_ids.tolist() for r in rows]
-    with torch.no_grad():
-        ref = sequence_logprobs(model, seqs, [len(res.trees[r.tree].prompt_ids) for r in rows])
-    for r, lp in zip(rows, ref):
-        m = r.sequence.loss_mask.astype(bool)
-        np.testing.assert_allclose(r.sequence.old_log_probs[m], lp.numpy()[m], atol=LOGPROB_ATOL)
+    assert_old_logprobs_are_the_models(model, res)
 
 
 def test_two_training_steps_with_the_vllm_backend(warm, tmp_path):
@@ -462,13 +467,7 @@ def test_stream_tree_rollout_is_a_valid_tree_and_matches_async(warm):
     for t in res.trees:
         assert all(n.index == i and n.parent < i for i, n in enumerate(t.nodes))
         assert all(t.nodes[c].parent == n.index for n in t.nodes for c in n.children)
-    rows = [r for r in res.rows if not r.duplicate]
-    seqs = [res.trees[r.tree].prompt_ids + r.sequence.response_ids.tolist() for r in rows]
-    with torch.no_grad():
-        ref = sequence_logprobs(model, seqs, [len(res.trees[r.tree].prompt_ids) for r in rows])
-    for r, lp in zip(rows, ref):
-        m = r.sequence.loss_mask.astype(bool)
-        np.testing.assert_allclose(r.sequence.old_log_probs[m], lp.numpy()[m], atol=LOGPROB_ATOL)
+    assert_old_logprobs_are_the_models(model, res)
 
     # Greedy: the stream schedule builds the trees the async one does, node for node (M greedy
     # chains are equal, so entropy ties and node numbers decide the expansions), whatever the
