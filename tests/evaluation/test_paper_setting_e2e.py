@@ -1,4 +1,4 @@
-"""The paper's setting end to end on CPU (spec §5), in miniature (run with HF_HUB_OFFLINE=1).
+"""The paper's setting end to end on CPU (docs/method.md §5), in miniature (run with HF_HUB_OFFLINE=1).
 
 A dense index (the packaged MiniLM encoder, offline) over a small corpus, served over HTTP with
 Search-R1's /retrieve API; one AT²PO training step of a tiny model whose search calls go through
