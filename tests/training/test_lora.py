@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -99,3 +100,17 @@ def test_lora_config_errors_name_the_field(assets, tmp_path):
         load_config(None, ["model.lora_dropout=1.5"])
     with pytest.raises(ValueError, match=r"model.lora_target_modules=\['nope_proj'\]"):
         Trainer(make_run_cfg(assets, tmp_path / "run", *LORA, "model.lora_target_modules=[nope_proj]"))
+
+
+def test_a_full_model_checkpoint_is_refused_by_a_lora_run_naming_it(assets, tmp_path):
+    """Weights without adapters (e.g. a checkpoint of full fine-tuning) do not load silently."""
+    full = Trainer(make_run_cfg(assets, tmp_path / "full", "trainer.save_every=0"))
+    ckpt = full.save_checkpoint()
+    tr = Trainer(make_run_cfg(assets, tmp_path / "lora", *LORA))
+    _, state = tr._read_checkpoint(ckpt)
+    with pytest.raises(ValueError) as err:
+        tr.load_checkpoint(ckpt, ({}, state))
+    assert str(err.value) == (f"checkpoint {ckpt} has no adapter weights: was it written by a run with "
+                              "model.lora_rank > 0?")
+    with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(str(ckpt))} does not match the adapters: missing \["):
+        tr.load_checkpoint(ckpt)

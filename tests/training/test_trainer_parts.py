@@ -278,21 +278,35 @@ def test_rng_state_round_trip_and_latest_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path) is None
 
 
+def test_cuda_rng_is_restored_only_when_saved_and_a_gpu_is_there(monkeypatch):
+    """The CUDA streams (this CPU machine has none: the calls are recorded)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(states))
+    state = _rng_state()
+    for saved, available, restored in ((["gpu0"], True, True), (None, True, False), (["gpu0"], False, False)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+        calls.clear()
+        _set_rng_state({**state, "cuda": saved})
+        assert calls == ([["gpu0"]] if restored else []), (saved, available)
+
+
 def test_plot_metrics_draws_each_panel(tmp_path, monkeypatch):
     """The six panels: title, data, markers for short series, a 5-step moving average for noisy
     series of >= 10 points (not for held-out EM), and a 12 x 6 inch figure at 110 dpi."""
     pytest.importorskip("matplotlib")
     import matplotlib.pyplot as plt
 
-    rows = [{"step": s, "reward/mean": (s % 7) / 7} for s in range(1, 36)]  # 35 points: no markers
+    rows = [{"step": s, "reward/mean": (s % 7) / 7} for s in range(1, 31)]  # exactly 30 points: no markers
     for s in range(1, 13):
         rows[s - 1]["reward/em"] = (s % 3) / 3  # 12 points
-    for s in (5, 10, 15):
-        rows[s - 1]["val/em"] = s / 100
+    for s in range(2, 22, 2):
+        rows[s - 1]["val/em"] = s / 100  # 10 points, but held-out EM is never averaged
     for s in range(1, 10):
         rows[s - 1]["loss/clipfrac"] = s / 50  # 9 points: too few for an average
     for s in range(1, 11):
         rows[s - 1]["loss/turn_kl_entropy"] = s / 10  # exactly 10 points: averaged
+    for s in (1, 2, 3):
+        rows[s - 1]["rollout/generated_tokens"] = 100 * s
     path = tmp_path / "metrics.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     figures = []
@@ -306,6 +320,8 @@ def test_plot_metrics_draws_each_panel(tmp_path, monkeypatch):
     assert [ax.get_title() for ax in axes] == ["train reward", "train EM", "held-out EM (greedy)", "clip fraction",
                                                "H_turn", "generated tokens / step"]
     assert all(ax.get_xlabel() == "step" for ax in axes)
+    assert all(ax.xaxis.get_gridlines()[0].get_visible() and ax.xaxis.get_gridlines()[0].get_alpha() == 0.3
+               for ax in axes)
 
     def series(key):
         pts = [(r["step"], r[key]) for r in rows if key in r]
@@ -315,8 +331,8 @@ def test_plot_metrics_draws_each_panel(tmp_path, monkeypatch):
         return [sum(ys[i:i + w]) / w for i in range(len(ys) - w + 1)]
 
     for ax, key, marker, averaged in zip(axes, ["reward/mean", "reward/em", "val/em", "loss/clipfrac",
-                                                "loss/turn_kl_entropy"],
-                                         ["None", "o", "o", "o", "o"], [True, True, False, False, True]):
+                                                "loss/turn_kl_entropy", "rollout/generated_tokens"],
+                                         ["None", "o", "o", "o", "o", "o"], [True, True, False, False, True, False]):
         xs, ys = series(key)
         raw = ax.lines[0]
         assert list(raw.get_xdata()) == xs and list(raw.get_ydata()) == pytest.approx(ys), key
@@ -332,4 +348,37 @@ def test_plot_metrics_draws_each_panel(tmp_path, monkeypatch):
             assert legend.get_texts()[0].get_fontsize() == 7
         else:
             assert ax.get_legend() is None
-    assert len(axes[5].lines) == 0  # no generated-token counts logged: an empty panel
+    # A metric that was never logged leaves its panel empty.
+    (tmp_path / "empty.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    plot_metrics(tmp_path / "empty.jsonl", tmp_path / "empty.png")
+    assert [len(ax.lines) for ax in figures[1].axes] == [1, 0, 0, 0, 0, 0]
+
+
+def test_train_builds_one_trainer_and_passes_every_flag_to_fit(monkeypatch):
+    """``train`` is the CLI's entry: a fresh run by default; resume, overwrite and force_resume
+    reach ``Trainer.fit`` unchanged (the real path runs in the CLI and resume tests)."""
+    import at2po.training.trainer as trainer_module
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, cfg, **kwargs):
+            calls.append(("init", cfg, kwargs))
+
+        def fit(self, **kwargs):
+            calls.append(("fit", kwargs))
+            return {"step": len(calls)}
+
+    monkeypatch.setattr(trainer_module, "Trainer", Recorder)
+    cfg = object()
+    assert trainer_module.train(cfg) == {"step": 2}
+    assert calls == [("init", cfg, {}), ("fit", {"resume": False, "overwrite": False, "force_resume": False})]
+    calls.clear()
+    trainer_module.train(cfg, resume=True, overwrite=True, force_resume=True)
+    assert calls[1] == ("fit", {"resume": True, "overwrite": True, "force_resume": True})
+    calls.clear()
+    trainer_module.train(cfg, False, True, False)
+    assert calls[1] == ("fit", {"resume": False, "overwrite": True, "force_resume": False})
+    calls.clear()
+    trainer_module.train(cfg, True, False, True)
+    assert calls[1] == ("fit", {"resume": True, "overwrite": False, "force_resume": True})

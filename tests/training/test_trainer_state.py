@@ -3,6 +3,7 @@ Trainer.load_checkpoint directly (no training step): every random stream, the pr
 the step, the weights; and the reseeding when the world size changed since the save."""
 
 import random
+import time
 
 import numpy as np
 import pytest
@@ -122,8 +123,11 @@ def test_fit_validates_before_training_and_logs_it_as_step_0(assets, tmp_path):
     out = tmp_path / "run"
     tr = Trainer(make_run_cfg(assets, out, "trainer.save_every=0", "trainer.val_before_train=true",
                               "data.val_size=2", "rollout.max_response_tokens=12"))
+    t0 = time.perf_counter()
     result = tr.fit(stop_after=0)
+    wall = time.perf_counter() - t0
     assert result["step"] == 0 and len(result["history"]) == 1
+    assert 0 < result["history"][0]["time/val"] <= wall
     logged = read_metrics(out / "metrics.jsonl")
     assert logged == result["history"] and logged[0]["step"] == 0
     assert {"val/em", "val/f1", "val/turns", "val/tool_calls"} <= set(logged[0])
@@ -221,3 +225,102 @@ def test_progress_bar_names_the_run_and_shows_the_reward(assets, tmp_path, capsy
     err = capsys.readouterr().err
     assert "AT²PO" in err and "1/1" in err
     assert f"reward {history[-1]['reward/mean']:.3f}" in err
+
+
+def _moved(tr):
+    """Move every random stream, the prompt position, the step and the weights away from a save."""
+    draws(tr)
+    tr.generator.set_rng_state(torch.Generator().manual_seed(123).get_state())
+    tr.sampler.take(1)
+    tr.step = 9
+    with torch.no_grad():
+        for p in tr.model.parameters():
+            p.add_(0.5)
+
+
+def test_a_checkpoint_without_rank_states_restores_its_top_level_streams(assets, tmp_path, capsys):
+    """Checkpoints written before rank_states existed hold one process's streams at the top level."""
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0"))
+    tr.sampler.take(1)
+    tr.step = 2
+    ckpt = tr.save_checkpoint()
+    expected = draws(tr)
+    state = torch.load(ckpt / CHECKPOINT_STATE, weights_only=False)
+    del state["rank_states"]
+    torch.save(state, ckpt / CHECKPOINT_STATE)
+    _moved(tr)
+    capsys.readouterr()
+    tr.load_checkpoint(ckpt)
+    assert draws(tr) == expected and tr.step == 2
+    assert "process(es)" not in capsys.readouterr().out  # same world size: no reseeding
+
+
+def test_weights_of_another_model_are_refused_naming_the_keys(assets, tmp_path):
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0"))
+    ckpt = tr.save_checkpoint()
+    weights, state = tr._read_checkpoint(ckpt)
+    model = tr.accelerator.unwrap_model(tr.model)
+    assert "lm_head.weight" not in weights and model.config.tie_word_embeddings  # tied: saved once
+    order = [k for k in model.state_dict() if k in weights]
+    wrong = {k: v for k, v in weights.items() if k not in order[:4]}
+    wrong.update({"extra.a": weights[order[0]], "extra.b": weights[order[0]], "extra.c": weights[order[0]],
+                  "extra.d": weights[order[0]]})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        tr.load_checkpoint(ckpt, (wrong, state))
+    unexpected = sorted(set(wrong) - set(model.state_dict()), key=list(wrong).index)[:3]
+    assert str(err.value) == (f"checkpoint {ckpt} does not match the model: missing {order[:3]}, "
+                              f"unexpected {unexpected}")
+    # Only one kind of mismatch is enough to refuse.
+    with pytest.raises(ValueError, match=r"missing \[\], unexpected \['extra.a'\]$"):
+        tr.load_checkpoint(ckpt, ({**weights, "extra.a": weights[order[0]]}, state))
+    with pytest.raises(ValueError, match=rf"missing \['{order[0]}'\], unexpected \[\]$"):
+        tr.load_checkpoint(ckpt, ({k: v for k, v in weights.items() if k != order[0]}, state))
+    # An untied head missing from the weights is a mismatch too.
+    model.config.tie_word_embeddings = False
+    try:
+        with pytest.raises(ValueError, match=r"missing \['lm_head.weight'\], unexpected \[\]$"):
+            tr.load_checkpoint(ckpt, (weights, state))
+    finally:
+        model.config.tie_word_embeddings = True
+    tr.load_checkpoint(ckpt, (weights, state))  # the checkpoint itself loads
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_separate_generation_model_receives_the_loaded_weights(assets, tmp_path):
+    """Under FSDP the generator samples from an unsharded copy (Trainer._gen_model): a load must
+    refresh it, or the resumed run would sample from the pre-resume policy."""
+    import copy
+
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0"))
+    saved = weights(tr)
+    ckpt = tr.save_checkpoint()
+    _moved(tr)
+    tr._gen_model = copy.deepcopy(tr.accelerator.unwrap_model(tr.model))
+    tr.load_checkpoint(ckpt)
+    for k, v in tr._gen_model.state_dict().items():
+        assert torch.equal(v, saved[k]), k
+
+
+def test_under_fsdp_the_full_state_goes_to_load_full_state(assets, tmp_path, monkeypatch):
+    """The FSDP branch's plumbing (FSDP itself needs GPUs): weights and optimizer state go to
+    ``load_full_state`` with this trainer's accelerator, model and optimizer, and nothing is loaded
+    into the module or optimizer directly."""
+    import at2po.training.trainer as trainer_module
+
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0"))
+    tr.step = 1
+    ckpt = tr.save_checkpoint()
+    weights_read, state = tr._read_checkpoint(ckpt)
+    _moved(tr)
+    moved = weights(tr)
+    calls = []
+    monkeypatch.setattr(trainer_module, "is_fsdp", lambda acc: True)
+    monkeypatch.setattr(trainer_module, "load_full_state", lambda *args: calls.append(args))
+    monkeypatch.setattr(tr.optimizer, "load_state_dict", lambda s: calls.append(("optimizer", s)))
+    tr.load_checkpoint(ckpt, (weights_read, state))
+    ((acc, model, optimizer, w, optim_state),) = calls
+    assert acc is tr.accelerator and model is tr.model and optimizer is tr.optimizer
+    assert w is weights_read and optim_state is state["optimizer"]
+    assert all(torch.equal(v, moved[k]) for k, v in weights(tr).items())  # not loaded a second time
+    assert tr.step == 1
