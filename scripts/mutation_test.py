@@ -63,12 +63,13 @@ MODULES: dict[str, list[str]] = {
         "-k", "not malformed",
     ],
     "rollout/generator.py": ["tests/rollout/test_generator.py", "tests/rollout/test_generator_paths.py"],
-    # ~35 s per pass on 2 cores: the three slowest trainer tests (26, 9 and 7 s: bit-identical
+    # ~50 s per pass on 2 cores: the three slowest trainer tests (26, 9 and 7 s: bit-identical
     # resume, one step raising log-probs, validation and logs) are left out; they stay in CI. The
-    # glue resume test (10 s, kept) resumes a run with validation too.
+    # glue resume test (10 s, kept) resumes a run with validation too; test_run_dir.py holds the
+    # resume refusals, warnings and messages of Trainer.fit.
     "training/trainer.py": [
         "tests/training/test_trainer_parts.py", "tests/training/test_trainer_state.py", "tests/training/test_trainer.py",
-        "tests/training/test_glue.py", "tests/training/test_lora.py",
+        "tests/training/test_glue.py", "tests/training/test_lora.py", "tests/training/test_run_dir.py",
         "-k", "not test_resume_is_bit_identical and not test_one_step_raises and not test_validation_and_logs",
     ],
     "evaluation/evaluator.py": [
@@ -99,6 +100,23 @@ def resolve(names: list[str] | None) -> list[str]:
     return out
 
 
+TQDM_LOCK_FIXTURE = """
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _process_private_tqdm_lock():  # appended by scripts/mutation_test.py (see workspace())
+    import threading
+
+    import tqdm
+
+    lock, classes = threading.RLock(), [tqdm.tqdm]
+    while classes:  # tqdm.auto's and transformers' bar classes too
+        cls = classes.pop()
+        cls._lock = lock
+        classes += cls.__subclasses__()
+"""
+
+
 def workspace(module: str, tests: list[str], root: Path, timeout_multiplier: float) -> Path:
     ws = root / short(module)
     ws.mkdir(parents=True)
@@ -110,6 +128,13 @@ def workspace(module: str, tests: list[str], root: Path, timeout_multiplier: flo
             shutil.copytree(p, ws / extra)
         elif p.exists():
             shutil.copy(p, ws / extra)
+    # mutmut forks every mutant's test run from one parent process, so all children share tqdm's
+    # multiprocessing lock (a semaphore the parent created while collecting coverage). A child
+    # killed by its timeout while holding it leaves it held, and every later child then blocks on
+    # it in the first progress bar (transformers' save_pretrained has one) until its own timeout:
+    # the rest of the run would count as "timed out", i.e. killed. Each child gets a private lock.
+    with open(ws / "tests" / "conftest.py", "a") as f:
+        f.write(TQDM_LOCK_FIXTURE)
     lines = ["[mutmut]", "source_paths = src/", f"only_mutate = src/at2po/{module}",
              "pytest_add_cli_args =", "    -p", "    no:cacheprovider",
              "pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests] + [

@@ -140,6 +140,11 @@ def test_a_train_file_whose_rows_changed_under_the_same_path_refuses(assets, two
     trainer.cfg = moved  # ... while the rows are those of the grown file
     with pytest.raises(RunDirError, match="data.train_file now has 4 usable rows, the checkpoint's run had 3"):
         trainer.fit(resume=True)
+    capsys.readouterr()
+    assert trainer.fit(resume=True, force_resume=True)["step"] == 3  # forced: a new epoch over the new rows
+    assert ("warning: data.train_file now has 4 usable rows, the checkpoint's run had 3; resuming with a new "
+            "epoch over the new rows (--force-resume)") in capsys.readouterr().out
+    assert trainer.sampler.state_dict()["n"] == 4
 
 
 def test_steps_below_the_checkpoint_refuse_and_operational_changes_resume(assets, two_steps, tmp_path):
@@ -200,3 +205,37 @@ def test_a_checkpoint_whose_file_lost_bytes_fails_its_manifest(two_steps, tmp_pa
         f.write(b" ")
     with pytest.raises(ValueError, match="tokenizer.json has"):
         run_dir.check_manifest(ckpt)
+
+
+def test_a_resume_reads_the_chosen_checkpoint_once(assets, two_steps, tmp_path, capsys):
+    """The checkpoint validated by the resume is the one loaded, not read a second time (a
+    checkpoint of a real model is gigabytes)."""
+    run = copy_run(two_steps[0], tmp_path / "run")
+    trainer = Trainer(cfg(assets, run, "trainer.steps=2"))
+    reads, read = [], trainer._read_checkpoint
+    trainer._read_checkpoint = lambda path: reads.append(path) or read(path)
+    assert trainer.fit(resume=True) == {"history": [], "step": 2}
+    assert reads == [run / "checkpoints" / "step_000002"]
+    for k, v in weights(trainer).items():
+        assert torch.equal(v, two_steps[1][k]), k
+    assert f"resumed from {run / 'checkpoints' / 'step_000002'} at step 2" in capsys.readouterr().out
+
+
+def test_resume_into_a_missing_nested_dir_starts_from_step_0(assets, tmp_path, capsys):
+    run = tmp_path / "a" / "b" / "run"
+    assert Trainer(cfg(assets, run, "trainer.steps=1")).fit(resume=True, stop_after=0) == {"history": [], "step": 0}
+    assert f"no checkpoint in {run}: starting from step 0" in capsys.readouterr().out
+    assert (run / "config.yaml").is_file()
+
+
+def test_a_process_other_than_the_main_one_prints_and_writes_nothing(assets, tmp_path, capsys):
+    """Only the main process talks and writes run files; the others validate and train silently."""
+    run = tmp_path / "a" / "run"
+    trainer = Trainer(make_run_cfg(assets, run, "trainer.val_before_train=true", "data.val_size=1",
+                                   "trainer.tensorboard=true", "trainer.steps=1"))
+    capsys.readouterr()
+    trainer.is_main = False
+    result = trainer.fit(resume=True, stop_after=0)
+    assert [h["step"] for h in result["history"]] == [0] and "val/em" in result["history"][0]
+    assert capsys.readouterr().out == ""
+    assert run.is_dir() and list(run.iterdir()) == []
