@@ -13,7 +13,10 @@ learn which test touches which function, then runs, per mutant, only the tests t
 mutated function, in forked children.
 
 Prints per module: mutants generated, run, killed, survived, timed out, kill rate, and each
-surviving mutant (file:line and the diff). Writes report.md and report.json to --out.
+surviving mutant (file:line and the diff). Writes report.md and report.json to --out. With
+--classes RULES.json each survivor is marked equivalent or known (with the reason) and the report
+gives the kill rate without the equivalent ones; --reclassify rewrites an existing report with
+new rules, running nothing.
 
 --max-mutants N samples N mutants per module with a fixed seed (--seed, default 0), for quick
 runs on the slow modules (the trainer's and the engine's tests take minutes per pass).
@@ -284,24 +287,76 @@ def print_module(r: dict) -> None:
         print("     " + s["diff"].replace("\n", "\n     "))
 
 
-def write_report(results: list[dict], args, wall: float) -> None:
+def classify(results: list[dict], classes_file: str | None) -> None:
+    """Attach ``class`` ("equivalent" or "known") and ``why`` to each survivor that a rule of
+    ``classes_file`` matches, and the kill rate without the equivalent mutants to each module.
+
+    The file is JSON: ``{"rules": [{"mutants": [names], "class": ..., "why": ...}, ...]}``; a rule
+    may give ``"pattern"`` (a regex searched in the survivor's diff, optionally narrowed by
+    ``"function"``) instead of names. The first matching rule wins; unmatched survivors stay
+    unclassified, which the report counts (the target: none)."""
+    rules = json.loads(Path(classes_file).read_text())["rules"] if classes_file else []
+    for rule in rules:
+        if rule.get("class") not in ("equivalent", "known") or not rule.get("why"):
+            sys.exit(f"{classes_file}: each rule needs class 'equivalent' or 'known' and a why: {rule}")
+    for r in results:
+        for s in r["survivors"]:
+            s.pop("class", None), s.pop("why", None)
+            for rule in rules:
+                hit = (s["mutant"] in rule.get("mutants", ()) or s["mutant"].split(".")[-1] in rule.get("mutants", ())
+                       or ("pattern" in rule and re.search(rule["pattern"], s["diff"])
+                           and rule.get("function", qualified_function(s["mutant"])) == qualified_function(s["mutant"])))
+                if hit:
+                    s["class"], s["why"] = rule["class"], rule["why"]
+                    break
+        equivalent = sum(1 for s in r["survivors"] if s.get("class") == "equivalent")
+        r["equivalent"] = equivalent
+        r["known"] = sum(1 for s in r["survivors"] if s.get("class") == "known")
+        r["unclassified"] = len(r["survivors"]) - equivalent - r["known"]
+        tested = r["killed"] + r["survived"] + r["timeout"] + r["no_tests"] - equivalent
+        r["kill_rate_excl_equivalent"] = round(100.0 * (r["killed"] + r["timeout"]) / tested, 1) if tested else None
+
+
+def _change(diff: str) -> str:
+    """A survivor's change on one line: first removed line -> first added line."""
+    old = next((l[1:].strip() for l in diff.splitlines() if l.startswith("-") and not l.startswith("---")), "")
+    new = next((l[1:].strip() for l in diff.splitlines() if l.startswith("+") and not l.startswith("+++")), "")
+    cut = lambda t: (t[:110] + "…") if len(t) > 111 else t
+    return f"`{cut(old)}` → `{cut(new)}`".replace("|", "\\|")
+
+
+def write_report(results: list[dict], args, wall: float, meta: dict | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    import mutmut as mm
-    meta = {"command": "python scripts/mutation_test.py " + " ".join(sys.argv[1:]),
-            "tool": f"mutmut {getattr(mm, '__version__', '3')}", "python": platform.python_version(),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
-            "wall_s": round(wall, 1), "seed": args.seed, "max_mutants": args.max_mutants,
-            "modules": results}
+    classify(results, args.classes)
+    if meta is None:
+        import mutmut as mm
+        meta = {"command": "python scripts/mutation_test.py " + " ".join(sys.argv[1:]),
+                "tool": f"mutmut {getattr(mm, '__version__', '3')}", "python": platform.python_version(),
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores",
+                "wall_s": round(wall, 1), "seed": args.seed, "max_mutants": args.max_mutants}
+    meta = {**meta, "classes": args.classes, "modules": results}
     (out / "report.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
     md = [f"# Mutation testing ({meta['tool']})", "", f"Command: `{meta['command']}`  ",
-          f"Machine: {meta['machine']}, Python {meta['python']}; wall time {meta['wall_s']} s", "",
-          "| module | tests | generated | run | killed | survived | timed out | kill rate |",
-          "|---|---|---|---|---|---|---|---|"]
+          f"Machine: {meta['machine']}, Python {meta['python']}; wall time {meta['wall_s']} s  ",
+          f"Survivor classes: `{args.classes}`" if args.classes else "Survivors not classified (no --classes)", "",
+          "Kill rate = (killed + timed out) / mutants run; 'excl. equivalent' leaves the survivors classified "
+          "equivalent out of the denominator.", "",
+          "| module | tests | generated | run | killed | timed out | survived (equivalent / known / unclassified) "
+          "| kill rate | excl. equivalent |",
+          "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         md.append(f"| `{r['module']}` | `{r['tests']}` | {r['generated']} | {r['run']} | {r['killed']} | "
-                  f"{r['survived'] + r['no_tests']} | {r['timeout']} | {r['kill_rate']} % |")
+                  f"{r['timeout']} | {r['survived'] + r['no_tests']} ({r['equivalent']} / {r['known']} / "
+                  f"{r['unclassified']}) | {r['kill_rate']} % | {r['kill_rate_excl_equivalent']} % |")
     md += ["", "## Surviving mutants", ""]
+    for r in results:
+        if r["survivors"]:
+            md += [f"### `{r['module']}`", "", "| mutant | line | change | class | why |", "|---|---|---|---|---|"]
+            md += [f"| `{s['mutant'].split('.')[-1]}` | {s['line']} | {_change(s['diff'])} | "
+                   f"{s.get('class', '**unclassified**')} | {s.get('why', '')} |" for s in r["survivors"]]
+            md.append("")
+    md += ["## Diffs", ""]
     for r in results:
         for s in r["survivors"]:
             md += [f"### `{s['where']}` — `{s['mutant']}` ({s['status']})", "", "```diff", s["diff"], "```", ""]
@@ -319,7 +374,14 @@ def main() -> None:
     ap.add_argument("--timeout-multiplier", type=float, default=15.0, help="mutmut timeout_multiplier")
     ap.add_argument("--module-timeout", type=float, default=3600.0, help="seconds per module")
     ap.add_argument("--keep", action="store_true", help="keep the work copies (printed path)")
+    ap.add_argument("--classes", help="JSON rules classifying survivors as equivalent or known (see classify)")
+    ap.add_argument("--reclassify", action="store_true",
+                    help="run nothing: apply --classes to --out's report.json and rewrite the report")
     args = ap.parse_args()
+    if args.reclassify:
+        meta = json.loads((Path(args.out) / "report.json").read_text())
+        write_report(meta.pop("modules"), args, meta["wall_s"], meta)
+        return
     t0 = time.time()
     root = Path(tempfile.mkdtemp(prefix="at2po-mutation-"))
     results = []
