@@ -198,6 +198,17 @@ def test_metrics_logger_appends_json_lines_and_prints_the_key_metrics(tmp_path, 
     assert not (tmp_path / "other").exists() and capsys.readouterr().out == ""
 
 
+def test_the_console_line_shows_the_key_metrics_in_a_fixed_order(tmp_path, capsys):
+    keys = ["reward/mean", "reward/em", "val/em", "loss/policy", "loss/clipfrac", "loss/turn_kl_entropy",
+            "rollout/leaves_per_tree", "rollout/tool_calls", "rollout/tool_failures", "time/step"]
+    metrics = {k: (i + 1) / 8 for i, k in enumerate(reversed(keys))}  # given in another order
+    metrics["loss/kl_ref"] = 9.0  # not a key metric: in the JSONL only
+    logger = MetricsLogger(tmp_path, load_config(None, ["trainer.tensorboard=false"]))
+    logger.log(7, metrics)
+    assert capsys.readouterr().out == "step 7: " + "  ".join(f"{k}={metrics[k]:.4g}" for k in keys) + "\n"
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 7, **metrics}]
+
+
 def test_metrics_logger_writes_tensorboard_when_asked(tmp_path):
     pytest.importorskip("torch.utils.tensorboard")
     logger = MetricsLogger(tmp_path, load_config(None, ["trainer.tensorboard=true"]))

@@ -324,3 +324,22 @@ def test_under_fsdp_the_full_state_goes_to_load_full_state(assets, tmp_path, mon
     assert w is weights_read and optim_state is state["optimizer"]
     assert all(torch.equal(v, moved[k]) for k, v in weights(tr).items())  # not loaded a second time
     assert tr.step == 1
+
+
+def test_each_process_seeds_its_streams_from_seed_plus_rank(assets, tmp_path, monkeypatch):
+    """Process r of a run with trainer.seed s draws what process 0 of a run with seed s + r draws
+    (global RNGs, the engine's), its own mini-batch shuffle (s + 7919 r), and the same prompt order
+    as every other process (the sampler's seed is s alone). The rank is faked on one process."""
+    from accelerate import Accelerator
+
+    extra = ["trainer.save_every=0", "trainer.mini_batch_prompts=2"]
+    ref = Trainer(make_run_cfg(assets, tmp_path / "ref", *extra, "trainer.seed=4"))
+    expected = list(draws(ref))
+    expected[3] = float(torch.rand(1, generator=torch.Generator().manual_seed(3 + 7919)))
+    rank0 = Trainer(make_run_cfg(assets, tmp_path / "rank0", *extra, "trainer.seed=3"))
+    monkeypatch.setattr(Accelerator, "process_index", property(lambda self: 1))
+    monkeypatch.setattr(Accelerator, "num_processes", property(lambda self: 2))
+    rank1 = Trainer(make_run_cfg(assets, tmp_path / "rank1", *extra, "trainer.seed=3"))
+    assert list(draws(rank1)) == expected
+    assert rank1.sampler.take(3) == rank0.sampler.take(3)
+    assert rank1._my_share(list("abcdef")) == list("bdf")
