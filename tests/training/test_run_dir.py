@@ -228,8 +228,24 @@ def test_resume_into_a_missing_nested_dir_starts_from_step_0(assets, tmp_path, c
     assert (run / "config.yaml").is_file()
 
 
-def test_a_process_other_than_the_main_one_prints_and_writes_nothing(assets, tmp_path, capsys):
-    """Only the main process talks and writes run files; the others validate and train silently."""
+def test_a_process_other_than_the_main_one_prints_and_writes_nothing(assets, two_steps, tmp_path, capsys):
+    """Only the main process talks and writes run files; the others validate, resume and train
+    silently (a forced resume past a damaged checkpoint included)."""
+    run = copy_run(two_steps[0], tmp_path / "resumed")
+    newest = run / "checkpoints" / "step_000002" / "model.safetensors"
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
+    before = snapshot(run)
+    trainer = Trainer(cfg(assets, run, "trainer.steps=2", "algo.clip_high=0.2"))
+    capsys.readouterr()
+    trainer.is_main = False
+    assert trainer.fit(resume=True, force_resume=True, stop_after=0)["step"] == 1
+    assert capsys.readouterr().out == "" and snapshot(run) == before
+    # The main process says what the other one did not.
+    trainer = Trainer(cfg(assets, run, "trainer.steps=2", "algo.clip_high=0.2"))
+    trainer.fit(resume=True, force_resume=True, stop_after=0)
+    out = capsys.readouterr().out
+    assert "skipping checkpoint" in out and "warning: resuming with a changed config" in out and "resumed from" in out
+
     run = tmp_path / "a" / "run"
     trainer = Trainer(make_run_cfg(assets, run, "trainer.val_before_train=true", "data.val_size=1",
                                    "trainer.tensorboard=true", "trainer.steps=1"))

@@ -393,3 +393,16 @@ def test_train_builds_one_trainer_and_passes_every_flag_to_fit(monkeypatch):
     calls.clear()
     trainer_module.train(cfg, True, False, True)
     assert calls[1] == ("fit", {"resume": True, "overwrite": False, "force_resume": True})
+
+
+def test_metrics_logger_without_tensorboard_says_so_and_keeps_the_jsonl(tmp_path, monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    logger = MetricsLogger(tmp_path, load_config(None, ["trainer.tensorboard=true"]))
+    assert capsys.readouterr().out == ("tensorboard is not installed: pip install tensorboard (metrics still go "
+                                       "to metrics.jsonl)\n")
+    logger.log(1, {"reward/mean": 0.5}, console=False)
+    logger.close()
+    assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "reward/mean": 0.5}]
+    assert not (tmp_path / "tensorboard").exists()
