@@ -16,7 +16,8 @@ Prints per module: mutants generated, run, killed, survived, timed out, kill rat
 surviving mutant (file:line and the diff). Writes report.md and report.json to --out. With
 --classes RULES.json each survivor is marked equivalent or known (with the reason) and the report
 gives the kill rate without the equivalent ones; --reclassify rewrites an existing report with
-new rules, running nothing.
+new rules, running nothing. --rerun-survivors REPORT.json runs only that report's survivors
+again (after tests were added for them) and reports the earlier run with their new verdicts.
 
 --max-mutants N samples N mutants per module with a fixed seed (--seed, default 0), for quick
 runs on the slow modules (the trainer's and the engine's tests take minutes per pass).
@@ -222,12 +223,19 @@ def locate(diff: str, source: list[str], func: str) -> int | None:
     return start + 1 if start is not None else None
 
 
-def run_module(module: str, tests: list[str], args, root: Path) -> dict:
+def run_module(module: str, tests: list[str], args, root: Path, previous: dict | None = None) -> dict:
+    """Mutate ``module`` and run its tests against each mutant. With ``previous`` (this module's
+    entry of an earlier report), only that run's survivors are run again, with the tests as they
+    are now, and the result is the earlier run with their new verdicts: a mutant the earlier tests
+    killed stays killed, as long as the tests were only added to or strengthened."""
     t0 = time.time()
     ws = workspace(module, tests, root, args.timeout_multiplier)
     deadline = args.module_timeout
     res: dict = {"module": f"src/at2po/{module}", "tests": " ".join(tests)}
-    if args.max_mutants:
+    if previous is not None:
+        chosen = [s["mutant"] for s in previous["survivors"]]
+        p = mutmut(ws, ["run", "--max-children", str(args.jobs), *(chosen or ["__none__"])], deadline)
+    elif args.max_mutants:
         # generate + collect coverage stats only (a name that matches nothing), then sample
         p = mutmut(ws, ["run", "--max-children", str(args.jobs), "__none__"], deadline)
         keys = sorted(read_meta(ws, module))
@@ -246,6 +254,11 @@ def run_module(module: str, tests: list[str], args, root: Path) -> dict:
     if not codes:
         res["error"] = (p.stdout[-3000:] + p.stderr[-3000:])
     status = {k: STATUS.get(v, f"exit {v}") for k, v in codes.items()}
+    if previous is not None:
+        before = {s["mutant"]: s["status"] for s in previous["survivors"]}
+        status = {k: before[k] if status.get(k, "not checked") == "not checked" else status[k] for k in before}
+        res["rerun"] = {"of_survivors": len(before), "now_killed": sum(1 for v in status.values()
+                                                                      if v in ("killed", "timeout"))}
     count = lambda s: sum(1 for v in status.values() if v == s)
     run = sum(1 for v in status.values() if v not in ("not checked",))
     res.update(run=run, killed=count("killed"), survived=count("survived"), timeout=count("timeout"),
@@ -256,6 +269,18 @@ def run_module(module: str, tests: list[str], args, root: Path) -> dict:
         if v != "not checked":
             counts = by_function.setdefault(qualified_function(k), {})
             counts[v] = counts.get(v, 0) + 1
+    if previous is not None:  # the earlier run's verdicts, with the rerun survivors' replaced
+        merged = {f: dict(c) for f, c in previous["by_function"].items()}
+        for k, v in status.items():
+            counts = merged[qualified_function(k)]
+            counts[before[k]] -= 1
+            counts[v] = counts.get(v, 0) + 1
+        by_function = {f: {s: n for s, n in c.items() if n} for f, c in merged.items()}
+        for key in ("killed", "timeout"):
+            res[key] += previous[key]
+        res["run"] = previous["run"]
+        res["generated"] = previous["generated"]
+        res["first_run"] = {k: previous[k] for k in ("killed", "survived", "timeout", "no_tests", "kill_rate")}
     res["by_function"] = dict(sorted(by_function.items()))
     tested = res["killed"] + res["survived"] + res["timeout"] + res["no_tests"]
     res["kill_rate"] = round(100.0 * (res["killed"] + res["timeout"]) / tested, 1) if tested else None
@@ -377,6 +402,9 @@ def main() -> None:
     ap.add_argument("--classes", help="JSON rules classifying survivors as equivalent or known (see classify)")
     ap.add_argument("--reclassify", action="store_true",
                     help="run nothing: apply --classes to --out's report.json and rewrite the report")
+    ap.add_argument("--rerun-survivors", metavar="REPORT_JSON",
+                    help="run only the survivors of an earlier report's modules, with the current tests, and "
+                         "report that run with their new verdicts")
     args = ap.parse_args()
     if args.reclassify:
         meta = json.loads((Path(args.out) / "report.json").read_text())
@@ -385,8 +413,13 @@ def main() -> None:
     t0 = time.time()
     root = Path(tempfile.mkdtemp(prefix="at2po-mutation-"))
     results = []
-    for m in resolve(args.modules):
-        r = run_module(m, MODULES[m], args, root)
+    earlier = {}
+    if args.rerun_survivors:
+        earlier = {r["module"]: r for r in json.loads(Path(args.rerun_survivors).read_text())["modules"]}
+    for m in resolve(args.modules or [r.removeprefix("src/at2po/") for r in earlier] or None):
+        if args.rerun_survivors and f"src/at2po/{m}" not in earlier:
+            sys.exit(f"{args.rerun_survivors} has no results for {m}")
+        r = run_module(m, MODULES[m], args, root, earlier.get(f"src/at2po/{m}"))
         print_module(r)
         results.append(r)
         write_report(results, args, time.time() - t0)  # partial report after each module
