@@ -218,13 +218,36 @@ def test_prompts_too_long_for_the_context_are_skipped_with_a_printed_warning(ass
     assert "warning: data.val_file: skipping 1 of 1 rows" in capsys.readouterr().out
 
 
-def test_progress_bar_names_the_run_and_shows_the_reward(assets, tmp_path, capsys):
-    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0", "trainer.progress=true",
-                              "trainer.steps=1"))
-    history = tr.fit()["history"]
-    err = capsys.readouterr().err
-    assert "AT²PO" in err and "1/1" in err
-    assert f"reward {history[-1]['reward/mean']:.3f}" in err
+def test_progress_bar_names_the_run_and_shows_the_reward(assets, tmp_path, capsys, monkeypatch):
+    """The bar counts trainer.steps, starts at the resumed step, and shows the last reward."""
+    import tqdm.auto
+
+    made = []
+
+    class Recording(tqdm.auto.tqdm):
+        def __init__(self, *args, **kwargs):
+            if kwargs.get("desc") == "AT²PO":
+                made.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
+    run = tmp_path / "run"
+    Trainer(make_run_cfg(assets, run, "trainer.progress=true", "trainer.steps=1")).fit()
+    capsys.readouterr()
+    history = Trainer(make_run_cfg(assets, run, "trainer.progress=true", "trainer.steps=2")).fit(resume=True)["history"]
+    bar = [l for l in capsys.readouterr().err.replace("\r", "\n").splitlines() if l.startswith("AT²PO")]
+    assert bar[0].startswith("AT²PO:  50%") and "| 1/2 [" in bar[0]
+    assert bar[-1].startswith("AT²PO: 100%") and "| 2/2 [" in bar[-1]
+    assert bar[-1].endswith(f"reward {history[-1]['reward/mean']:.3f}]")
+    assert made == [dict(total=1, initial=0, desc="AT²PO", disable=False, dynamic_ncols=True),
+                    dict(total=2, initial=1, desc="AT²PO", disable=False, dynamic_ncols=True)]
+    # Off with trainer.progress=false, and on every process but the main one.
+    Trainer(make_run_cfg(assets, tmp_path / "quiet", "trainer.steps=1")).fit(stop_after=0)
+    other = Trainer(make_run_cfg(assets, tmp_path / "other", "trainer.progress=true", "trainer.steps=1"))
+    other.is_main = False
+    other.fit(stop_after=0)
+    assert [m["disable"] for m in made[2:]] == [True, True]
+
 
 
 def _moved(tr):
