@@ -140,7 +140,11 @@ def test_a_train_file_whose_rows_changed_under_the_same_path_refuses(assets, two
     trainer.cfg = moved  # ... while the rows are those of the grown file
     with pytest.raises(RunDirError, match="data.train_file now has 4 usable rows, the checkpoint's run had 3"):
         trainer.fit(resume=True)
+    quiet = Trainer(cfg(data, run, "trainer.steps=3"))  # another process of the same forced resume
+    quiet.cfg, quiet.is_main = moved, False
     capsys.readouterr()
+    assert quiet.fit(resume=True, force_resume=True, stop_after=0)["step"] == 2
+    assert capsys.readouterr().out == ""
     assert trainer.fit(resume=True, force_resume=True)["step"] == 3  # forced: a new epoch over the new rows
     assert ("warning: data.train_file now has 4 usable rows, the checkpoint's run had 3; resuming with a new "
             "epoch over the new rows (--force-resume)") in capsys.readouterr().out
