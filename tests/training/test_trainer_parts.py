@@ -293,6 +293,11 @@ def test_cuda_rng_is_restored_only_when_saved_and_a_gpu_is_there(monkeypatch):
     """The CUDA streams (this CPU machine has none: the calls are recorded)."""
     calls = []
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(states))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["gpu0 state"])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _rng_state()["cuda"] is None  # saved only where there is a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _rng_state()["cuda"] == ["gpu0 state"]
     state = _rng_state()
     for saved, available, restored in ((["gpu0"], True, True), (None, True, False), (["gpu0"], False, False)):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: available)

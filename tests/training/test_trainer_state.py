@@ -142,10 +142,15 @@ def test_train_step_order_and_rollout_metrics(assets, tmp_path):
 
     from at2po.tasks.base import Score
 
+    import copy
+
     tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0"))
-    # A reward that varies on the random policy's output (odd length wins), so advantages are not all 0.
+    # A reward that varies on the random policy's output (odd length wins) in the second tree of
+    # the step, and is constant in the first: some advantages are exactly 0, others are not.
+    first = tr.train_rows[copy.deepcopy(tr.sampler).take(2)[0]].id
+    reward = lambda response, sample: 1.0 if sample.id == first else float(len(response) % 2)
     tr.task.score = lambda response, sample, protocol: Score(
-        float(len(response) % 2), {"em": float(len(response) % 2), "f1": 0.5, "format_ok": 1.0}, None, "")
+        reward(response, sample), {"em": reward(response, sample), "f1": 0.5, "format_ok": 1.0}, None, "")
     events, results = [], []
     rollout, update = tr.engine.rollout, tr._update
 
@@ -158,7 +163,9 @@ def test_train_step_order_and_rollout_metrics(assets, tmp_path):
     tr.generator.sleep = lambda: events.append("sleep")
     tr._update = lambda batch, n_trees: events.append(("update", n_trees)) or update(batch, n_trees)
     lr = tr.scheduler.get_last_lr()[0]
+    t0 = time.perf_counter()
     m = tr.train_step()
+    wall = time.perf_counter() - t0
     assert events == ["rollout", "sleep", ("update", 2)] and tr.step == 1
     res = results[0]
     scored = [r.score for r in res.rows if not r.duplicate]
@@ -176,9 +183,14 @@ def test_train_step_order_and_rollout_metrics(assets, tmp_path):
     adv = build_train_batch(res, tr.cfg.algo)[0]
     a = adv.advantages[adv.response_mask.bool()].double()
     assert a.abs().max() > 0 and len({s.reward for s in scored}) == 2
+    assert 0 < float((a == 0).double().mean()) < 1 and not (a == 1).any()
     assert m["adv/mean"] == pytest.approx(float(a.mean()))
+    assert m["adv/std"] == pytest.approx(float(a.std()))  # sample std (n - 1)
     assert m["adv/abs_max"] == pytest.approx(float(a.abs().max()))
     assert m["adv/zero_frac"] == pytest.approx(float((a == 0).double().mean()))
+    assert 0 < m["time/rollout"] < m["time/step"] <= wall
+    assert m["time/update"] == pytest.approx(m["time/step"] - m["time/rollout"])
+    assert m["perf/gen_tokens_per_s"] == pytest.approx(m["rollout/generated_tokens"] / m["time/rollout"])
     assert m["lr"] == lr and m["loss/updates"] == 2.0 and m["loss/grad_norm"] > 0
 
 
@@ -366,3 +378,58 @@ def test_each_process_seeds_its_streams_from_seed_plus_rank(assets, tmp_path, mo
     assert list(draws(rank1)) == expected
     assert rank1.sampler.take(3) == rank0.sampler.take(3)
     assert rank1._my_share(list("abcdef")) == list("bdf")
+
+
+def test_fit_validates_logs_and_saves_on_their_schedules(assets, tmp_path):
+    """trainer.steps=4, val_every=2, log_every=3, save_every=3: validation after step 2 and once
+    after the last step (not twice), a log line at steps 2 (validation), 3 and 4, checkpoints at 3
+    and 4 (the last step always), every step in the history; the bar is gone afterwards."""
+    from at2po.training.trainer import read_metrics
+
+    run = tmp_path / "run"
+    tr = Trainer(make_run_cfg(assets, run, "trainer.steps=4", "trainer.val_every=2", "trainer.log_every=3",
+                              "trainer.save_every=3", "trainer.keep_checkpoints=0", "data.val_size=1",
+                              "rollout.max_response_tokens=12"))
+    validated, validate = [], tr.validate
+    tr.validate = lambda: validated.append(tr.step) or validate()
+    history = tr.fit()["history"]
+    assert validated == [2, 4]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    assert [h["step"] for h in history if "val/em" in h] == [2, 4]
+    logged = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in logged] == [2, 3, 4] and logged == [h for h in history if h["step"] in (2, 3, 4)]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000003", "step_000004"]
+    assert tr._bar is None
+    tr._rollout_progress("validation", 1, 1)  # a rollout after fit (e.g. an evaluation) has no bar to update
+
+
+def test_under_fsdp_a_save_writes_the_gathered_weights_and_optimizer_state(assets, tmp_path, monkeypatch):
+    """The FSDP branch of save_checkpoint (FSDP itself needs GPUs): the weights and the optimizer
+    state written are what full_state_dict and full_optimizer_state gathered from this trainer's
+    accelerator, model and optimizer, not the local module's."""
+    import at2po.training.trainer as trainer_module
+    from safetensors.torch import load_file
+
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0"))
+    calls = []
+    local = weights(tr)
+    gathered = {k: v + 1 for k, v in local.items() if k != "lm_head.weight"}  # tied head: saved once
+    optim_state = {"state": {}, "param_groups": [{"lr": 0.5, "params": []}]}
+
+    def full_state_dict(acc, model):
+        calls.append(("weights", acc, model))
+        return gathered
+
+    def full_optimizer_state(acc, model, optimizer):
+        calls.append(("optimizer", acc, model, optimizer))
+        return optim_state
+
+    monkeypatch.setattr(trainer_module, "is_fsdp", lambda acc: True)
+    monkeypatch.setattr(trainer_module, "full_state_dict", full_state_dict)
+    monkeypatch.setattr(trainer_module, "full_optimizer_state", full_optimizer_state)
+    ckpt = tr.save_checkpoint()
+    assert calls == [("weights", tr.accelerator, tr.model), ("optimizer", tr.accelerator, tr.model, tr.optimizer)]
+    saved = load_file(str(ckpt / "model.safetensors"))
+    assert saved.keys() == gathered.keys() and all(torch.equal(saved[k], gathered[k]) for k in saved)
+    assert torch.load(ckpt / CHECKPOINT_STATE, weights_only=False)["optimizer"] == optim_state
+    assert all(torch.equal(v, local[k]) for k, v in weights(tr).items())  # the module itself is untouched
