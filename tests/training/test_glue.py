@@ -456,8 +456,10 @@ def test_eval_records_turns_and_resume_fills_a_hole_in_the_middle(run_assets, tm
 # == 2. the update does not depend on the micro-batch size ============================================
 @pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum"])
 def test_update_is_invariant_to_micro_batch_rows(run_assets, tmp_path, length_task, agg):
+    # No weight decay: at lr 0.1 decay alone moves the weights by more than the check below, so a
+    # wrong weight that zeroes the gradient would still look like an update.
     extra = (f"task.name={length_task}", f"algo.loss_agg={agg}", "optim.grad_clip=1e9", "optim.lr=0.1",
-             "trainer.save_every=0")
+             "optim.weight_decay=0", "trainer.save_every=0")
     small, large = (linear_adam(Trainer(make_run_cfg(run_assets, tmp_path / f"m{m}", *extra,
                                                      f"trainer.micro_batch_rows={m}")))
                     for m in (1, 64))
@@ -475,6 +477,119 @@ def test_update_is_invariant_to_micro_batch_rows(run_assets, tmp_path, length_ta
     w_small, w_large = weights(small), weights(large)
     assert max(float((w_small[k] - w0[k]).abs().max()) for k in w0) > 1e-3  # the update is not negligible
     assert_same_weights(w_small, w_large)
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp-or-single", "fsdp"])
+def test_update_hands_the_configured_objective_to_the_loss_and_syncs_once_per_mini_batch(
+        run_assets, tmp_path, length_task, monkeypatch, fsdp):
+    """Each micro-batch's loss gets the config's level, clip range, aggregation and log-ratio cap
+    and the micro-batch's own turn ids, old log-probs, advantages and mask; gradients are kept
+    local (no_sync) for all but the last micro-batch of a mini-batch (never under FSDP, which
+    also runs one forward per micro-batch); the logged loss is the token-weighted sum over a
+    mini-batch's micro-batches and the logged grad norm the mean of the clipped norms. The
+    values are off the defaults so that a dropped argument shows. FSDP is faked (one process)."""
+    import at2po.training.trainer as trainer_module
+
+    tr = Trainer(make_run_cfg(run_assets, tmp_path / "run", f"task.name={length_task}", "algo.loss_level=token",
+                              "algo.clip_low=0.11", "algo.clip_high=0.27", "algo.loss_agg=token-mean",
+                              "algo.log_ratio_max=7.5", "algo.recompute_old_logprobs=false",
+                              "trainer.mini_batch_prompts=1", "trainer.micro_batch_rows=3", "trainer.save_every=0"))
+    monkeypatch.setattr(trainer_module, "is_fsdp", lambda acc: fsdp)
+    events, micros, losses, norms = [], [], [], []
+    policy_loss, log_probs = trainer_module.policy_loss, trainer_module.response_log_probs
+
+    def loss_spy(*args, **kw):
+        loss, m = policy_loss(*args, **kw)
+        events.append("loss")
+        losses.append((args, kw, float(loss.detach())))
+        return loss, m
+
+    def log_probs_spy(model, batch, temperature, **kw):
+        micros.append((batch, kw))
+        return log_probs(model, batch, temperature, **kw)
+
+    acc = tr.accelerator
+    no_sync, clip = acc.no_sync, acc.clip_grad_norm_
+
+    def no_sync_spy(model):
+        events.append("no_sync")
+        assert model is tr.model
+        return no_sync(model)
+
+    def clip_spy(params, max_norm):
+        norms.append(float(clip(params, max_norm)))
+        events.append("step")
+        return torch.tensor(norms[-1])
+
+    monkeypatch.setattr(trainer_module, "policy_loss", loss_spy)
+    monkeypatch.setattr(trainer_module, "response_log_probs", log_probs_spy)
+    monkeypatch.setattr(acc, "no_sync", no_sync_spy)
+    monkeypatch.setattr(acc, "clip_grad_norm_", clip_spy)
+    result = tr.engine.rollout([tr.engine.prompt(r) for r in tr.train_rows[:2]])
+    batch, _ = build_train_batch(result, tr.cfg.algo)
+    metrics = tr._update(batch, n_trees=2)
+
+    # One mini-batch per tree (in a shuffled order), each cut into micro-batches of at most 3 rows.
+    trees = [int(m.tree_of_row[0]) for m, _ in micros]
+    assert all(len(set(m.tree_of_row.tolist())) == 1 for m, _ in micros)
+    order = list(dict.fromkeys(trees))
+    assert sorted(order) == [0, 1] and trees == sorted(trees, key=order.index)  # a tree's micro-batches together
+    n_micro = [math.ceil(int((batch.tree_of_row == t).sum()) / 3) for t in order]
+    assert max(n_micro) > 1  # several micro-batches in a mini-batch: the sync pattern shows
+    one_mini_batch = lambda n: ([] if fsdp else ["no_sync", "loss"] * (n - 1)) + (["loss"] * n if fsdp else ["loss"]) + ["step"]
+    assert events == [e for n in n_micro for e in one_mini_batch(n)]
+    assert metrics["loss/updates"] == 2.0
+    assert metrics["loss/grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-12)
+
+    assert len(micros) == len(losses) == sum(n_micro)
+    for (micro, lp_kw), (args, kw, _) in zip(micros, losses):
+        assert lp_kw == {"share_prefix": not fsdp}
+        assert kw == {"level": "token", "clip_low": 0.11, "clip_high": 0.27, "turn_ids": kw["turn_ids"],
+                      "agg": "token-mean", "log_ratio_max": 7.5}
+        assert torch.equal(kw["turn_ids"], micro.turn_ids)
+        for got, want in zip(args[1:], (micro.old_log_probs, micro.advantages, micro.response_mask)):
+            assert torch.equal(got, want)
+    # token-mean: a micro-batch's weight is its share of its mini-batch's trained tokens.
+    logged, i = 0.0, 0
+    for n in n_micro:
+        part = losses[i:i + n]
+        tokens = [float(m.response_mask.sum()) for m, _ in micros[i:i + n]]
+        logged += sum(t / sum(tokens) * loss for t, (_, _, loss) in zip(tokens, part))
+        i += n
+    assert metrics["loss/policy"] == pytest.approx(logged / 2, rel=1e-9)
+
+
+def test_a_one_row_mini_batch_backpropagates_its_whole_loss(run_assets, tmp_path, length_task, monkeypatch):
+    """Chains of one row per prompt, one prompt per mini-batch: each micro-batch is the whole
+    mini-batch, so backward gets loss + kl_coef·KL at weight exactly 1 (a one-row tree's advantage is
+    0, so only the KL term carries a gradient: the policy is moved off the reference first)."""
+    import at2po.training.trainer as trainer_module
+
+    coef = 0.5
+    tr = Trainer(make_run_cfg(run_assets, tmp_path / "run", f"task.name={length_task}", "rollout.n_initial=1",
+                              "rollout.expansion_rounds=0", "rollout.samples_per_tree=1", f"algo.kl_coef={coef}",
+                              "trainer.mini_batch_prompts=1", "trainer.save_every=0", "optim.lr=1e-2"))
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(0)
+        for p in tr.accelerator.unwrap_model(tr.model).parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    calls, backward = [], []
+    policy_loss = trainer_module.policy_loss
+
+    def loss_spy(*args, **kw):
+        loss, m = policy_loss(*args, **kw)
+        calls.append((float(loss.detach()), m))  # the trainer adds m["kl_ref"] after the call
+        return loss, m
+
+    monkeypatch.setattr(trainer_module, "policy_loss", loss_spy)
+    acc = tr.accelerator
+    real_backward = acc.backward
+    monkeypatch.setattr(acc, "backward", lambda x: (backward.append(float(x.detach())), real_backward(x))[1])
+    metrics = tr.train_step()
+    assert metrics["loss/updates"] == 2.0 and len(calls) == len(backward) == 2
+    assert min(m["kl_ref"] for _, m in calls) > 1e-6
+    assert backward == pytest.approx([pl + coef * m["kl_ref"] for pl, m in calls], rel=1e-6, abs=1e-12)
+    assert metrics["loss/kl_ref"] == pytest.approx(sum(m["kl_ref"] for _, m in calls) / 2, rel=1e-9)
 
 
 # == 3. PPO epochs, KL to the reference, warm-up, gradient checkpointing =================================
