@@ -626,13 +626,14 @@ def test_ppo_epochs_double_the_updates_and_the_second_epoch_is_off_policy(run_as
             assert (calls[1]["ratio_min"], calls[1]["ratio_max"]) != (1.0, 1.0)
 
 
-def test_kl_to_a_frozen_reference(run_assets, tmp_path, length_task):
+@pytest.mark.parametrize("kind", ["low_var_kl", "k2"])
+def test_kl_to_a_frozen_reference(run_assets, tmp_path, length_task, kind):
     off = Trainer(make_run_cfg(run_assets, tmp_path / "off", f"task.name={length_task}", "trainer.save_every=0"))
     assert off.ref_model is None and "loss/kl_ref" not in off.train_step()
 
     coef = 0.5
     tr = Trainer(make_run_cfg(run_assets, tmp_path / "on", f"task.name={length_task}", f"algo.kl_coef={coef}",
-                              "trainer.mini_batch_prompts=2", "trainer.micro_batch_rows=64", "trainer.save_every=0",
+                              f"algo.kl_kind={kind}", "trainer.mini_batch_prompts=2", "trainer.micro_batch_rows=64", "trainer.save_every=0",
                               "optim.lr=1e-2"))
     ref = tr.ref_model
     policy = tr.accelerator.unwrap_model(tr.model)
@@ -649,8 +650,9 @@ def test_kl_to_a_frozen_reference(run_assets, tmp_path, length_task):
     assert m1["loss/kl_ref"] == pytest.approx(0.0, abs=1e-7)  # one update per step: π_θ = π_ref at its start
     w1 = weights(tr)
     m2 = tr.train_step()
-    # By hand: k3 = exp(ref − logp) − (ref − logp) − 1 per trained token, the mean over a row's
-    # tokens, then over rows; logp from the weights after step 1, ref from the initial ones.
+    # By hand: k3 = exp(ref − logp) − (ref − logp) − 1 (or k2 = ½ (ref − logp)²) per trained token,
+    # the mean over a row's tokens, then over rows; logp from the weights after step 1, ref from
+    # the initial ones.
     batch = batches[1]
     mask = batch.response_mask.bool()
     snapshot = copy.deepcopy(policy)
@@ -659,8 +661,8 @@ def test_kl_to_a_frozen_reference(run_assets, tmp_path, length_task):
         logp = response_log_probs(snapshot, batch, 1.0)
         ref_lp = response_log_probs(ref, batch, 1.0)
     d = (ref_lp - logp).double()
-    k3 = torch.where(mask, d.exp() - d - 1, torch.zeros_like(d))
-    kl = float((k3.sum(1) / mask.sum(1)).mean())
+    est = torch.where(mask, d.exp() - d - 1 if kind == "low_var_kl" else 0.5 * d * d, torch.zeros_like(d))
+    kl = float((est.sum(1) / mask.sum(1)).mean())
     assert kl > 1e-6
     assert m2["loss/kl_ref"] == pytest.approx(kl, rel=1e-4)
     # On-policy (ratio 1, nothing clipped) the loss is −mean_rows token-mean(A) + coef·KL.
