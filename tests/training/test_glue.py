@@ -485,17 +485,17 @@ def test_update_hands_the_configured_objective_to_the_loss_and_syncs_once_per_mi
     """Each micro-batch's loss gets the config's level, clip range, aggregation and log-ratio cap
     and the micro-batch's own turn ids, old log-probs, advantages and mask; gradients are kept
     local (no_sync) for all but the last micro-batch of a mini-batch (never under FSDP, which
-    also runs one forward per micro-batch); the logged loss is the token-weighted sum over a
+    also runs one forward per micro-batch, π_old's recompute included); the logged loss is the token-weighted sum over a
     mini-batch's micro-batches and the logged grad norm the mean of the clipped norms. The
     values are off the defaults so that a dropped argument shows. FSDP is faked (one process)."""
     import at2po.training.trainer as trainer_module
 
     tr = Trainer(make_run_cfg(run_assets, tmp_path / "run", f"task.name={length_task}", "algo.loss_level=token",
                               "algo.clip_low=0.11", "algo.clip_high=0.27", "algo.loss_agg=token-mean",
-                              "algo.log_ratio_max=7.5", "algo.recompute_old_logprobs=false",
+                              "algo.log_ratio_max=7.5",
                               "trainer.mini_batch_prompts=1", "trainer.micro_batch_rows=3", "trainer.save_every=0"))
     monkeypatch.setattr(trainer_module, "is_fsdp", lambda acc: fsdp)
-    events, micros, losses, norms = [], [], [], []
+    events, micros, recomputed, losses, norms = [], [], [], [], []
     policy_loss, log_probs = trainer_module.policy_loss, trainer_module.response_log_probs
 
     def loss_spy(*args, **kw):
@@ -505,7 +505,7 @@ def test_update_hands_the_configured_objective_to_the_loss_and_syncs_once_per_mi
         return loss, m
 
     def log_probs_spy(model, batch, temperature, **kw):
-        micros.append((batch, kw))
+        (micros if torch.is_grad_enabled() else recomputed).append((batch, kw))  # no grad: π_old's recompute
         return log_probs(model, batch, temperature, **kw)
 
     acc = tr.accelerator
@@ -541,7 +541,8 @@ def test_update_hands_the_configured_objective_to_the_loss_and_syncs_once_per_mi
     assert metrics["loss/updates"] == 2.0
     assert metrics["loss/grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-12)
 
-    assert len(micros) == len(losses) == sum(n_micro)
+    assert len(recomputed) == len(micros) == len(losses) == sum(n_micro)
+    assert all(kw == {"share_prefix": not fsdp} for _, kw in recomputed)
     for (micro, lp_kw), (args, kw, _) in zip(micros, losses):
         assert lp_kw == {"share_prefix": not fsdp}
         assert kw == {"level": "token", "clip_low": 0.11, "clip_high": 0.27, "turn_ids": kw["turn_ids"],

@@ -602,6 +602,8 @@ def test_recompute_uses_the_first_epochs_micro_batches_and_the_truncated_correct
     trainer = use_length_reward(Trainer(cfg))
     prompts = [trainer.engine.prompt(s) for s in trainer.train_rows[:2]]
     batch, _ = build_train_batch(trainer.engine.rollout(prompts), cfg.algo)
+    # A sampler further off on even rows (+0.01 a token): their turns fall outside the clip range.
+    batch.old_log_probs[::2] += 0.01 * batch.response_mask[::2]
     rollout_lp, advantages = batch.old_log_probs.clone(), batch.advantages.clone()
     plan = trainer._epoch_plan(batch, n_trees=2)
     metrics = combine([trainer._recompute_old_log_probs(batch, plan).as_dict()])  # one process: its own
@@ -618,6 +620,21 @@ def test_recompute_uses_the_first_epochs_micro_batches_and_the_truncated_correct
     capped = float((weight[mask] >= 1.002).float().mean())
     assert metrics["rollout/tis_capped_frac"] == pytest.approx(capped)
     assert metrics["rollout/tis_weight_mean"] == pytest.approx(float(weight[mask].mean()))
+    # The mismatch metrics, by a naive loop: |Δ log π| over trained tokens, and the share of (row,
+    # turn) pairs whose mean Δ puts the turn ratio outside [1 − clip_low, 1 + clip_high].
+    diffs, outside, turns = [], 0, 0
+    for i in range(len(batch.sequences)):
+        for t in sorted(set(batch.turn_ids[i][mask[i]].tolist())):
+            sel = mask[i] & (batch.turn_ids[i] == t)
+            d = (batch.old_log_probs[i][sel] - rollout_lp[i][sel]).double()
+            diffs += d.abs().tolist()
+            ratio = math.exp(float(d.mean()))
+            outside += not (1 - cfg.algo.clip_low <= ratio <= 1 + cfg.algo.clip_high)
+            turns += 1
+    assert 0 < outside < turns  # some turns outside the clip range, some inside
+    assert metrics["rollout/logprob_diff_mean"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-5)
+    assert metrics["rollout/logprob_diff_max"] == pytest.approx(max(diffs), rel=1e-5)
+    assert metrics["rollout/logprob_turns_outside_clip"] == pytest.approx(outside / turns, rel=1e-12)
 
 
 def test_rollout_correction_needs_the_recompute():
