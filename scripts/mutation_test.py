@@ -18,6 +18,9 @@ surviving mutant (file:line and the diff). Writes report.md and report.json to -
 gives the kill rate without the equivalent ones; --reclassify rewrites an existing report with
 new rules, running nothing. --rerun-survivors REPORT.json runs only that report's survivors
 again (after tests were added for them) and reports the earlier run with their new verdicts.
+A function whose code changed since that report has new mutants (mutmut numbers them per
+function): name it with --rerun-functions (e.g. Trainer._update) and all its mutants run afresh,
+its earlier counts replaced.
 
 --max-mutants N samples N mutants per module with a fixed seed (--seed, default 0), for quick
 runs on the slow modules (the trainer's and the engine's tests take minutes per pass).
@@ -232,9 +235,13 @@ def run_module(module: str, tests: list[str], args, root: Path, previous: dict |
     ws = workspace(module, tests, root, args.timeout_multiplier)
     deadline = args.module_timeout
     res: dict = {"module": f"src/at2po/{module}", "tests": " ".join(tests)}
+    fresh = set(args.rerun_functions or ())  # changed functions: every mutant runs again
     if previous is not None:
-        chosen = [s["mutant"] for s in previous["survivors"]]
-        p = mutmut(ws, ["run", "--max-children", str(args.jobs), *(chosen or ["__none__"])], deadline)
+        chosen = [s["mutant"] for s in previous["survivors"] if qualified_function(s["mutant"]) not in fresh]
+        p = mutmut(ws, ["run", "--max-children", str(args.jobs), "__none__"], deadline)  # generate
+        chosen += [k for k in read_meta(ws, module) if qualified_function(k) in fresh]
+        p = mutmut(ws, ["run", "--max-children", str(args.jobs), *(chosen or ["__none__"])],
+                   max(60.0, deadline - (time.time() - t0)))
     elif args.max_mutants:
         # generate + collect coverage stats only (a name that matches nothing), then sample
         p = mutmut(ws, ["run", "--max-children", str(args.jobs), "__none__"], deadline)
@@ -255,10 +262,12 @@ def run_module(module: str, tests: list[str], args, root: Path, previous: dict |
         res["error"] = (p.stdout[-3000:] + p.stderr[-3000:])
     status = {k: STATUS.get(v, f"exit {v}") for k, v in codes.items()}
     if previous is not None:
-        before = {s["mutant"]: s["status"] for s in previous["survivors"]}
-        status = {k: before[k] if status.get(k, "not checked") == "not checked" else status[k] for k in before}
-        res["rerun"] = {"of_survivors": len(before), "now_killed": sum(1 for v in status.values()
-                                                                      if v in ("killed", "timeout"))}
+        before = {s["mutant"]: s["status"] for s in previous["survivors"] if qualified_function(s["mutant"]) not in fresh}
+        status = {**{k: before[k] if status.get(k, "not checked") == "not checked" else status[k] for k in before},
+                  **{k: v for k, v in status.items() if qualified_function(k) in fresh}}
+        res["rerun"] = {"of_survivors": len(before), "now_killed": sum(1 for k in before
+                                                                      if status[k] in ("killed", "timeout")),
+                        "functions_rerun": sorted(fresh)}
     count = lambda s: sum(1 for v in status.values() if v == s)
     run = sum(1 for v in status.values() if v not in ("not checked",))
     res.update(run=run, killed=count("killed"), survived=count("survived"), timeout=count("timeout"),
@@ -270,16 +279,22 @@ def run_module(module: str, tests: list[str], args, root: Path, previous: dict |
             counts = by_function.setdefault(qualified_function(k), {})
             counts[v] = counts.get(v, 0) + 1
     if previous is not None:  # the earlier run's verdicts, with the rerun survivors' replaced
-        merged = {f: dict(c) for f, c in previous["by_function"].items()}
+        merged = {f: dict(c) for f, c in previous["by_function"].items() if f not in fresh}
         for k, v in status.items():
-            counts = merged[qualified_function(k)]
-            counts[before[k]] -= 1
+            counts = merged.setdefault(qualified_function(k), {})
+            if k in before:
+                counts[before[k]] -= 1
             counts[v] = counts.get(v, 0) + 1
         by_function = {f: {s: n for s, n in c.items() if n} for f, c in merged.items()}
-        for key in ("killed", "timeout"):
-            res[key] += previous[key]
-        res["run"] = previous["run"]
-        res["generated"] = previous["generated"]
+        # The rerun's killed/timed-out survivors add to the earlier counts; a fresh function's
+        # earlier counts are taken out and its new ones (already in res) put in.
+        old_fresh = [c for f, c in previous["by_function"].items() if f in fresh]
+        for key, label in (("killed", "killed"), ("timeout", "timeout")):
+            res[key] += previous[key] - sum(c.get(label, 0) for c in old_fresh)
+        n_fresh_now = sum(1 for k in status if qualified_function(k) in fresh)
+        n_fresh_before = sum(sum(c.values()) for c in old_fresh)
+        res["run"] = previous["run"] - n_fresh_before + n_fresh_now
+        res["generated"] = previous["generated"] - n_fresh_before + n_fresh_now
         res["first_run"] = {k: previous[k] for k in ("killed", "survived", "timeout", "no_tests", "kill_rate")}
     res["by_function"] = dict(sorted(by_function.items()))
     tested = res["killed"] + res["survived"] + res["timeout"] + res["no_tests"]
@@ -405,7 +420,12 @@ def main() -> None:
     ap.add_argument("--rerun-survivors", metavar="REPORT_JSON",
                     help="run only the survivors of an earlier report's modules, with the current tests, and "
                          "report that run with their new verdicts")
+    ap.add_argument("--rerun-functions", nargs="+", metavar="FUNCTION",
+                    help="with --rerun-survivors: functions (func or Class.method) changed since that report, "
+                         "whose mutants all run afresh")
     args = ap.parse_args()
+    if args.rerun_functions and not args.rerun_survivors:
+        ap.error("--rerun-functions goes with --rerun-survivors")
     if args.reclassify:
         meta = json.loads((Path(args.out) / "report.json").read_text())
         write_report(meta.pop("modules"), args, meta["wall_s"], meta)

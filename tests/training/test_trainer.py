@@ -350,6 +350,10 @@ def test_tree_and_grpo_advantages_on_a_branching_tree():
         [rd, 0.0, 0.0, 0.0, 0.0],
         [rd, 0.0, 0.0, 0.0, 0.0],
     ]))
+    # The configured value mode reaches the credit: child_mean values a by the plain mean of b and c.
+    mean_batch, _ = build_train_batch(result, AlgoConfig(advantage="tree", value_mode="child_mean"))
+    vm = (rb + rc) / 2
+    torch.testing.assert_close(mean_batch.advantages[:2], torch.tensor([[vm, vm, 0.0, rb, 0.0], [vm, vm, 0.0, rc, rc]]))
     # TD advantages (tree only): A(n) = V(n) − V(parent); V(root) weighs a (H = 1.5) and d (H = 3) by softmax.
     hd = 3.0
     ha = 1.5
@@ -602,8 +606,10 @@ def test_recompute_uses_the_first_epochs_micro_batches_and_the_truncated_correct
     trainer = use_length_reward(Trainer(cfg))
     prompts = [trainer.engine.prompt(s) for s in trainer.train_rows[:2]]
     batch, _ = build_train_batch(trainer.engine.rollout(prompts), cfg.algo)
-    # A sampler further off on even rows (+0.01 a token): their turns fall outside the clip range.
-    batch.old_log_probs[::2] += 0.01 * batch.response_mask[::2]
+    # A sampler further off on two rows in three (+0.01 or −0.01 a token): their turns fall outside
+    # the clip range, and the rows it under-sampled get importance weights above the cap.
+    batch.old_log_probs[0::3] += 0.01 * batch.response_mask[0::3]
+    batch.old_log_probs[1::3] -= 0.01 * batch.response_mask[1::3]
     rollout_lp, advantages = batch.old_log_probs.clone(), batch.advantages.clone()
     plan = trainer._epoch_plan(batch, n_trees=2)
     metrics = combine([trainer._recompute_old_log_probs(batch, plan).as_dict()])  # one process: its own
@@ -617,7 +623,10 @@ def test_recompute_uses_the_first_epochs_micro_batches_and_the_truncated_correct
     # Truncated importance weights min(π_trainer / π_sampler, cap) scale the advantages.
     weight = torch.where(mask, torch.exp(batch.old_log_probs - rollout_lp).clamp(max=1.002), torch.zeros(()))
     assert torch.equal(batch.advantages, advantages * weight)
-    capped = float((weight[mask] >= 1.002).float().mean())
+    # Capped: the ratio reached the cap; counted in float64, as a float32 weight would round at 1.002.
+    ratio = torch.exp(batch.old_log_probs - rollout_lp).double()[mask]
+    capped = float((ratio >= 1.002).double().mean())
+    assert 0 < capped < 1
     assert metrics["rollout/tis_capped_frac"] == pytest.approx(capped)
     assert metrics["rollout/tis_weight_mean"] == pytest.approx(float(weight[mask].mean()))
     # The mismatch metrics, by a naive loop: |Δ log π| over trained tokens, and the share of (row,

@@ -411,3 +411,15 @@ def test_metrics_logger_without_tensorboard_says_so_and_keeps_the_jsonl(tmp_path
     logger.close()
     assert read_metrics(tmp_path / "metrics.jsonl") == [{"step": 1, "reward/mean": 0.5}]
     assert not (tmp_path / "tensorboard").exists()
+
+
+def test_advantage_statistics_of_two_tokens_and_of_no_rows():
+    result = _two_tree_result()
+    # Rows c (tree 0) and e (tree 1) alone: one trained token each, raw rewards 0 and 4.
+    two = RolloutResult(result.trees, [result.rows[2], result.rows[3]], result.stats, {}, 0)
+    _, stats = build_train_batch(two, AlgoConfig(advantage="grpo", normalize_leaves=False))
+    assert stats == pytest.approx({"adv/mean": 2.0, "adv/std": math.sqrt(8.0), "adv/abs_max": 4.0, "adv/zero_frac": 0.5})
+    # No rows at all: an empty batch (one padding column) and zero statistics.
+    batch, stats = build_train_batch(RolloutResult([], [], [], {}, 0), AlgoConfig())
+    assert batch.sequences == [] and tuple(batch.response_mask.shape) == (0, 1)
+    assert stats == {"adv/mean": 0.0, "adv/std": 0.0, "adv/abs_max": 0.0, "adv/zero_frac": 0.0}

@@ -550,12 +550,15 @@ class Trainer:
         if algo.rollout_correction:
             # Truncated importance sampling: the data came from the sampler's distribution, the
             # objective is the trainer's; weight each token by min(π_trainer / π_sampler, cap).
-            weight = torch.exp(batch.old_log_probs - rollout_lp).clamp(max=algo.rollout_correction_cap)
-            weight = torch.where(mask, weight, torch.zeros_like(weight))
+            ratio = torch.exp(batch.old_log_probs - rollout_lp)
+            weight = torch.where(mask, ratio.clamp(max=algo.rollout_correction_cap), torch.zeros_like(ratio))
             batch.advantages.mul_(weight)
             trained = weight[mask].double()
             local.mean("rollout/tis_weight_mean", float(trained.sum()), trained.numel())
-            local.mean("rollout/tis_capped_frac", float((trained >= algo.rollout_correction_cap).sum()), trained.numel())
+            # Capped: the ratio itself reached the cap (the clamped float32 weight, compared in
+            # float64, would sit just below a cap such as 1.002 and never count).
+            capped = ratio[mask] >= algo.rollout_correction_cap
+            local.mean("rollout/tis_capped_frac", float(capped.sum()), trained.numel())
         return local
 
     def _share(self, batch: TrainBatch, rows: list[int]) -> float:
