@@ -114,3 +114,14 @@ def test_a_full_model_checkpoint_is_refused_by_a_lora_run_naming_it(assets, tmp_
                               "model.lora_rank > 0?")
     with pytest.raises(ValueError, match=rf"^checkpoint {re.escape(str(ckpt))} does not match the adapters: missing \["):
         tr.load_checkpoint(ckpt)
+
+
+def test_lora_under_fsdp_is_refused_naming_both(assets, tmp_path, monkeypatch):
+    """FSDP is faked (this CPU process cannot run it): LoRA with FSDP stops at construction."""
+    import at2po.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "is_fsdp", lambda acc: True)
+    with pytest.raises(ValueError) as err:
+        Trainer(make_run_cfg(assets, tmp_path / "run", "model.lora_rank=4"))
+    assert str(err.value) == ("model.lora_rank > 0 with FSDP is not supported: LoRA is for one device; "
+                              "use full fine-tuning with FSDP or launch without FSDP")

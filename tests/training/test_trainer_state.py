@@ -2,6 +2,7 @@
 Trainer.load_checkpoint directly (no training step): every random stream, the prompt position,
 the step, the weights; and the reseeding when the world size changed since the save."""
 
+import re
 import random
 import time
 
@@ -234,13 +235,18 @@ def test_progress_bar_names_the_run_and_shows_the_reward(assets, tmp_path, capsy
     """The bar counts trainer.steps, starts at the resumed step, and shows the last reward."""
     import tqdm.auto
 
-    made = []
+    made, postfixes = [], []
 
     class Recording(tqdm.auto.tqdm):
         def __init__(self, *args, **kwargs):
             if kwargs.get("desc") == "AT²PO":
                 made.append(kwargs)
             super().__init__(*args, **kwargs)
+
+        def set_postfix_str(self, s="", refresh=True):
+            if self.desc.startswith("AT²PO"):
+                postfixes.append(s)
+            return super().set_postfix_str(s, refresh)
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Recording)
     run = tmp_path / "run"
@@ -251,6 +257,11 @@ def test_progress_bar_names_the_run_and_shows_the_reward(assets, tmp_path, capsy
     assert bar[0].startswith("AT²PO:  50%") and "| 1/2 [" in bar[0]
     assert bar[-1].startswith("AT²PO: 100%") and "| 2/2 [" in bar[-1]
     assert bar[-1].endswith(f"reward {history[-1]['reward/mean']:.3f}]")
+    # During each step's rollout the bar says which phase and turn is generating for how many
+    # trajectories; after the step, the reward.
+    kinds = "".join("r" if p.startswith("reward ") else "g" for p in postfixes)
+    assert re.fullmatch(r"(g+r){2}", kinds), postfixes
+    assert all(re.fullmatch(r"phase \d+-\d+ turn \d+: \d+ generating", p) for p in postfixes if not p.startswith("reward "))
     assert made == [dict(total=1, initial=0, desc="AT²PO", disable=False, dynamic_ncols=True),
                     dict(total=2, initial=1, desc="AT²PO", disable=False, dynamic_ncols=True)]
     # Off with trainer.progress=false, and on every process but the main one.
