@@ -348,6 +348,25 @@ def test_a_separate_generation_model_receives_the_loaded_weights(assets, tmp_pat
         assert torch.equal(v, saved[k]), k
 
 
+def test_under_fsdp_the_generator_samples_from_an_unsharded_copy_that_follows_the_updates(assets, tmp_path,
+                                                                                          monkeypatch):
+    """FSDP faked on one process: the trainer builds a separate, frozen, eval-mode copy of the policy
+    for the generator, equal to it at the start and after every update."""
+    import at2po.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "is_fsdp", lambda acc: True)
+    tr = Trainer(make_run_cfg(assets, tmp_path / "run", "trainer.save_every=0", "optim.lr=1e-2"))
+    policy, gen = tr.accelerator.unwrap_model(tr.model), tr._gen_model
+    assert gen is not None and gen is not policy and tr.generator.model is gen
+    assert not gen.training and not any(p.requires_grad for p in gen.parameters())
+    start = weights(tr)
+    assert all(torch.equal(v, start[k]) for k, v in gen.state_dict().items())
+    tr.train_step()
+    now = weights(tr)
+    assert any(not torch.equal(now[k], start[k]) for k in now)  # the policy moved ...
+    assert all(torch.equal(v, now[k]) for k, v in gen.state_dict().items())  # ... and the copy with it
+
+
 def test_under_fsdp_the_full_state_goes_to_load_full_state(assets, tmp_path, monkeypatch):
     """The FSDP branch's plumbing (FSDP itself needs GPUs): weights and optimizer state go to
     ``load_full_state`` with this trainer's accelerator, model and optimizer, and nothing is loaded
