@@ -259,3 +259,10 @@ def test_a_process_other_than_the_main_one_prints_and_writes_nothing(assets, two
     assert [h["step"] for h in result["history"]] == [0] and "val/em" in result["history"][0]
     assert capsys.readouterr().out == ""
     assert run.is_dir() and list(run.iterdir()) == []
+
+
+def test_a_run_without_a_train_file_names_the_field(assets, tmp_path):
+    with pytest.raises(ValueError) as err:
+        Trainer(cfg(assets, tmp_path / "run", "data.train_file="))
+    assert str(err.value) == "data.train_file is empty: give a data file of the 'search_qa' task"
+    assert not (tmp_path / "run").exists()

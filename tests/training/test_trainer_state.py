@@ -124,6 +124,7 @@ def test_fit_validates_before_training_and_logs_it_as_step_0(assets, tmp_path):
     out = tmp_path / "run"
     tr = Trainer(make_run_cfg(assets, out, "trainer.save_every=0", "trainer.val_before_train=true",
                               "data.val_size=2", "rollout.max_response_tokens=12"))
+    assert tr.val_records == []  # no validation yet: no records
     t0 = time.perf_counter()
     result = tr.fit(stop_after=0)
     wall = time.perf_counter() - t0
