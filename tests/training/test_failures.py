@@ -96,6 +96,14 @@ def test_prompts_longer_than_the_context_are_skipped_counted_and_named(assets, t
     out = capsys.readouterr().out
     assert "data.train_file: skipping 1 of 3 rows that do not fit" in out and "ids: huge" in out
     assert "rollout.max_response_tokens=40 > the model's context of 2048 tokens" in out
+    # Every process skips the same rows, but only the main one says so.
+    from accelerate import Accelerator
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Accelerator, "is_main_process", property(lambda self: False))
+        other = Trainer(make_run_cfg(assets, tmp_path / "other", f"data.train_file={data}", f"data.val_file={data}"))
+    assert [r.id for r in other.train_rows] == ["short", "short2"] == [r.id for r in other.val_rows]
+    assert capsys.readouterr().out == ""
     # A budget that no prompt fits: the run stops at start with the fix.
     with pytest.raises(ValueError, match="data.train_file: no row fits .*lower rollout.max_response_tokens"):
         Trainer(make_run_cfg(assets, tmp_path / "run2", "rollout.max_response_tokens=2040"))

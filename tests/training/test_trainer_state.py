@@ -411,6 +411,22 @@ def test_each_process_seeds_its_streams_from_seed_plus_rank(assets, tmp_path, mo
     assert rank1._my_share(list("abcdef")) == list("bdf")
 
 
+def test_the_prompt_order_follows_trainer_seed_and_data_shuffle(assets, tmp_path):
+    """The trainer's prompt sampler walks the rows in the seeded permutation of epoch 0 (numpy's
+    default_rng([seed, epoch])), or in file order with data.shuffle=false."""
+    n = 3
+    orders = {}
+    for seed in (0, 5):
+        tr = Trainer(make_run_cfg(assets, tmp_path / f"s{seed}", "trainer.save_every=0", f"trainer.seed={seed}"))
+        assert len(tr.train_rows) == n
+        orders[seed] = tr.sampler.take(n)
+        assert orders[seed] == np.random.default_rng([seed, 0]).permutation(n).tolist()
+    assert orders[0] != orders[5]  # the seed matters (these two seeds give different permutations)
+    plain = Trainer(make_run_cfg(assets, tmp_path / "plain", "trainer.save_every=0", "trainer.seed=5",
+                                 "data.shuffle=false"))
+    assert plain.sampler.take(n) == [0, 1, 2]
+
+
 def test_fit_validates_logs_and_saves_on_their_schedules(assets, tmp_path):
     """trainer.steps=4, val_every=2, log_every=3, save_every=3: validation after step 2 and once
     after the last step (not twice), a log line at steps 2 (validation), 3 and 4, checkpoints at 3
