@@ -613,12 +613,15 @@ def test_ppo_epochs_double_the_updates_and_the_second_epoch_is_off_policy(run_as
         tr = Trainer(make_run_cfg(run_assets, tmp_path / f"e{epochs}{mb}", f"task.name={length_task}",
                                   f"trainer.ppo_epochs={epochs}", f"trainer.mini_batch_prompts={mb}",
                                   "trainer.micro_batch_rows=64", "trainer.save_every=0"))
-        steps = []
+        steps, norms = [], []
         step = tr.optimizer.step
         tr.optimizer.step = lambda *a, **k: (steps.append(1), step(*a, **k))[1]
+        clip = tr.accelerator.clip_grad_norm_
+        tr.accelerator.clip_grad_norm_ = lambda *a, **k: (norms.append(float(n := clip(*a, **k))), n)[1]
         metrics = tr.train_step()
         updates = epochs * (2 // mb)  # one optimizer step per mini-batch and epoch
         assert len(steps) == len(calls) == tr.scheduler.last_epoch == metrics["loss/updates"] == updates
+        assert metrics["loss/grad_norm"] == pytest.approx(sum(norms) / updates, rel=1e-12)  # mean over updates
         # The first epoch's first update runs on π_old itself (recomputed): every ratio exactly 1.
         assert calls[0]["ratio_min"] == calls[0]["ratio_max"] == 1.0
         if (epochs, mb) == (2, 2):
