@@ -20,7 +20,8 @@ new rules, running nothing. --rerun-survivors REPORT.json runs only that report'
 again (after tests were added for them) and reports the earlier run with their new verdicts.
 A function whose code changed since that report has new mutants (mutmut numbers them per
 function): name it with --rerun-functions (e.g. Trainer._update) and all its mutants run afresh,
-its earlier counts replaced.
+its earlier counts replaced. --unclassified-only reruns just the survivors that no --classes rule
+explains (the others keep their verdict).
 
 --max-mutants N samples N mutants per module with a fixed seed (--seed, default 0), for quick
 runs on the slow modules (the trainer's and the engine's tests take minutes per pass).
@@ -239,7 +240,10 @@ def run_module(module: str, tests: list[str], args, root: Path, previous: dict |
     res: dict = {"module": f"src/at2po/{module}", "tests": " ".join(tests)}
     fresh = set(args.rerun_functions or ())  # changed functions: every mutant runs again
     if previous is not None:
-        chosen = [s["mutant"] for s in previous["survivors"] if qualified_function(s["mutant"]) not in fresh]
+        if args.unclassified_only:  # the rules as they are now decide which survivors are explained
+            classify([previous], args.classes)
+        chosen = [s["mutant"] for s in previous["survivors"] if qualified_function(s["mutant"]) not in fresh
+                  and not (args.unclassified_only and s.get("class"))]
         p = mutmut(ws, ["run", "--max-children", str(args.jobs), "__none__"], deadline)  # generate
         chosen += [k for k in read_meta(ws, module) if qualified_function(k) in fresh]
         p = mutmut(ws, ["run", "--max-children", str(args.jobs), *(chosen or ["__none__"])],
@@ -425,9 +429,13 @@ def main() -> None:
     ap.add_argument("--rerun-functions", nargs="+", metavar="FUNCTION",
                     help="with --rerun-survivors: functions (func or Class.method) changed since that report, "
                          "whose mutants all run afresh")
+    ap.add_argument("--unclassified-only", action="store_true",
+                    help="with --rerun-survivors and --classes: rerun only the survivors no rule explains")
     args = ap.parse_args()
     if args.rerun_functions and not args.rerun_survivors:
         ap.error("--rerun-functions goes with --rerun-survivors")
+    if args.unclassified_only and not (args.rerun_survivors and args.classes):
+        ap.error("--unclassified-only goes with --rerun-survivors and --classes")
     if args.reclassify:
         meta = json.loads((Path(args.out) / "report.json").read_text())
         write_report(meta.pop("modules"), args, meta["wall_s"], meta)
