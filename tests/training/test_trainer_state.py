@@ -59,13 +59,7 @@ def test_checkpoint_contents_and_a_direct_load_restore_everything(assets, tmp_pa
 
     expected = draws(tr)  # what comes next after the save
     # Move every stream and the weights, then load the checkpoint by path (read here, not passed in).
-    draws(tr)
-    tr.generator.set_rng_state(torch.Generator().manual_seed(123).get_state())
-    tr.sampler.take(1)
-    tr.step = 9
-    with torch.no_grad():
-        for p in tr.model.parameters():
-            p.add_(0.5)
+    _moved(tr)
     tr.load_checkpoint(ckpt)
     assert tr.step == 3 and tr.sampler.state_dict() == {"epoch": 0, "pos": 2, "n": 3}
     for k, v in weights(tr).items():
@@ -271,7 +265,6 @@ def test_progress_bar_names_the_run_and_shows_the_reward(assets, tmp_path, capsy
     other.is_main = False
     other.fit(stop_after=0)
     assert [m["disable"] for m in made[2:]] == [True, True]
-
 
 
 def _moved(tr):
