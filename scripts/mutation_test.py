@@ -244,8 +244,9 @@ def run_module(module: str, tests: list[str], args, root: Path, previous: dict |
             classify([previous], args.classes)
         chosen = [s["mutant"] for s in previous["survivors"] if qualified_function(s["mutant"]) not in fresh
                   and not (args.unclassified_only and s.get("class"))]
-        p = mutmut(ws, ["run", "--max-children", str(args.jobs), "__none__"], deadline)  # generate
-        chosen += [k for k in read_meta(ws, module) if qualified_function(k) in fresh]
+        if fresh:  # generate the mutants (a name that matches nothing) to learn the changed functions' names
+            mutmut(ws, ["run", "--max-children", str(args.jobs), "__none__"], deadline)
+            chosen += [k for k in read_meta(ws, module) if qualified_function(k) in fresh]
         p = mutmut(ws, ["run", "--max-children", str(args.jobs), *(chosen or ["__none__"])],
                    max(60.0, deadline - (time.time() - t0)))
     elif args.max_mutants:
@@ -295,8 +296,8 @@ def run_module(module: str, tests: list[str], args, root: Path, previous: dict |
         # The rerun's killed/timed-out survivors add to the earlier counts; a fresh function's
         # earlier counts are taken out and its new ones (already in res) put in.
         old_fresh = [c for f, c in previous["by_function"].items() if f in fresh]
-        for key, label in (("killed", "killed"), ("timeout", "timeout")):
-            res[key] += previous[key] - sum(c.get(label, 0) for c in old_fresh)
+        for key in ("killed", "timeout"):
+            res[key] += previous[key] - sum(c.get(key, 0) for c in old_fresh)
         n_fresh_now = sum(1 for k in status if qualified_function(k) in fresh)
         n_fresh_before = sum(sum(c.values()) for c in old_fresh)
         res["run"] = previous["run"] - n_fresh_before + n_fresh_now
