@@ -536,7 +536,9 @@ def test_update_hands_the_configured_objective_to_the_loss_and_syncs_once_per_mi
     assert sorted(order) == [0, 1] and trees == sorted(trees, key=order.index)  # a tree's micro-batches together
     n_micro = [math.ceil(int((batch.tree_of_row == t).sum()) / 3) for t in order]
     assert max(n_micro) > 1  # several micro-batches in a mini-batch: the sync pattern shows
-    one_mini_batch = lambda n: ([] if fsdp else ["no_sync", "loss"] * (n - 1)) + (["loss"] * n if fsdp else ["loss"]) + ["step"]
+    def one_mini_batch(n):  # no_sync around every micro-batch but the last (none under FSDP), then the step
+        return (["loss"] * n if fsdp else ["no_sync", "loss"] * (n - 1) + ["loss"]) + ["step"]
+
     assert events == [e for n in n_micro for e in one_mini_batch(n)]
     assert metrics["loss/updates"] == 2.0
     assert metrics["loss/grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-12)
