@@ -485,9 +485,10 @@ def test_update_hands_the_configured_objective_to_the_loss_and_syncs_once_per_mi
     """Each micro-batch's loss gets the config's level, clip range, aggregation and log-ratio cap
     and the micro-batch's own turn ids, old log-probs, advantages and mask; gradients are kept
     local (no_sync) for all but the last micro-batch of a mini-batch (never under FSDP, which
-    also runs one forward per micro-batch, π_old's recompute included); the logged loss is the token-weighted sum over a
-    mini-batch's micro-batches and the logged grad norm the mean of the clipped norms. The
-    values are off the defaults so that a dropped argument shows. FSDP is faked (one process)."""
+    also runs one forward per micro-batch, π_old's recompute included); the logged loss is the
+    token-weighted sum over a mini-batch's micro-batches and the logged grad norm the mean of the
+    clipped norms. The values are off the defaults so that a dropped argument shows. FSDP is
+    faked (one process)."""
     import at2po.training.trainer as trainer_module
 
     tr = Trainer(make_run_cfg(run_assets, tmp_path / "run", f"task.name={length_task}", "algo.loss_level=token",
@@ -536,6 +537,7 @@ def test_update_hands_the_configured_objective_to_the_loss_and_syncs_once_per_mi
     assert sorted(order) == [0, 1] and trees == sorted(trees, key=order.index)  # a tree's micro-batches together
     n_micro = [math.ceil(int((batch.tree_of_row == t).sum()) / 3) for t in order]
     assert max(n_micro) > 1  # several micro-batches in a mini-batch: the sync pattern shows
+
     def one_mini_batch(n):  # no_sync around every micro-batch but the last (none under FSDP), then the step
         return (["loss"] * n if fsdp else ["no_sync", "loss"] * (n - 1) + ["loss"]) + ["step"]
 

@@ -637,8 +637,8 @@ def test_recompute_uses_the_first_epochs_micro_batches_and_the_truncated_correct
             sel = mask[i] & (batch.turn_ids[i] == t)
             d = (batch.old_log_probs[i][sel] - rollout_lp[i][sel]).double()
             diffs += d.abs().tolist()
-            ratio = math.exp(float(d.mean()))
-            outside += not (1 - cfg.algo.clip_low <= ratio <= 1 + cfg.algo.clip_high)
+            turn_ratio = math.exp(float(d.mean()))
+            outside += not (1 - cfg.algo.clip_low <= turn_ratio <= 1 + cfg.algo.clip_high)
             turns += 1
     assert 0 < outside < turns  # some turns outside the clip range, some inside
     assert metrics["rollout/logprob_diff_mean"] == pytest.approx(sum(diffs) / len(diffs), rel=1e-5)
