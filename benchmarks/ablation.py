@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from at2po.config import Config, config_to_dict, load_config
+from at2po.evidence.environment import environment
 from at2po.evidence.runner import (
     SweepLocked,
     SweepMismatch,
@@ -163,7 +164,10 @@ def machine_info() -> dict[str, Any]:
     import torch
     import transformers
 
+    env = environment()  # the main process's; each result file records its own worker's
     return {
+        "environment_fingerprint": env["fingerprint"], "cpu_model": env["cpu_model"],
+        "torch_cpu_capability": env["torch_cpu_capability"], "at2po_source": env["at2po_source"],
         "platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "transformers": transformers.__version__,
         "torch_threads_main_process": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),

@@ -35,6 +35,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
+from at2po.evidence.environment import environment
 from at2po.evidence.stats import pass_at_k, slug
 
 __all__ = ["SweepLocked", "SweepMismatch", "atomic_write_json", "check_jobs", "plan_jobs", "run_job", "run_jobs",
@@ -259,6 +260,7 @@ def _run_assets(job: dict[str, Any]) -> None:
         shutil.rmtree(final)
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     build_quickstart_assets(_quickstart_config(job["spec"]["assets"]), out_dir=tmp, progress=False)
+    atomic_write_json(tmp / "environment.json", environment())
     os.replace(tmp, final)
 
 
@@ -348,7 +350,7 @@ def _run_warm(job: dict[str, Any]) -> None:
     t0, cpu0 = time.perf_counter(), time.process_time()
     trainer = Trainer(_config(job, "warm-start"))
     val = trainer.validate()
-    result: dict[str, Any] = {"spec": job["spec"], "val": val, "by_hop": by_hop(trainer.val_records),
+    result: dict[str, Any] = {"spec": job["spec"], "environment": environment(), "val": val, "by_hop": by_hop(trainer.val_records),
                               "questions": {"train": len(trainer.train_rows), "val": len(trainer.val_rows)}}
     n = job["spec"]["pass_k_samples"]
     if n:
@@ -417,7 +419,7 @@ def _run_row(job: dict[str, Any]) -> None:
     say(f"EM {before:.3f} -> {after:.3f}, {r['generated_tokens']:.0f} tokens (budget {checkpoints[-1]:.0f}) "
         f"in {r['steps']} steps, {r['seconds']:.1f} s")
     atomic_write_json(Path(job["path"]), {
-        "spec": spec, "seed": job["seed"], "checkpoints": checkpoints, "em_before": before, "em_after": after,
+        "spec": spec, "environment": environment(), "seed": job["seed"], "checkpoints": checkpoints, "em_before": before, "em_after": after,
         "delta": after - before, "budget_overshoot": r["generated_tokens"] - checkpoints[-1], **r,
     })
 
