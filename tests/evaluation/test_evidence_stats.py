@@ -66,6 +66,16 @@ def test_paired_uses_the_common_seeds_and_counts_wins():
     assert clear["resolved"] and clear["ci95"] == pytest.approx([0.1, 0.1])
 
 
+def test_paired_leaves_out_seeds_whose_runs_were_made_in_different_environments():
+    envs = {0: ("a", "a"), 1: ("a", "b"), 2: (None, "a"), 3: ("b", "b")}
+    p = paired({0: 0.5, 1: 0.9, 2: 0.6, 3: 0.4}, {0: 0.4, 1: 0.1, 2: 0.6, 3: 0.5}, envs)
+    assert p["seeds"] == [0, 2, 3] and p["diffs"] == pytest.approx([0.1, 0.0, -0.1])
+    assert p["excluded_seeds"] == [1] and p["unrecorded_seeds"] == [2]
+    assert paired({1: 0.9}, {1: 0.1}, {1: ("a", "b")}) == {"n": 0, "excluded_seeds": [1]}
+    # No record at all: every seed counts, and every one is listed as unchecked.
+    assert paired({0: 0.5}, {0: 0.4})["unrecorded_seeds"] == [0]
+
+
 # -- a hand-made sweep folder ------------------------------------------------------------------------
 def _row_file(em_before, em_after, tokens=100.0, budget=95.0):
     return {"em_before": em_before, "em_after": em_after, "by_hop_after": {"em": em_after, "em_3hop": em_after / 2},
@@ -136,6 +146,36 @@ def test_tables_from_hand_made_files(tmp_path):
     md = markdown_tables(tables_from_files(tmp_path), json.loads((tmp_path / "sweep.json").read_text()))
     assert "| chain GRPO | 2 | 0.400 ± 0.141 | +0.150 | -0.150 [-0.200, -0.100] | 0/0/2 |" in md
     assert "| no credit → turn credit | entropy tree + ATPO → AT²PO (full) | 3 | +0.000" in md
+
+
+def test_tables_pair_only_runs_of_one_environment(tmp_path):
+    _write_sweep(tmp_path)
+    ref, tree = "AT²PO (full)", "entropy tree + ATPO"
+
+    def stamp(row: str, seed: int, fp: str) -> None:
+        f = tmp_path / "runs" / "standard" / stats.slug(row) / f"seed{seed}.json"
+        run = json.loads(f.read_text())
+        run["environment"] = {"fingerprint": fp, "cpu_model": f"cpu-{fp}", "torch_cpu_capability": "AVX2",
+                              "at2po_source": "src1"}
+        f.write_text(json.dumps(run))
+
+    for seed in range(3):
+        stamp(ref, seed, "a")
+        stamp(tree, seed, "b" if seed == 1 else "a")  # seed 1 of this row ran on another machine
+    stamp("td", 0, "a")
+    t = tables_from_files(tmp_path)["standard"]
+    vs = t["progressive"][tree]["vs_reference"]  # diffs -0.1, (0 left out), +0.1
+    assert vs["seeds"] == [0, 2] and vs["excluded_seeds"] == [1] and vs["mean"] == pytest.approx(0.0)
+    (comp,) = t["components"]  # the same pair, the other way round
+    assert comp["seeds"] == [0, 2] and comp["diffs"] == pytest.approx([0.1, -0.1]) and comp["excluded_seeds"] == [1]
+    assert t["credit"]["td"]["vs_reference"]["unrecorded_seeds"] == [1, 2]
+    assert t["environments"]["a"] == {"runs": 6, "cpu_model": "cpu-a", "torch_cpu_capability": "AVX2",
+                                      "at2po_source": ["src1"]}
+    assert t["environments"]["b"]["runs"] == 1 and t["environments"]["unrecorded"] == 3 + 2 + 2  # warm, chain, td
+    md = markdown_tables(tables_from_files(tmp_path), json.loads((tmp_path / "sweep.json").read_text()))
+    assert "`a` (cpu-a, AVX2): 6 runs; `b` (cpu-b, AVX2): 1 runs; 7 runs without a record" in md
+    assert "different environments): entropy tree + ATPO vs the reference (seeds 1); no credit → turn credit (seeds 1)." in md
+    assert "| entropy tree + ATPO | 3 | 0.600 ± 0.200 | +0.300 | +0.000 [-0.100, +0.100] | 1/0/1 |" in md
 
 
 def test_stats_command_line(tmp_path, capsys):

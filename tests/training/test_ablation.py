@@ -97,6 +97,15 @@ def test_parallel_workers_run_the_hard_variant_at_a_fixed_budget(tmp_path):
         rows["chain-grpo"]["spec"]["overrides"].index("trainer.steps=2")
     sweep = json.loads((tmp_path / "sweep.json").read_text())
     assert sweep["invocations"][0]["workers"] == 2 and sweep["invocations"][0]["jobs_run"] == 4
+    # Every file records the environment of the worker that made it: one torch thread each, and
+    # the same fingerprint, so the tables pair all of them.
+    made = [*rows.values(), warm, json.loads((tmp_path / "cache" / "seed0" / "assets" / "environment.json").read_text())]
+    assert {r["environment"]["torch_threads"] for r in made[:-1]} == {1}
+    assert len({r["environment"]["fingerprint"] for r in made[:-1]}) == 1
+    assert made[-1]["packages"]["torch"] == made[0]["environment"]["packages"]["torch"]
+    tables = tables_from_files(tmp_path)["hard"]
+    assert tables["environments"][made[0]["environment"]["fingerprint"]]["runs"] == 3
+    assert tables["components"] == [] or all("excluded_seeds" not in c for c in tables["components"])
 
 
 def test_report_only_rewrites_the_report_from_the_files(tmp_path, capsys):

@@ -27,6 +27,8 @@ import numpy as np
 __all__ = [
     "BOOTSTRAP_RESAMPLES",
     "bootstrap_ci",
+    "environments_of",
+    "fingerprint_of",
     "load_sweep",
     "markdown_tables",
     "paired",
@@ -65,20 +67,62 @@ def bootstrap_ci(diffs: Sequence[float], level: float = 0.95, resamples: int = B
     return float(lo), float(hi)
 
 
-def paired(values: dict[int, float], reference: dict[int, float]) -> dict[str, Any]:
+def paired(values: dict[int, float], reference: dict[int, float],
+           environments: dict[int, tuple[str | None, str | None]] | None = None) -> dict[str, Any]:
     """Paired comparison over the seeds both have: mean difference (values − reference), its 95%
-    bootstrap CI, and the number of seeds where the row is ahead, level or behind."""
-    seeds = sorted(set(values) & set(reference))
+    bootstrap CI, and the number of seeds where the row is ahead, level or behind.
+
+    ``environments``: per seed, the environment fingerprints of the two runs (None where a run
+    did not record one). A seed whose two runs were made in different environments is left out
+    (``excluded_seeds``): its difference would mix the row's effect with the machine's. Seeds
+    with an unrecorded side are kept and listed (``unrecorded_seeds``): nothing says they differ."""
+    environments = environments or {}
+    common = sorted(set(values) & set(reference))
+    excluded = [s for s in common if None not in environments.get(s, (None, None))
+                and environments[s][0] != environments[s][1]]
+    unrecorded = [s for s in common if None in environments.get(s, (None, None))]
+    seeds = [s for s in common if s not in excluded]
     diffs = [values[s] - reference[s] for s in seeds]
+    notes = {**({"excluded_seeds": excluded} if excluded else {}), **({"unrecorded_seeds": unrecorded} if unrecorded else {})}
     if not diffs:
-        return {"n": 0}
+        return {"n": 0, **notes}
     lo, hi = bootstrap_ci(diffs)
     return {
         "n": len(diffs), "seeds": seeds, "diffs": diffs, "mean": sum(diffs) / len(diffs), "ci95": [lo, hi],
         "wins": sum(d > 0 for d in diffs), "ties": sum(d == 0 for d in diffs), "losses": sum(d < 0 for d in diffs),
         # Resolved: the interval excludes 0, i.e. the sign of the effect is settled at this level.
-        "resolved": lo > 0 or hi < 0,
+        "resolved": lo > 0 or hi < 0, **notes,
     }
+
+
+def fingerprint_of(run: dict[str, Any]) -> str | None:
+    """The environment fingerprint a result file recorded (None for files written before runs recorded it)."""
+    return (run.get("environment") or {}).get("fingerprint")
+
+
+def _paired_runs(runs: dict[int, dict[str, Any]], reference: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    envs = {s: (fingerprint_of(runs[s]), fingerprint_of(reference[s])) for s in set(runs) & set(reference)}
+    return paired({s: r["em_after"] for s, r in runs.items()}, {s: r["em_after"] for s, r in reference.items()}, envs)
+
+
+def environments_of(files: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    """How many of a variant's result files each environment made: {fingerprint: {"runs", "cpu_model",
+    "torch_cpu_capability", "at2po_source": [...]}}, plus "unrecorded": files without a record."""
+    out: dict[str, Any] = {}
+    unrecorded = 0
+    for runs in files.values():
+        for run in runs.values():
+            env = run.get("environment")
+            if not env:
+                unrecorded += 1
+                continue
+            e = out.setdefault(env["fingerprint"], {"runs": 0, "cpu_model": env.get("cpu_model"),
+                                                    "torch_cpu_capability": env.get("torch_cpu_capability"),
+                                                    "at2po_source": []})
+            e["runs"] += 1
+            if env.get("at2po_source") not in e["at2po_source"]:
+                e["at2po_source"].append(env.get("at2po_source"))
+    return {**dict(sorted(out.items())), **({"unrecorded": unrecorded} if unrecorded else {})}
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -118,7 +162,7 @@ def _row_stats(runs: dict[int, dict[str, Any]], warm: dict[int, dict[str, Any]],
         "max_overshoot": max(r["generated_tokens"] - r["checkpoints"][-1] for r in runs.values()),
     }
     if reference is not None:
-        out["vs_reference"] = paired(em, {s: r["em_after"] for s, r in reference.items()})
+        out["vs_reference"] = _paired_runs(runs, reference)
     # The EM curve at the shared checkpoints, mean over seeds (the warm start at 0 tokens).
     points = list(zip(*(runs[s]["curve"] for s in seeds)))
     out["curve_tokens"] = [0.0, *(_mean([p["tokens"] for p in pt]) for pt in points)]
@@ -169,13 +213,13 @@ def tables_from_files(out_dir: str | Path) -> dict[str, Any]:
             return vfiles.get(slug(valiases.get(row, row)), {})
 
         ref_runs = runs_of(reference)
-        vt: dict[str, Any] = {"warm_start": _warm_stats(warm) if warm else {"n": 0}}
+        vt: dict[str, Any] = {"environments": environments_of(vfiles),
+                              "warm_start": _warm_stats(warm) if warm else {"n": 0}}
         for table, rows in plan["tables"].items():
             vt[table] = {row: _row_stats(runs_of(row), warm, ref_runs if row != reference else None)
                          for row in rows if runs_of(row)}
         vt["components"] = [
-            {"component": label, "from": a, "to": b,
-             **paired({s: r["em_after"] for s, r in runs_of(b).items()}, {s: r["em_after"] for s, r in runs_of(a).items()})}
+            {"component": label, "from": a, "to": b, **_paired_runs(runs_of(b), runs_of(a))}
             for label, a, b in plan.get("components", []) if runs_of(a) and runs_of(b)
         ]
         tables[variant] = vt
@@ -222,6 +266,7 @@ def markdown_tables(tables: dict[str, Any], sweep: dict[str, Any], paper: dict[s
     text: list[str] = []
     for variant, vt in tables.items():
         text += [f"## Task variant `{variant}`: {plan['variant_descriptions'].get(variant, '')}", ""]
+        text += _environment_lines(vt.get("environments", {}))
         w = vt["warm_start"]
         if w.get("n"):
             hop = ", ".join(f"{k[3]}-hop {v:.3f}" for k, v in w.items() if re.fullmatch(r"em_\dhop_mean", k))
@@ -242,7 +287,37 @@ def markdown_tables(tables: dict[str, Any], sweep: dict[str, Any], paper: dict[s
                 text.append(f"| {c['component']} | {c['from']} → {c['to']} | {c['n']} | {_ci(c)} | {_wtl(c)} | "
                             f"{'yes' if c.get('resolved') else 'no'} |")
             text.append("")
+        text += _pairing_notes(vt)
     return "\n".join(text)
+
+
+def _environment_lines(envs: dict[str, Any]) -> list[str]:
+    parts = [f"`{fp}` ({e['cpu_model']}, {e['torch_cpu_capability']}): {e['runs']} runs"
+             for fp, e in envs.items() if fp != "unrecorded"]
+    if envs.get("unrecorded"):
+        parts.append(f"{envs['unrecorded']} runs without a record (made before runs recorded their environment)")
+    return [f"Environments (fingerprint, CPU, torch kernels): {'; '.join(parts)}.", ""] if parts else []
+
+
+def _pairing_notes(vt: dict[str, Any]) -> list[str]:
+    """Which paired differences left seeds out (runs made in different environments), and which
+    rest on runs that recorded no environment."""
+    pairs = [(f"{row} vs the reference", st["vs_reference"]) for table in ("progressive", "credit")
+             for row, st in vt.get(table, {}).items() if "vs_reference" in st]
+    pairs += [(c["component"], c) for c in vt.get("components", [])]
+    envs = vt.get("environments", {})
+    if envs and set(envs) == {"unrecorded"}:  # an older sweep: one sentence, not one per pair
+        return ["No run of this variant recorded its environment, so no pair is checked for a change of "
+                "machine or packages between its two runs.", ""]
+    lines: list[str] = []
+    for key, what in (("excluded_seeds", "Left out of the paired differences (the two runs were made in "
+                                         "different environments)"),
+                      ("unrecorded_seeds", "Paired differences over runs that recorded no environment, so "
+                                           "not checked for a change of machine or packages")):
+        hit = [f"{name} (seeds {', '.join(map(str, p[key]))})" for name, p in pairs if p.get(key)]
+        if hit:
+            lines += [f"{what}: " + "; ".join(hit) + ".", ""]
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
