@@ -114,17 +114,18 @@ def test_concurrent_calls(workroot):
 
 
 def test_infinite_loop_is_killed(workroot):
+    # 4 s, not 1: the output printed before the kill must be kept, and on a loaded machine (a
+    # sweep on every core) starting the sandbox and the interpreter alone took over a second.
     start = time.monotonic()
-    result = run("print('started')\nwhile True:\n    pass", workroot, timeout=1.0)
+    result = run("print('started')\nwhile True:\n    pass", workroot, timeout=4.0)
     elapsed = time.monotonic() - start
     # The text shows the wall-clock timeout killed it (not the CPU-time backstop, which would
     # report SIGXCPU, and not an exit of the endless loop).
     assert result == ToolResult(
-        "started\npython timed out after 1s (process killed)", ok=False, error="timeout"
+        "started\npython timed out after 4s (process killed)", ok=False, error="timeout"
     )
-    # Generous on purpose: on a loaded machine starting the interpreter alone can take seconds;
-    # the bound only guards against the 1 s timeout being grossly overrun.
-    assert elapsed < 15, elapsed
+    # Generous on purpose: the bound only guards against the timeout being grossly overrun.
+    assert 4 <= elapsed < 20, elapsed
 
 
 @pytest.mark.parametrize(
