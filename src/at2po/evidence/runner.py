@@ -350,7 +350,8 @@ def _run_warm(job: dict[str, Any]) -> None:
     t0, cpu0 = time.perf_counter(), time.process_time()
     trainer = Trainer(_config(job, "warm-start"))
     val = trainer.validate()
-    result: dict[str, Any] = {"spec": job["spec"], "environment": environment(), "val": val, "by_hop": by_hop(trainer.val_records),
+    result: dict[str, Any] = {"spec": job["spec"], "environment": environment(), "val": val,
+                              "by_hop": by_hop(trainer.val_records),
                               "questions": {"train": len(trainer.train_rows), "val": len(trainer.val_rows)}}
     n = job["spec"]["pass_k_samples"]
     if n:
@@ -419,8 +420,8 @@ def _run_row(job: dict[str, Any]) -> None:
     say(f"EM {before:.3f} -> {after:.3f}, {r['generated_tokens']:.0f} tokens (budget {checkpoints[-1]:.0f}) "
         f"in {r['steps']} steps, {r['seconds']:.1f} s")
     atomic_write_json(Path(job["path"]), {
-        "spec": spec, "environment": environment(), "seed": job["seed"], "checkpoints": checkpoints, "em_before": before, "em_after": after,
-        "delta": after - before, "budget_overshoot": r["generated_tokens"] - checkpoints[-1], **r,
+        "spec": spec, "environment": environment(), "seed": job["seed"], "checkpoints": checkpoints,
+        "em_before": before, "em_after": after, "delta": after - before, "budget_overshoot": r["generated_tokens"] - checkpoints[-1], **r,
     })
 
 

@@ -76,14 +76,13 @@ def paired(values: dict[int, float], reference: dict[int, float],
     did not record one). A seed whose two runs were made in different environments is left out
     (``excluded_seeds``): its difference would mix the row's effect with the machine's. Seeds
     with an unrecorded side are kept and listed (``unrecorded_seeds``): nothing says they differ."""
-    environments = environments or {}
     common = sorted(set(values) & set(reference))
-    excluded = [s for s in common if None not in environments.get(s, (None, None))
-                and environments[s][0] != environments[s][1]]
-    unrecorded = [s for s in common if None in environments.get(s, (None, None))]
+    envs = {s: (environments or {}).get(s, (None, None)) for s in common}
+    unrecorded = [s for s in common if None in envs[s]]
+    excluded = [s for s in common if None not in envs[s] and envs[s][0] != envs[s][1]]
     seeds = [s for s in common if s not in excluded]
     diffs = [values[s] - reference[s] for s in seeds]
-    notes = {**({"excluded_seeds": excluded} if excluded else {}), **({"unrecorded_seeds": unrecorded} if unrecorded else {})}
+    notes = {k: v for k, v in (("excluded_seeds", excluded), ("unrecorded_seeds", unrecorded)) if v}
     if not diffs:
         return {"n": 0, **notes}
     lo, hi = bootstrap_ci(diffs)
@@ -287,7 +286,7 @@ def markdown_tables(tables: dict[str, Any], sweep: dict[str, Any], paper: dict[s
                 text.append(f"| {c['component']} | {c['from']} → {c['to']} | {c['n']} | {_ci(c)} | {_wtl(c)} | "
                             f"{'yes' if c.get('resolved') else 'no'} |")
             text.append("")
-        text += _pairing_notes(vt)
+        text += _pairing_notes(vt, plan["tables"])
     return "\n".join(text)
 
 
@@ -299,16 +298,15 @@ def _environment_lines(envs: dict[str, Any]) -> list[str]:
     return [f"Environments (fingerprint, CPU, torch kernels): {'; '.join(parts)}.", ""] if parts else []
 
 
-def _pairing_notes(vt: dict[str, Any]) -> list[str]:
+def _pairing_notes(vt: dict[str, Any], tables: Sequence[str]) -> list[str]:
     """Which paired differences left seeds out (runs made in different environments), and which
     rest on runs that recorded no environment."""
-    pairs = [(f"{row} vs the reference", st["vs_reference"]) for table in ("progressive", "credit")
-             for row, st in vt.get(table, {}).items() if "vs_reference" in st]
-    pairs += [(c["component"], c) for c in vt.get("components", [])]
-    envs = vt.get("environments", {})
-    if envs and set(envs) == {"unrecorded"}:  # an older sweep: one sentence, not one per pair
+    if set(vt.get("environments", {})) == {"unrecorded"}:  # an older sweep: one sentence, not one per pair
         return ["No run of this variant recorded its environment, so no pair is checked for a change of "
                 "machine or packages between its two runs.", ""]
+    pairs = [(f"{row} vs the reference", st["vs_reference"]) for table in tables
+             for row, st in vt.get(table, {}).items() if "vs_reference" in st]
+    pairs += [(c["component"], c) for c in vt.get("components", [])]
     lines: list[str] = []
     for key, what in (("excluded_seeds", "Left out of the paired differences (the two runs were made in "
                                          "different environments)"),
