@@ -640,6 +640,13 @@ class Trainer:
         return metrics
 
     # -- loop ----------------------------------------------------------------------------------
+    def end(self) -> None:
+        """Close a finished run: every process waits for the others, then the process group is
+        released (Accelerate's end_training; on one process there is none). Call it once, after
+        the last collective: ``train`` does. The trainer can still be read but not stepped."""
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
     def fit(self, resume: bool = False, stop_after: int | None = None, *, overwrite: bool = False,
             force_resume: bool = False) -> dict[str, Any]:
         """Train for trainer.steps (or until ``stop_after`` steps of this call, for tests).
@@ -718,4 +725,6 @@ def _nll_sum(result: RolloutResult) -> tuple[float, int]:
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, force_resume: bool = False) -> dict[str, Any]:
     trainer = Trainer(cfg)
-    return trainer.fit(resume=resume, overwrite=overwrite, force_resume=force_resume)
+    result = trainer.fit(resume=resume, overwrite=overwrite, force_resume=force_resume)
+    trainer.end()
+    return result
