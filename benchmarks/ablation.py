@@ -4,6 +4,7 @@ over paired seeds, resumable and parallel across processes.
     python benchmarks/ablation.py --quick                              # smoke run, under a minute on CPU
     python benchmarks/ablation.py --credit --workers 16 --out DIR      # the full sweep (hours on 16 cores)
     python -m at2po.evidence.stats DIR                                 # every table entry, recomputed from the files
+    python benchmarks/ablation.py --out DIR --verify standard/at2po-full/seed0   # does this machine reproduce a run?
 
 Rows (``ROWS``: the progressive ablation, the paper's Table 4; ``CREDIT_ROWS``: the turn-wise
 credit variants, its Table 5, each on top of the full AT²PO row) are lists of config overrides
@@ -37,6 +38,7 @@ import os
 import platform
 import shlex
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -54,6 +56,7 @@ from at2po.evidence.runner import (
     run_jobs,
     sweep_lock,
 )
+from at2po.evidence.replay import describe, replay_run, run_path
 from at2po.evidence.stats import markdown_tables, slug, tables_from_files
 from at2po.quickstart import QUICKSTART_OVERRIDES, QuickstartConfig, quickstart_assets_config
 from at2po.tasks.multihop import MultiHopConfig
@@ -401,7 +404,13 @@ def main(argv: Sequence[str] | None = None, results_root: str | Path = "benchmar
                     help="config override for every row, before the row's own (repeatable)")
     ap.add_argument("--report-only", action="store_true",
                     help="run nothing: rewrite the tables, ablation.md and plots of --out from its files")
+    ap.add_argument("--verify", nargs="+", default=None, metavar="RUN",
+                    help="run nothing of the sweep: rerun these finished runs of --out (VARIANT/ROW/seedN, e.g. "
+                         "standard/at2po-full/seed0) in a scratch folder and say whether this machine reproduces "
+                         "their files exactly (exit status 1 if not)")
     args = ap.parse_args(argv)
+    if args.verify:
+        return verify(ap, Path(args.out), args.verify)
     if args.report_only:
         if not (Path(args.out) / "sweep.json").is_file():
             ap.error(f"--report-only needs --out, a folder a sweep wrote (no sweep.json in {args.out or '.'!r})")
@@ -443,8 +452,28 @@ def main(argv: Sequence[str] | None = None, results_root: str | Path = "benchmar
         ap.error(str(e))
 
 
+def verify(ap: argparse.ArgumentParser, out: Path, runs: Sequence[str]) -> dict[str, Any]:
+    """--verify: each run replayed in its own scratch folder; the sweep's folder is only read."""
+    if not (out / "sweep.json").is_file():
+        ap.error(f"--verify needs --out, a folder a sweep wrote (no sweep.json in {str(out) or '.'!r})")
+    try:
+        for run in runs:
+            run_path(out, run)  # every name checked before the first one runs
+    except ValueError as e:
+        ap.error(f"--verify: {e}")
+    reports = []
+    for run in runs:
+        with tempfile.TemporaryDirectory(prefix="at2po-verify-") as scratch:
+            reports.append(replay_run(out, run, scratch))
+        print(describe(reports[-1]), flush=True)
+    return {"verify": reports}
+
+
 if __name__ == "__main__":
-    report = main(results_root=Path(__file__).resolve().parent / "results")["report"]
+    result = main(results_root=Path(__file__).resolve().parent / "results")
+    if "verify" in result:
+        sys.exit(0 if all(r["identical"] for r in result["verify"]) else 1)
+    report = result["report"]
     if report["failed"] or report["blocked"]:
         print(f"{len(report['failed'])} job(s) failed and {len(report['blocked'])} could not run: "
               "rerun the same command to retry them", file=sys.stderr)

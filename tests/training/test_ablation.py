@@ -198,3 +198,63 @@ def test_a_failed_job_blocks_only_the_jobs_that_need_it(tmp_path):
     assert not (tmp_path / "runs" / "standard" / "warm-start" / "seed0.json").exists()
     assert (tmp_path / "runs" / "standard" / "at2po-full" / "seed1.json").is_file()
     assert any("Traceback" in line for line in logged)
+
+
+def _tree_digest(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_verify_reruns_a_finished_run_and_finds_where_a_file_departs(tmp_path, capsys):
+    from at2po.evidence.replay import compare_runs
+
+    out = tmp_path / "sweep"
+    main(["--quick", "--rows", "chain-grpo", REFERENCE, "--out", str(out)])
+    before = _tree_digest(out)
+    # On the machine that made them, a row (its budget read from the reference row's file) and a
+    # warm start are reproduced to the last bit, from the cached warm-started model.
+    runs = ["standard/chain-grpo/seed0", "standard/warm-start/seed0"]
+    reports = main(["--out", str(out), "--verify", *runs])["verify"]
+    assert [r["identical"] for r in reports] == [True, True] and [r["assets"] for r in reports] == ["reused"] * 2
+    assert reports[0]["fresh"]["step_metrics"][-1]["loss/policy"] == reports[0]["recorded"]["step_metrics"][-1]["loss/policy"]
+    assert reports[0]["fingerprints"]["here"] == reports[0]["fingerprints"]["recorded"]
+    assert capsys.readouterr().out.count("reproduced exactly") == 2
+    assert _tree_digest(out) == before  # the sweep's folder is only read
+
+    # A file that departs from what its job gives (a planted edit of step 2's reward) is caught,
+    # at that step; timings alone are not outcomes.
+    path = out / "runs" / "standard" / "chain-grpo" / "seed0.json"
+    edited = json.loads(path.read_text())
+    edited["step_metrics"][1]["reward/mean"] += 0.125
+    path.write_text(json.dumps(edited))
+    report = main(["--out", str(out), "--verify", "standard/chain-grpo/seed0"])["verify"][0]
+    assert not report["identical"] and report["differences"] == ["step_metrics"]
+    assert report["first_step"] == 2 and report["step_differences"] == ["reward/mean"]
+    assert "NOT reproduced" in capsys.readouterr().out
+    slower = {**report["fresh"], "seconds": 1e9, "step_metrics": [{**s, "time/step": 1e9} for s in report["fresh"]["step_metrics"]]}
+    assert compare_runs(report["fresh"], slower)["identical"]
+
+    # Without the cache (a fresh clone of a committed sweep) the warm start is rebuilt from the
+    # file's spec; on the same machine the row is still reproduced exactly.
+    path.write_text(json.dumps(before_row := json.loads(before[str(path.relative_to(out))])))
+    import shutil
+
+    shutil.rmtree(out / "cache")
+    report = main(["--out", str(out), "--verify", "standard/chain-grpo/seed0"])["verify"][0]
+    assert report["assets"] == "rebuilt" and report["identical"], report["differences"]
+    assert report["fresh"]["em_after"] == before_row["em_after"]
+    assert not (out / "cache").exists()
+
+
+@pytest.mark.parametrize("run, message", [
+    ("chain-grpo/seed0", "give it as VARIANT/ROW/seedN"),
+    ("standard/chain-grpo/seed7", "no file"),
+])
+def test_verify_names_a_run_that_is_not_there(tmp_path, run, message, capsys):
+    (tmp_path / "runs" / "standard" / "chain-grpo").mkdir(parents=True)
+    (tmp_path / "sweep.json").write_text("{}")
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--verify", run])
+    assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "none"), "--verify", run])
+    assert "--verify needs --out" in capsys.readouterr().err
