@@ -385,10 +385,13 @@ def test_train_builds_one_trainer_and_passes_every_flag_to_fit(monkeypatch):
             calls.append(("fit", kwargs))
             return {"step": len(calls)}
 
+        def end(self):
+            calls.append(("end",))
+
     monkeypatch.setattr(trainer_module, "Trainer", Recorder)
     cfg = object()
     assert trainer_module.train(cfg) == {"step": 2}
-    assert calls == [("init", cfg, {}), ("fit", {"resume": False, "overwrite": False, "force_resume": False})]
+    assert calls == [("init", cfg, {}), ("fit", {"resume": False, "overwrite": False, "force_resume": False}), ("end",)]
     calls.clear()
     trainer_module.train(cfg, resume=True, overwrite=True, force_resume=True)
     assert calls[1] == ("fit", {"resume": True, "overwrite": True, "force_resume": True})
@@ -398,6 +401,27 @@ def test_train_builds_one_trainer_and_passes_every_flag_to_fit(monkeypatch):
     calls.clear()
     trainer_module.train(cfg, True, False, True)
     assert calls[1] == ("fit", {"resume": True, "overwrite": False, "force_resume": True})
+
+
+def test_end_on_one_process_leaves_a_process_group_it_does_not_own(tmp_path):
+    """vLLM's in-process engine sets up a 1-process group and destroys it at its shutdown: a
+    one-process run's end() must leave it (the 2-process tests check that end() releases
+    Accelerate's own group)."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from accelerate import Accelerator
+
+    from at2po.training.trainer import Trainer
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        Trainer.end(SimpleNamespace(accelerator=Accelerator(cpu=True)))
+        assert dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def test_metrics_logger_without_tensorboard_says_so_and_keeps_the_jsonl(tmp_path, monkeypatch, capsys):

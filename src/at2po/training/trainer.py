@@ -641,11 +641,13 @@ class Trainer:
 
     # -- loop ----------------------------------------------------------------------------------
     def end(self) -> None:
-        """Close a finished run: every process waits for the others, then the process group is
-        released (Accelerate's end_training; on one process there is none). Call it once, after
-        the last collective: ``train`` does. The trainer can still be read but not stepped."""
+        """Close a finished run: every process waits for the others, then the process group that
+        Accelerate set up for them is released. Call it once, after the last collective: ``train``
+        does. On one process nothing is released: a group that exists there is someone else's
+        (vLLM's in-process engine makes one and destroys it at its own shutdown)."""
         self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
+        if self.accelerator.num_processes > 1:
+            self.accelerator.end_training()
 
     def fit(self, resume: bool = False, stop_after: int | None = None, *, overwrite: bool = False,
             force_resume: bool = False) -> dict[str, Any]:
