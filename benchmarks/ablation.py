@@ -410,12 +410,11 @@ def main(argv: Sequence[str] | None = None, results_root: str | Path = "benchmar
                          "their files exactly (exit status 1 if not)")
     args = ap.parse_args(argv)
     if args.verify:
-        return verify(ap, Path(args.out), args.verify)
+        return verify(ap, args.out, args.verify)
     if args.report_only:
-        if not (Path(args.out) / "sweep.json").is_file():
-            ap.error(f"--report-only needs --out, a folder a sweep wrote (no sweep.json in {args.out or '.'!r})")
-        sweep = json.loads((Path(args.out) / "sweep.json").read_text())
-        tables, text = write_report(Path(args.out), sweep)
+        out = sweep_folder(ap, args.out, "--report-only")
+        sweep = json.loads((out / "sweep.json").read_text())
+        tables, text = write_report(out, sweep)
         print(text)
         return {"tables": tables, "report": {"run": [], "skipped": [], "failed": {}, "blocked": []}, "sweep": sweep}
 
@@ -452,10 +451,16 @@ def main(argv: Sequence[str] | None = None, results_root: str | Path = "benchmar
         ap.error(str(e))
 
 
-def verify(ap: argparse.ArgumentParser, out: Path, runs: Sequence[str]) -> dict[str, Any]:
+def sweep_folder(ap: argparse.ArgumentParser, out: str | Path | None, flag: str) -> Path:
+    """--out for a flag that reads a finished sweep: it must be a folder holding the sweep's sweep.json."""
+    if not out or not (Path(out) / "sweep.json").is_file():
+        ap.error(f"{flag} needs --out, a folder a sweep wrote (no sweep.json in {str(out or '.')!r})")
+    return Path(out)
+
+
+def verify(ap: argparse.ArgumentParser, out: str | Path | None, runs: Sequence[str]) -> dict[str, Any]:
     """--verify: each run replayed in its own scratch folder; the sweep's folder is only read."""
-    if not (out / "sweep.json").is_file():
-        ap.error(f"--verify needs --out, a folder a sweep wrote (no sweep.json in {str(out) or '.'!r})")
+    out = sweep_folder(ap, out, "--verify")
     try:
         for run in runs:
             run_path(out, run)  # every name checked before the first one runs

@@ -118,9 +118,10 @@ def test_report_only_rewrites_the_report_from_the_files(tmp_path, capsys):
     main(["--report-only", "--out", str(tmp_path / "sweep")])
     assert json.loads((tmp_path / "sweep" / "tables.json").read_text()) == json.loads((pilot / "tables.json").read_text())
     assert (tmp_path / "sweep" / "ablation.md").read_text() == (pilot / "ablation.md").read_text()
-    with pytest.raises(SystemExit):
-        main(["--report-only", "--out", str(tmp_path / "nothing")])
-    assert "--report-only needs --out" in capsys.readouterr().err
+    for missing in (["--out", str(tmp_path / "nothing")], []):
+        with pytest.raises(SystemExit):
+            main(["--report-only", *missing])
+        assert "--report-only needs --out" in capsys.readouterr().err
 
 
 def test_task_variants_change_only_the_questions():
@@ -236,6 +237,15 @@ def test_verify_reruns_a_finished_run_and_finds_where_a_file_departs(tmp_path, c
     # Without the cache (a fresh clone of a committed sweep) the warm start is rebuilt from the
     # file's spec; on the same machine the row is still reproduced exactly.
     path.write_text(json.dumps(before_row := json.loads(before[str(path.relative_to(out))])))
+    # A cache whose warm start was built with other settings than the run's is not reused, and
+    # not touched: the warm start is rebuilt in the scratch folder.
+    log = out / "cache" / "seed0" / "assets" / "sft_log.json"
+    other = json.loads(log.read_text())
+    other["config"]["sft_steps"] += 1
+    log.write_text(json.dumps(other))
+    report = main(["--out", str(out), "--verify", "standard/chain-grpo/seed0"])["verify"][0]
+    assert report["assets"] == "rebuilt" and report["identical"], report["differences"]
+    assert json.loads(log.read_text()) == other
     import shutil
 
     shutil.rmtree(out / "cache")
@@ -255,6 +265,7 @@ def test_verify_names_a_run_that_is_not_there(tmp_path, run, message, capsys):
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--verify", run])
     assert message in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--out", str(tmp_path / "none"), "--verify", run])
-    assert "--verify needs --out" in capsys.readouterr().err
+    for missing in (["--out", str(tmp_path / "none")], []):
+        with pytest.raises(SystemExit):
+            main([*missing, "--verify", run])
+        assert "--verify needs --out" in capsys.readouterr().err

@@ -11,7 +11,8 @@ part at the first sampled token that flips, and ``first_step`` says where. That 
 differences are only taken within one environment (``at2po.evidence.stats``).
 
 The seed's warm-started model is reused from the sweep's cache when it is there and was built
-with the file's settings; otherwise (a fresh clone: the cache is not committed) it is rebuilt in
+with the file's settings; otherwise (a fresh clone: the cache is not committed; or a cache built
+with other settings, which is left as it is) it is rebuilt in
 the scratch folder, which on another machine may itself differ: replay the seed's
 ``<variant>/warm-start/seed<N>`` file too, to see whether it does.
 """
@@ -26,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from at2po.evidence.runner import _done, run_job
+from at2po.evidence.runner import SweepMismatch, _done, run_job
 from at2po.evidence.stats import fingerprint_of, slug
 
 RUN_ID = re.compile(r"^(?P<variant>[\w.-]+)/(?P<row>[\w.-]+)/seed(?P<seed>\d+)$")
@@ -109,7 +110,11 @@ def replay_run(out: str | Path, run_id: str, scratch: str | Path) -> dict[str, A
     cached = out / "cache" / f"seed{seed}" / "assets"
     target = Path(assets_job["path"])
     target.parent.mkdir(parents=True, exist_ok=True)
-    if _done({**assets_job, "path": str(cached)}):
+    try:
+        reusable = _done({**assets_job, "path": str(cached)})
+    except SweepMismatch:  # the cache holds a warm start built with other settings than this run's
+        reusable = False
+    if reusable:
         if not target.exists():
             os.symlink(cached.resolve(), target, target_is_directory=True)
         assets = "reused"
