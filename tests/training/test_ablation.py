@@ -234,8 +234,6 @@ def test_verify_reruns_a_finished_run_and_finds_where_a_file_departs(tmp_path, c
     slower = {**report["fresh"], "seconds": 1e9, "step_metrics": [{**s, "time/step": 1e9} for s in report["fresh"]["step_metrics"]]}
     assert compare_runs(report["fresh"], slower)["identical"]
 
-    # Without the cache (a fresh clone of a committed sweep) the warm start is rebuilt from the
-    # file's spec; on the same machine the row is still reproduced exactly.
     path.write_text(json.dumps(before_row := json.loads(before[str(path.relative_to(out))])))
     # A cache whose warm start was built with other settings than the run's is not reused, and
     # not touched: the warm start is rebuilt in the scratch folder.
@@ -246,6 +244,8 @@ def test_verify_reruns_a_finished_run_and_finds_where_a_file_departs(tmp_path, c
     report = main(["--out", str(out), "--verify", "standard/chain-grpo/seed0"])["verify"][0]
     assert report["assets"] == "rebuilt" and report["identical"], report["differences"]
     assert json.loads(log.read_text()) == other
+    # Without the cache (a fresh clone of a committed sweep) the warm start is rebuilt from the
+    # file's spec; on the same machine the row is still reproduced exactly.
     import shutil
 
     shutil.rmtree(out / "cache")
