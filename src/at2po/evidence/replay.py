@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from at2po.evidence.runner import SweepMismatch, _done, run_job
+from at2po.evidence.runner import SweepMismatch, _done, assets_job, run_job
 from at2po.evidence.stats import fingerprint_of, slug
 
 RUN_ID = re.compile(r"^(?P<variant>[\w.-]+)/(?P<row>[\w.-]+)/seed(?P<seed>\d+)$")
@@ -105,22 +105,20 @@ def replay_run(out: str | Path, run_id: str, scratch: str | Path) -> dict[str, A
     seed, variant = int(m["seed"]), m["variant"]
 
     # The seed's warm start: the sweep's cached build when it matches the spec, else a new build.
-    assets_job = {"id": f"assets/seed{seed}", "kind": "assets", "seed": seed, "out": str(scratch), "deps": [],
-                  "path": str(scratch / "cache" / f"seed{seed}" / "assets"), "spec": {"assets": spec["assets"]}}
-    cached = out / "cache" / f"seed{seed}" / "assets"
-    target = Path(assets_job["path"])
+    build, cached = assets_job(scratch, seed, spec["assets"]), assets_job(out, seed, spec["assets"])
+    target = Path(build["path"])
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
-        reusable = _done({**assets_job, "path": str(cached)})
+        reusable = _done(cached)
     except SweepMismatch:  # the cache holds a warm start built with other settings than this run's
         reusable = False
     if reusable:
         if not target.exists():
-            os.symlink(cached.resolve(), target, target_is_directory=True)
+            os.symlink(Path(cached["path"]).resolve(), target, target_is_directory=True)
         assets = "reused"
     else:
         with torch_threads(1):  # as a sweep's workers build it
-            run_job(assets_job)
+            run_job(build)
         assets = "rebuilt"
 
     job: dict[str, Any] = {"id": run_id, "seed": seed, "out": str(scratch), "deps": [], "spec": spec,

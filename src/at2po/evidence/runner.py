@@ -72,6 +72,13 @@ def validation_steps(steps: int, every: int) -> list[int]:
 
 
 # -- planning --------------------------------------------------------------------------------------
+def assets_job(out: Path, seed: int, assets: dict[str, Any]) -> dict[str, Any]:
+    """The job that builds seed ``seed``'s warm start (``assets``: its QuickstartConfig as a dict)
+    into ``out``'s cache, where every other job of the seed reads it."""
+    return {"id": f"assets/seed{seed}", "kind": "assets", "seed": seed, "out": str(out), "deps": [],
+            "path": str(Path(out) / "cache" / f"seed{seed}" / "assets"), "spec": {"assets": assets}}
+
+
 def plan_jobs(out: Path, seeds: Sequence[int], assets: Callable[[int], dict[str, Any]],
               variants: dict[str, dict[str, Any]], rows: dict[str, list[str]], reference: str,
               aliases: dict[str, dict[str, str]], budget: float | None, pass_k_samples: int) -> list[dict[str, Any]]:
@@ -86,9 +93,8 @@ def plan_jobs(out: Path, seeds: Sequence[int], assets: Callable[[int], dict[str,
     jobs: list[dict[str, Any]] = []
     for seed in seeds:
         seed_assets = assets(seed)
-        assets_id = f"assets/seed{seed}"
-        jobs.append({"id": assets_id, "kind": "assets", "seed": seed, "out": str(out), "deps": [],
-                     "path": str(out / "cache" / f"seed{seed}" / "assets"), "spec": {"assets": seed_assets}})
+        jobs.append(assets_job(out, seed, seed_assets))
+        assets_id = jobs[-1]["id"]
         for vname, variant in variants.items():
             common = {"assets": seed_assets, "variant": {"name": vname, **variant},
                       "overrides": list(variant["overrides"])}
