@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import importlib.util
 import json
 import math
+import os
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +26,92 @@ from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT
 from at2po.tools.base import Tool, ToolResult
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def required(component: str) -> bool:
+    """Whether tests that need ``component`` (``vllm``, ``verl``, ``sandbox``) must fail when it
+    is missing instead of skipping: ``AT2PO_TEST_REQUIRE`` names the components an environment
+    promises (comma-separated; .ci/run sets it for each of its environments), and ``CI`` alone
+    promises the sandbox, whose system packages .ci/run installs on every CI machine."""
+    names = {n.strip() for n in os.environ.get("AT2PO_TEST_REQUIRE", "").split(",") if n.strip()}
+    return component in names or (component == "sandbox" and bool(os.environ.get("CI")))
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "sandbox: runs code in the python tool's kernel-level sandbox (bubblewrap, libseccomp); "
+        "skipped with the reason where the system lacks them, failed instead under CI")
+
+
+@functools.lru_cache(maxsize=None)
+def sandbox_unavailable() -> str | None:
+    """Why the python tool's kernel-level sandbox cannot be set up here, or None if it can."""
+    from at2po.tools.isolation import IsolationUnavailable, probe
+
+    try:
+        probe(sys.executable)
+    except IsolationUnavailable as exc:
+        return str(exc)
+    return None
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("sandbox") is not None and (reason := sandbox_unavailable()):
+        if required("sandbox"):
+            pytest.fail(f"this environment must run the sandbox tests, but the sandbox is unavailable: {reason}",
+                        pytrace=False)
+        pytest.skip(f"kernel-level sandbox unavailable: {reason} (README, 'The python sandbox')")
+
+
+PR_SET_CHILD_SUBREAPER = 36  # prctl option (linux/prctl.h)
+
+
+def live_descendants(root: int | None = None) -> set[int]:
+    """Processes descended from ``root`` (this process by default) that have not exited
+    (zombies are dead and left out), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            state, ppid = Path("/proc", entry, "stat").read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+        if state not in ("Z", "X"):
+            children.setdefault(int(ppid), []).append(int(entry))
+    found: set[int] = set()
+    todo = [os.getpid() if root is None else root]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+@contextmanager
+def own_processes_end(grace: float = 5.0):
+    """Check that every process started inside the block has exited when it leaves.
+
+    Only this test's own processes are judged, never another program's: while the block runs,
+    this process is a child subreaper (prctl), so a descendant orphaned by its parent's death is
+    re-parented here instead of to init and still counts as ours. ``grace`` seconds are allowed
+    for a killed process to finish exiting; a process that survives that has escaped the kill.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    before = live_descendants()
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    try:
+        yield
+        deadline = time.monotonic() + grace
+        while (leaked := live_descendants() - before) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not leaked, "processes outlived the call: " + "; ".join(
+            f"{pid}: {Path('/proc', str(pid), 'cmdline').read_bytes()[:200]!r}" for pid in sorted(leaked)
+            if Path("/proc", str(pid)).exists())
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
 
 
 def load_script(relative: str):

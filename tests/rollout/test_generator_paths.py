@@ -7,6 +7,7 @@ Forward passes are observed with a forward hook on the tiny model: the batch sha
 says which rows shared a chunk and whether a shared prefix ran on its own.
 """
 
+import inspect
 import sys
 from types import SimpleNamespace
 
@@ -53,6 +54,15 @@ def calls(model):
     hook.remove()
 
 
+def call_inner(inner, cache, **kwargs):
+    """Run the stock tiny model with ``cache`` under whichever name the installed transformers
+    gives its KV-cache argument (``past_key_values``, or ``cache`` in later 5.x releases), and
+    return its logits and cache: the fakes below keep their own signature whatever is installed."""
+    name = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    out = inner(**kwargs, **{name: cache})
+    return out.logits, getattr(out, name)
+
+
 class LegacyLM(torch.nn.Module):
     """The tiny model behind transformers 4's signature: ``past_key_values`` in and out, no
     ``logits_to_keep`` (passing it raises TypeError, as an unexpected keyword would)."""
@@ -62,9 +72,23 @@ class LegacyLM(torch.nn.Module):
         self.inner = inner
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None):
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=past_key_values, use_cache=use_cache)
-        return SimpleNamespace(logits=out.logits, past_key_values=out.past_key_values)
+        logits, cache = call_inner(self.inner, past_key_values, input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=use_cache)
+        return SimpleNamespace(logits=logits, past_key_values=cache)
+
+
+class PastKeyValuesLM(torch.nn.Module):
+    """The signature of transformers 4.45+ and early 5.x: ``past_key_values`` and ``logits_to_keep``."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=None,
+                logits_to_keep=0):
+        logits, cache = call_inner(self.inner, past_key_values, input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        return SimpleNamespace(logits=logits, past_key_values=cache)
 
 
 class CacheLM(torch.nn.Module):
@@ -78,9 +102,20 @@ class CacheLM(torch.nn.Module):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, use_cache=None, logits_to_keep=0):
         self.seen.append({"cache": cache is not None, "logits_to_keep": logits_to_keep, "use_cache": use_cache})
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         past_key_values=cache, use_cache=use_cache, logits_to_keep=logits_to_keep)
-        return SimpleNamespace(logits=out.logits, cache=out.past_key_values)
+        logits, cache = call_inner(self.inner, cache, input_ids=input_ids, attention_mask=attention_mask,
+                                   position_ids=position_ids, use_cache=use_cache, logits_to_keep=logits_to_keep)
+        return SimpleNamespace(logits=logits, cache=cache)
+
+
+class Flagged(PastKeyValuesLM):
+    """The tiny model with plain checkpointing flags set (``is_gradient_checkpointing``, the
+    transformers 4 / early 5 name, or ``is_activation_checkpointing``, the later 5.x name), so
+    both names are covered whichever the installed transformers defines or lets a test set."""
+
+    def __init__(self, inner, **flags):
+        super().__init__(inner)
+        for name, value in flags.items():
+            setattr(self, name, value)
 
 
 class Wrapped(torch.nn.Module):
@@ -111,15 +146,18 @@ def fresh(model, seq, start):
 
 
 def test_forward_kwargs_reads_the_signature_through_a_wrapper(model):
-    assert _forward_kwargs(model) == ("past_key_values", True)  # transformers 5.19's tiny model
+    """Each signature transformers has used, bare and behind a DDP-like wrapper; none depends on
+    the installed release."""
     assert _forward_kwargs(LegacyLM(model)) == ("past_key_values", False)
+    assert _forward_kwargs(PastKeyValuesLM(model)) == ("past_key_values", True)
     assert _forward_kwargs(CacheLM(model)) == ("cache", True)
     # A wrapper's own forward(*args, **kwargs) names nothing: the wrapped module's signature counts.
     assert _forward_kwargs(Wrapped(LegacyLM(model))) == ("past_key_values", False)
     assert _forward_kwargs(Wrapped(CacheLM(model))) == ("cache", True)
+    assert _forward_kwargs(Wrapped(PastKeyValuesLM(model))) == ("past_key_values", True)
 
 
-@pytest.mark.parametrize("signature", [LegacyLM, CacheLM])
+@pytest.mark.parametrize("signature", [LegacyLM, PastKeyValuesLM, CacheLM])
 def test_generation_under_other_forward_signatures_matches_the_stock_model(tok, model, signature):
     """Greedy tokens and their log-probs are those of the stock model, with and without a shared
     prefix (prefill, cache repetition and decoding all pass the cache under the right name)."""
@@ -133,7 +171,7 @@ def test_generation_under_other_forward_signatures_matches_the_stock_model(tok, 
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("signature", [LegacyLM, CacheLM])
+@pytest.mark.parametrize("signature", [LegacyLM, PastKeyValuesLM, CacheLM])
 def test_sequence_logprobs_under_other_forward_signatures(tok, model, signature):
     prefix, contexts = prefix_and_contexts(tok)
     seqs = [c + tok.encode(" <answer> the lake </answer>") for c in contexts]
@@ -181,17 +219,19 @@ def test_sequence_logprobs_shares_a_prefix_only_where_it_may(tok, model, calls):
     assert run(model) == [(1, n_prefix), (2, width - n_prefix)]
     assert run(model, seqs[:1], starts[:1]) == [(1, len(seqs[0]))]
     assert run(Wrapped(model)) == [(2, width)]
-    model.gradient_checkpointing_enable()
+    model.gradient_checkpointing_enable()  # sets whichever flag the installed transformers reads
     try:
-        assert model.is_gradient_checkpointing
         assert run(model) == [(2, width)]
     finally:
         model.gradient_checkpointing_disable()
-    model.is_activation_checkpointing = True  # the later transformers 5 name
-    try:
-        assert run(model) == [(2, width)]
-    finally:
-        del model.is_activation_checkpointing
+    assert run(model) == [(1, n_prefix), (2, width - n_prefix)]
+    # Each flag name on its own, as a plain attribute; the later name wins where both are set.
+    assert run(Flagged(model)) == [(1, n_prefix), (2, width - n_prefix)]
+    assert run(Flagged(model, is_gradient_checkpointing=True)) == [(2, width)]
+    assert run(Flagged(model, is_activation_checkpointing=True)) == [(2, width)]
+    assert run(Flagged(model, is_activation_checkpointing=True, is_gradient_checkpointing=False)) == [(2, width)]
+    assert run(Flagged(model, is_activation_checkpointing=False, is_gradient_checkpointing=True)) \
+        == [(1, n_prefix), (2, width - n_prefix)]
 
 
 def test_shared_prefix_thresholds_default_to_32_tokens(tok, model, calls):

@@ -14,6 +14,8 @@ from at2po.tools import PythonTool
 from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.training.trainer import Trainer, read_metrics
 
+pytestmark = pytest.mark.sandbox  # the demonstrations and the rollouts run the real python tool
+
 
 @pytest.fixture(scope="module")
 def warm_started(tmp_path_factory):

@@ -11,6 +11,8 @@ from collections import Counter
 from fractions import Fraction
 from pathlib import Path
 
+import warnings
+
 import pytest
 
 from at2po.agent import ANSWER_FORMAT, Action, AgentProtocol, format_observation
@@ -31,7 +33,18 @@ from at2po.tools.python_sandbox import PYTHON_DESCRIPTION
 
 SMALL = ArithmeticConfig(seed=5, n_train=60, n_test=20)
 TASK = ArithmeticTask()
-PROTOCOL = AgentProtocol([PythonTool()])  # constructing the tool starts no process
+
+
+def describing_python_tool() -> PythonTool:
+    """The python tool for tests that only parse and score text: it never runs code here, so
+    these tests need no sandbox (weak isolation is allowed and its warning silenced where the
+    host has none); the demonstration tests below run the real sandbox."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return PythonTool(unsafe_allow_weak_isolation=True)
+
+
+PROTOCOL = AgentProtocol([describing_python_tool()])  # constructing the tool starts no process
 BAKERY = {
     "id": "bakery",
     "question": "A baker makes 17 trays of 23 rolls and sells 45 rolls. How many rolls are left?",
@@ -202,7 +215,7 @@ VALID = (
 def test_prompt_parts():
     sample = _sample()
     assert TASK.user_message(sample) == f"Problem: {BAKERY['question']}"
-    assert TASK.system_prompt([PythonTool()]) == f"{ArithmeticTask.instructions} {PYTHON_DESCRIPTION} {ANSWER_FORMAT}"
+    assert TASK.system_prompt([describing_python_tool()]) == f"{ArithmeticTask.instructions} {PYTHON_DESCRIPTION} {ANSWER_FORMAT}"
 
 
 def test_a_valid_right_answer_scores_1():
@@ -285,6 +298,7 @@ def python_tool() -> PythonTool:
     return PythonTool()
 
 
+@pytest.mark.sandbox
 def test_demonstration_runs_python_and_scores_1(python_tool):
     demo = demonstration(BAKERY, python_tool)
     (call, observation), (final, last) = demo.pieces
@@ -295,6 +309,7 @@ def test_demonstration_runs_python_and_scores_1(python_tool):
     assert TASK.score(demo.text, _sample(), PROTOCOL).reward == 1.0
 
 
+@pytest.mark.sandbox
 def test_demonstration_of_a_division_prints_an_integer(python_tool):
     row = {"id": "bouquets", "answer": 10, "steps": 3, "expression": "(7 * 8 + 4) / 6", "question": "Q?"}
     demo = demonstration(row, python_tool)
@@ -303,6 +318,7 @@ def test_demonstration_of_a_division_prints_an_integer(python_tool):
     assert TASK.score(demo.text, TASK.sample_from_dict(row, "x"), PROTOCOL).reward == 1.0
 
 
+@pytest.mark.sandbox
 def test_demonstration_refuses_a_row_whose_answer_python_does_not_print(python_tool):
     with pytest.raises(ValueError, match="python printed '346' .* expected 347"):
         demonstration({**BAKERY, "answer": 347}, python_tool)

@@ -24,8 +24,10 @@ from pathlib import Path
 import pytest
 
 from at2po.tools import PythonTool, ToolResult, build_tool
-from at2po.tools import isolation, python_sandbox
-from at2po.tools.isolation import CHILD_PATH, IsolationUnavailable
+from at2po.tools import isolation
+from conftest import own_processes_end
+
+pytestmark = pytest.mark.sandbox  # every test here runs the real sandbox (conftest: skipped or failed without it)
 
 # Python source kept in a .txt file so that nothing imports (and runs) it by accident.
 EXPLOIT = Path(__file__).with_name("native_exploit.txt").read_text()
@@ -66,10 +68,10 @@ def sleep_marker() -> str:
 
 
 def run_contained(t: PythonTool, code: str) -> ToolResult:
-    """Run ``code`` and check that no process of the sandbox outlives the call."""
-    result = t(code)
-    assert processes_with(CHILD_PATH) == []
-    return result
+    """Run ``code`` and check that no process of the sandbox outlives the call (only this
+    test's own processes are judged)."""
+    with own_processes_end():
+        return t(code)
 
 
 def process_state(pid: int) -> str:
@@ -97,18 +99,6 @@ def listener():
         yield sock
         readable, _, _ = select.select([sock], [], [], 0.5)
         assert readable == [], "a connection reached the host's loopback listener"
-
-
-@pytest.fixture(autouse=True)
-def kernel_layer_required():
-    # .ci/run installs what the sandbox needs, so in CI a missing layer is a failure, not a
-    # skip; elsewhere the refusal itself is what the last tests check.
-    try:
-        isolation.probe(sys.executable)
-    except IsolationUnavailable as exc:
-        if os.environ.get("CI"):
-            raise
-        pytest.skip(f"kernel-level sandbox unavailable here: {exc}")
 
 
 # --- ordinary code still works ---------------------------------------------------------------
@@ -476,35 +466,6 @@ def test_endless_output_is_bounded():
 
 
 # --- refusing to start without the kernel layer ---------------------------------------------
-
-
-def test_missing_bubblewrap_is_named(monkeypatch):
-    monkeypatch.setattr(isolation.shutil, "which", lambda name: None)
-    with pytest.raises(IsolationUnavailable, match=r"apt install bubblewrap"):
-        isolation.probe.__wrapped__(sys.executable)
-
-
-def test_tool_refuses_without_isolation_unless_unsafe(monkeypatch, tmp_path):
-    def unavailable(python):
-        raise IsolationUnavailable("bubblewrap (`bwrap`) is not installed")
-
-    monkeypatch.setattr(python_sandbox, "probe", unavailable)
-    with pytest.raises(IsolationUnavailable, match="unsafe_allow_weak_isolation=true"):
-        build_tool("python", timeout=5)
-    with pytest.warns(UserWarning, match="WITHOUT kernel-level isolation"):
-        weak = build_tool("python", timeout=5, unsafe_allow_weak_isolation=True, workdir_root=tmp_path)
-    assert not weak.isolated
-    assert weak("print(6 * 7)") == ToolResult("42", ok=True)
-    # The config field reaches the tool.
-    from at2po.config import load_config
-    from at2po.factory import build_tools
-
-    with pytest.raises(IsolationUnavailable, match="bubblewrap"):
-        build_tools(load_config(overrides=["tools.enabled=[python]"]), task=None)
-    cfg = load_config(overrides=["tools.enabled=[python]", "tools.python.unsafe_allow_weak_isolation=true"])
-    with pytest.warns(UserWarning, match="WITHOUT kernel-level isolation"):
-        (weak,) = build_tools(cfg, task=None)
-    assert not weak.isolated
 
 
 def test_python_timeout_is_capped_at_the_round_timeout():

@@ -194,6 +194,12 @@ def test_empty_round():
     assert run_tool_calls([], max_workers=4, timeout=1) == []
 
 
+@pytest.mark.sandbox
+def test_registry_builds_the_python_tool():
+    python = build_tool("python", timeout=2.0)
+    assert isinstance(python, PythonTool) and python.timeout == 2.0 and python.isolated
+
+
 def test_registry(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"id": "0", "contents": "Paris is the capital of France."}\n')
@@ -202,8 +208,6 @@ def test_registry(tmp_path):
     assert bm25("capital of France") == ToolResult("Page 1: Paris is the capital of France.", ok=True)
     http = build_tool("search", backend="http", retriever_url="http://127.0.0.1:9")
     assert isinstance(http, HTTPSearchTool) and http.endpoint == "http://127.0.0.1:9/retrieve"
-    python = build_tool("python", timeout=2.0)
-    assert isinstance(python, PythonTool) and python.timeout == 2.0
     assert {"python", "search"} <= set(TOOLS)
     with pytest.raises(ValueError) as err:
         build_tool("calculator")
