@@ -1,5 +1,7 @@
 """The environment record each sweep run carries, and the fingerprint the tables pair runs by."""
 
+from importlib import metadata
+
 import torch
 
 from at2po.evidence.environment import FINGERPRINT_FIELDS, environment, fingerprint, requirement_closure
@@ -8,7 +10,9 @@ from at2po.evidence.environment import FINGERPRINT_FIELDS, environment, fingerpr
 def test_the_closure_holds_what_the_trainer_imports_and_not_the_tools_beside_it():
     closure = requirement_closure()
     assert {"at2po", "torch", "numpy", "transformers", "tokenizers", "accelerate", "safetensors"} <= set(closure)
-    assert closure["torch"] == torch.__version__
+    # The installed distribution's version: PyPI's CUDA wheels report torch.__version__ with a
+    # local tag (2.4.0+cu121) that their metadata (2.4.0) lacks.
+    assert closure["torch"] == metadata.version("torch")
     assert "pytest" not in closure and "mutmut" not in closure  # test extras and tools are not the trainer's
     assert set(requirement_closure(extras=())) < set(closure)  # without [train]: no accelerate
     assert "accelerate" not in requirement_closure(extras=())

@@ -258,7 +258,7 @@ class TreeRolloutEngine:
                 return
             key = next(keys)
             requests[key] = (o, *request)
-            seed = int(np.random.SeedSequence([base, 1, o.tree, *o.order]).generate_state(1, np.uint64)[0] >> 2)
+            seed = int(np.random.SeedSequence([base, 1, o.tree, *o.order]).generate_state(1, np.uint64)[0]) >> 2
             gen.submit(key, request[0], params, min(cfg.chunk_tokens, request[1]), seed=seed)
 
         def start_phase(t: int, opens: list[_Open]) -> None:

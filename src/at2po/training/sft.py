@@ -83,7 +83,11 @@ def sft_loss(
     full row, at a fraction of the cost. ``labels`` is -100 where there is no loss, which must
     include the first token of each row when there is a prefix.
     """
+    # The decoder stack under the LM head: get_decoder() on transformers 5, where 4.x returns
+    # None for most causal LMs; base_model is that stack in both.
     decoder = model.get_decoder()
+    if decoder is None:
+        decoder = model.base_model
     if prefix_ids is None or len(prefix_ids) == 0:
         hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
     else:
