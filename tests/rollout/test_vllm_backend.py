@@ -652,3 +652,41 @@ def test_weights_gathered_from_an_fsdp_sharded_model(gen, model, tok, contexts, 
         assert max(float((a - b).abs().max()) for a, b in zip(old, new)) > 100 * LOGPROB_ATOL  # the step moved them
     finally:
         gen.load_weights(model)
+
+
+def test_split_stop_tag_is_found_at_every_chunk_boundary(engines):
+    """The vLLM backend's stop check reads only a request's own text; given ``continues`` it
+    finds a tag that the turn's previous call began (the split-tag regression of
+    test_split_stop.py, on the real engine). Directly, after each of the tag's 9 tokens, and
+    through the engine for every chunk size that splits it, batched and streamed."""
+    from chain_model import chain_model, char_tokenizer
+    from conftest import EchoSearch
+    from test_split_stop import AFTER, TAG_START, TURN, split_chunk_sizes
+
+    tok = char_tokenizer(single=("<search>",))
+    prompt = Prompt(render_prompt(tok, "Question: Who?", "S"), Sample("a", "Who?", ("x",)))
+    turn = tok.encode(TURN, add_special_tokens=False)
+    model = chain_model(tok, [prompt.prompt_ids[-1], *tok.encode(TURN + AFTER, add_special_tokens=False)])
+    gen = VLLMGenerator(model, tok, seed=0, options=VLLMConfig(kv_cache_gib=0.125))
+    engines["split"] = gen  # one engine per process: the module's next test builds its own again
+    params = SamplingParams(max_new_tokens=20, stop=("</search>",), greedy=True)
+    for j in range(1, 9):
+        so_far = turn[: TAG_START + j]
+        out = gen.generate([prompt.prompt_ids + so_far], params, continues=[len(so_far)])[0]
+        assert tok.decode(so_far + out.token_ids) == TURN and (out.finish_reason, out.stop_string) == (FINISH_STOP, "</search>")
+        gen.submit("k", prompt.prompt_ids + so_far, params, 20, seed=1, continues=len(so_far))
+        streamed = []
+        while gen.unfinished():
+            streamed += gen.step()
+        assert [(k, g.token_ids, g.finish_reason) for k, g in streamed] == [("k", out.token_ids, FINISH_STOP)]
+        blind = gen.generate([prompt.prompt_ids + so_far], params)[0]  # without continues: runs on
+        assert tok.decode(so_far + blind.token_ids) == TURN + AFTER + tok.eos_token
+    for schedule in ("async", "stream"):
+        for chunk in split_chunk_sizes():
+            tool = EchoSearch()
+            cfg = RolloutConfig(n_initial=1, expansion_rounds=0, samples_per_tree=1, chunk_tokens=chunk,
+                                max_response_tokens=200, schedule=schedule)
+            tree = TreeRolloutEngine(gen, tok, [tool], SearchQATask(), cfg, system_prompt="S").rollout(
+                [prompt], greedy=True).trees[0]
+            assert tok.decode(tree.nodes[1].gen_ids) == TURN and tool.queries == ["Z"], (schedule, chunk)
+            assert tok.decode(tree.nodes[2].gen_ids) == AFTER + tok.eos_token and len(tree) == 3

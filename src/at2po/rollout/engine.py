@@ -17,6 +17,7 @@ self-description (``AgentProtocol``): it runs any task with any registered tools
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ from at2po.rollout.generator import (
     Generator,
     SamplingParams,
     StreamingGenerator,
+    stop_in_turn,
 )
 from at2po.tasks.base import Sample, Score, Task
 from at2po.tools.base import Tool, ToolCallPool, ToolResult, run_tool_calls
@@ -159,6 +161,10 @@ class TreeRolloutEngine:
         self._check_schedule(self.config)
         self.progress = progress
         self._limit_notice_ids = encode_observation(tokenizer, TOOL_LIMIT_NOTICE)
+        # Backends that take ``continues`` look for a stop string split between two calls of a
+        # turn themselves; for the others the engine cuts their output (``_take_generation``).
+        self._sees_turn = {"batched": _takes(generator.generate, "continues"),
+                           "stream": _takes(getattr(generator, "submit", None), "continues")}
 
     # -- public -------------------------------------------------------------------------------
     def prompt(self, sample: Sample) -> Prompt:
@@ -172,6 +178,7 @@ class TreeRolloutEngine:
             temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.chunk_tokens,
             stop=self.protocol.stop_strings, greedy=greedy,
         )
+        self._stops = params.stop
         trees = [TurnTree(p.prompt_ids, meta={"id": p.sample.id}) for p in prompts]
         stats = [TreeStats() for _ in prompts]
         self._calls = 0
@@ -258,8 +265,9 @@ class TreeRolloutEngine:
                 return
             key = next(keys)
             requests[key] = (o, *request)
-            seed = int(np.random.SeedSequence([base, 1, o.tree, *o.order]).generate_state(1, np.uint64)[0]) >> 2
-            gen.submit(key, request[0], params, min(cfg.chunk_tokens, request[1]), seed=seed)
+            seed = int(np.random.SeedSequence([base, 1, o.tree, *o.order]).generate_state(1, np.uint64)[0] >> 2)
+            turn = {"continues": self._continues(trees, o)} if self._sees_turn["stream"] else {}
+            gen.submit(key, request[0], params, min(cfg.chunk_tokens, request[1]), seed=seed, **turn)
 
         def start_phase(t: int, opens: list[_Open]) -> None:
             in_flight[t] += len(opens)
@@ -288,7 +296,7 @@ class TreeRolloutEngine:
                     self._calls += 1
                     for key, g in done:
                         o, ctx, budget = requests.pop(key)
-                        nxt, call = self._take_generation(trees, stats, o, ctx, g, budget, cfg)
+                        nxt, call = self._take_generation(trees, stats, o, ctx, g, budget, cfg, "stream")
                         if nxt is not None:
                             submit(nxt)
                         elif call is not None:
@@ -367,15 +375,16 @@ class TreeRolloutEngine:
         if not live:
             return []
         t0 = time.perf_counter()
+        turn = {"continues": [self._continues(trees, o) for o, _, _ in live]} if self._sees_turn["batched"] else {}
         gens = self.generator.generate([ctx for _, ctx, _ in live], params,
-                                       max_new_tokens=[min(cfg.chunk_tokens, b) for _, _, b in live])
+                                       max_new_tokens=[min(cfg.chunk_tokens, b) for _, _, b in live], **turn)
         self._seconds["generate"] += time.perf_counter() - t0
         self._calls += 1
 
         next_open: list[_Open] = []
         calls: list[_Call] = []
         for (o, ctx, budget), gen in zip(live, gens):
-            nxt, call = self._take_generation(trees, stats, o, ctx, gen, budget, cfg)
+            nxt, call = self._take_generation(trees, stats, o, ctx, gen, budget, cfg, "batched")
             if nxt is not None:
                 next_open.append(nxt)
             if call is not None:
@@ -388,12 +397,24 @@ class TreeRolloutEngine:
             next_open += [self._take_tool_result(trees, stats, c, res) for c, res in zip(calls, results)]
         return next_open
 
+    def _continues(self, trees, o: _Open) -> int:
+        """How many of the context's last tokens a continued turn generated since the
+        environment last wrote (0 for a new turn): where a split stop string can begin."""
+        if o.node < 0:
+            return 0
+        mask = trees[o.tree].nodes[o.node].gen_mask
+        return next((k for k, m in enumerate(reversed(mask)) if not m), len(mask))
+
     def _take_generation(self, trees, stats, o: _Open, ctx: list[int], gen: Generation, budget: int,
-                         cfg) -> tuple[_Open | None, _Call | None]:
+                         cfg, schedule: str) -> tuple[_Open | None, _Call | None]:
         """Add one generation to its tree and decide what follows: the same turn's next chunk, a
         next turn that needs no tool (limit notice, malformed call), a tool call, or nothing
         (the trajectory ended). Returns (next open trajectory, tool call); at most one is set."""
         tree, st = trees[o.tree], stats[o.tree]
+        if o.node >= 0 and not self._sees_turn[schedule]:
+            # A stop string that the turn's previous call began and this one completed ends the
+            # turn here; the backend could not see it (its stop check reads one call's text).
+            gen = stop_in_turn(self.tokenizer, self._stops, ctx[len(ctx) - self._continues(trees, o):], gen)
         st.generated_tokens += len(gen.token_ids)
         st.prefill_tokens += len(ctx)
         if o.node >= 0:
@@ -473,3 +494,11 @@ class TreeRolloutEngine:
                 tree_rows += [LeafRow(t, last.sequence, last.score, duplicate=True) for _ in range(n - len(tree_rows))]
             rows += tree_rows
         return rows
+
+
+def _takes(method: Any, name: str) -> bool:
+    """Whether ``method`` (None: no such method) has a parameter ``name``."""
+    try:
+        return method is not None and name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False

@@ -67,10 +67,15 @@ class SamplingParams:
 class Generator(Protocol):
     """A batched, token-in-token-out sampler.
 
-    ``generate(contexts, params, max_new_tokens)`` continues every context (a non-empty list of
-    token ids) and returns one :class:`Generation` per context, in order. ``max_new_tokens``, when
-    given, holds one limit per context (e.g. the remaining response budget) that replaces
+    ``generate(contexts, params, max_new_tokens, continues)`` continues every context (a non-empty
+    list of token ids) and returns one :class:`Generation` per context, in order. ``max_new_tokens``,
+    when given, holds one limit per context (e.g. the remaining response budget) that replaces
     ``params.max_new_tokens`` for that context; a limit of 0 yields an empty "length" generation.
+    ``continues``, when given, says per context how many of its last tokens the same turn
+    generated in earlier calls (0 for a new turn): the stop check must read them together with the
+    new tokens, so that a stop string split between two calls ends the call at the token that
+    completes it (``stop_in_turn`` does it after the fact). A backend whose ``generate`` has no
+    ``continues`` parameter still works: the rollout engine then cuts its output itself.
 
     Backends must report the log-prob of every sampled token as defined in
     :class:`SamplingParams`. A vLLM backend maps onto this without touching callers:
@@ -101,6 +106,7 @@ class Generator(Protocol):
         contexts: list[list[int]],
         params: SamplingParams,
         max_new_tokens: list[int] | None = None,
+        continues: list[int] | None = None,
     ) -> list[Generation]: ...
 
     def load_weights(self, model: torch.nn.Module) -> None: ...
@@ -116,10 +122,10 @@ class StreamingGenerator(Protocol):
     go to a running engine one at a time and come back as they finish, so the rollout engine can
     submit a trajectory's next turn while other requests are still decoding.
 
-    ``submit(key, context, params, max_new_tokens, seed)`` queues one request (``key`` is the
-    caller's, returned with the result; ``seed`` makes its sampling independent of what else
-    runs). ``step()`` advances the engine by one batch and returns the ``(key, Generation)`` pairs
-    that finished, with the same post-processing as ``generate``. ``unfinished()`` counts the
+    ``submit(key, context, params, max_new_tokens, seed, continues)`` queues one request (``key``
+    is the caller's, returned with the result; ``seed`` makes its sampling independent of what else
+    runs; ``continues`` as in ``generate``). ``step()`` advances the engine by one batch and
+    returns the ``(key, Generation)`` pairs that finished, with the same post-processing as ``generate``. ``unfinished()`` counts the
     requests submitted and not yet returned; ``abort()`` drops them (an interrupted rollout).
     ``draw_seed()`` takes one seed from the generator's RNG (whose state ``get_rng_state``
     saves), from which a rollout derives its requests' seeds. The ``hf`` backend does not stream.
@@ -130,7 +136,7 @@ class StreamingGenerator(Protocol):
     def draw_seed(self) -> int: ...
 
     def submit(self, key: Any, context: list[int], params: SamplingParams, max_new_tokens: int,
-               seed: int | None = None) -> None: ...
+               seed: int | None = None, continues: int = 0) -> None: ...
 
     def step(self) -> list[tuple[Any, Generation]]: ...
 
@@ -174,20 +180,23 @@ class _StopChecker:
     A stop string of B UTF-8 bytes spans at most B tokens (every token decodes to >= 1 byte), and
     the sequence is checked after every token, so a new occurrence always lies in the last B + 1
     tokens; the extra token absorbs decoders that alter the first token of a slice (e.g. dropping
-    a SentencePiece leading space).
+    a SentencePiece leading space). A turn continued from an earlier call passes the turn's
+    earlier tokens in front of the new ones (``prior``), so a stop string split between two
+    calls is found too; the turn so far holds no stop string (it would have ended the turn).
     """
 
     def __init__(self, tokenizer, stops: Sequence[str]) -> None:
         self._tokenizer = tokenizer
         self._stops = tuple(stops)
-        self._window = max((len(s.encode("utf-8")) for s in self._stops), default=0) + 1
+        self.window = max((len(s.encode("utf-8")) for s in self._stops), default=0) + 1
 
     def find(self, tails: list[list[int]]) -> list[str | None]:
-        """For each generated sequence, the stop string it contains (earliest in the text), if any."""
+        """For each token sequence, the stop string its last ``window`` tokens contain (earliest
+        in the text), if any."""
         if not self._stops:
             return [None] * len(tails)
         texts = self._tokenizer.batch_decode(
-            [ids[-self._window :] for ids in tails],
+            [ids[-self.window :] for ids in tails],
             skip_special_tokens=False,
             clean_up_tokenization_spaces=False,
         )
@@ -196,6 +205,33 @@ class _StopChecker:
             hits = [(text.find(s), i) for i, s in enumerate(self._stops) if s in text]
             found.append(self._stops[min(hits)[1]] if hits else None)
         return found
+
+    def prior(self, context: Sequence[int], continues: int) -> list[int]:
+        """The tail of a turn's earlier tokens (the last ``continues`` of ``context``) that a
+        stop string completed by the new tokens can begin in."""
+        return list(context[len(context) - min(continues, self.window, len(context)):]) if continues > 0 else []
+
+
+def stop_in_turn(tokenizer, stops: Sequence[str], prior: Sequence[int], gen: Generation) -> Generation:
+    """``gen`` cut at the first stop string that the turn's earlier tokens (``prior``, the end of
+    the context that the same turn generated in earlier calls) and ``gen``'s tokens complete
+    together: the token that completes it is the call's last, ``finish_reason`` becomes "stop".
+    ``gen`` unchanged when no such stop string ends in its first tokens (one that lies wholly in
+    ``gen``'s own text is the backend's to find). For backends whose stop check reads only a
+    call's own text (vLLM), and for the rollout engine with backends that take no ``continues``.
+    """
+    checker = _StopChecker(tokenizer, stops)
+    tail = checker.prior(prior, len(prior))
+    if not tail or not gen.token_ids:
+        return gen
+    # A stop string that begins in the earlier tokens ends within the first `window` new ones.
+    heads = [tail + list(gen.token_ids[:k]) for k in range(1, min(len(gen.token_ids), checker.window) + 1)]
+    for k, stop in enumerate(checker.find(heads), start=1):
+        if stop is not None:
+            if k == len(gen.token_ids) and gen.finish_reason == FINISH_STOP:
+                return gen  # the backend stopped on it already
+            return Generation(list(gen.token_ids[:k]), list(gen.logprobs[:k]), FINISH_STOP, stop)
+    return gen
 
 
 def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -237,6 +273,17 @@ def context_limits(contexts: Sequence[Sequence[int]], params: SamplingParams,
     if any(len(c) == 0 for c in contexts):
         raise ValueError("every context must contain at least one token")
     return limits
+
+
+def context_continues(contexts: Sequence[Sequence[int]], continues: Sequence[int] | None) -> list[int]:
+    """``continues`` of ``Generator.generate`` checked (one entry >= 0 per context), 0s when None."""
+    if continues is None:
+        return [0] * len(contexts)
+    if len(continues) != len(contexts):
+        raise ValueError(f"continues has {len(continues)} entries for {len(contexts)} contexts")
+    if any(c < 0 or c > len(ctx) for c, ctx in zip(continues, contexts)):
+        raise ValueError("continues entries must be >= 0 and at most the context's length")
+    return list(continues)
 
 
 def eos_token_set(model: Any, eos_token_id: int, eos_token_ids: Iterable[int] | None = None) -> frozenset[int]:
@@ -309,8 +356,10 @@ class HFGenerator:
         contexts: list[list[int]],
         params: SamplingParams,
         max_new_tokens: list[int] | None = None,
+        continues: list[int] | None = None,
     ) -> list[Generation]:
         limits = context_limits(contexts, params, max_new_tokens)
+        continues = context_continues(contexts, continues)
 
         results: list[Generation | None] = [None] * len(contexts)
         todo = []
@@ -329,7 +378,8 @@ class HFGenerator:
             with torch.inference_mode():
                 for start in range(0, len(todo), chunk):
                     idx = todo[start : start + chunk]
-                    outs = self._generate_batch([contexts[i] for i in idx], [limits[i] for i in idx], params)
+                    outs = self._generate_batch([contexts[i] for i in idx], [limits[i] for i in idx], params,
+                                                [continues[i] for i in idx])
                     for i, out in zip(idx, outs):
                         results[i] = out
         finally:
@@ -356,7 +406,7 @@ class HFGenerator:
         return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
     def _generate_batch(
-        self, contexts: list[list[int]], limits: list[int], params: SamplingParams
+        self, contexts: list[list[int]], limits: list[int], params: SamplingParams, continues: list[int]
     ) -> list[Generation]:
         n = len(contexts)
         # A prompt prefix that every context shares (the system prompt; a tree's whole prompt)
@@ -388,6 +438,8 @@ class HFGenerator:
         next_positions = position_ids[:, -1:] + 1
 
         stop_checker = _StopChecker(self.tokenizer, params.stop)
+        # A continued turn's earlier tokens go in front of the new ones for the stop check.
+        priors = [stop_checker.prior(ctx, c) for ctx, c in zip(contexts, continues)]
         token_ids: list[list[int]] = [[] for _ in range(n)]
         logprobs: list[list[float]] = [[] for _ in range(n)]
         results: list[Generation | None] = [None] * n
@@ -397,7 +449,7 @@ class HFGenerator:
             for row, tok, lp in zip(active, tokens.tolist(), token_logprobs.tolist()):
                 token_ids[row].append(tok)
                 logprobs[row].append(lp)
-            stops = stop_checker.find([token_ids[row] for row in active])
+            stops = stop_checker.find([priors[row] + token_ids[row][-stop_checker.window:] for row in active])
 
             keep = []
             for k, row in enumerate(active):

