@@ -265,7 +265,7 @@ class TreeRolloutEngine:
                 return
             key = next(keys)
             requests[key] = (o, *request)
-            seed = int(np.random.SeedSequence([base, 1, o.tree, *o.order]).generate_state(1, np.uint64)[0] >> 2)
+            seed = int(np.random.SeedSequence([base, 1, o.tree, *o.order]).generate_state(1, np.uint64)[0]) >> 2
             turn = {"continues": self._continues(trees, o)} if self._sees_turn["stream"] else {}
             gen.submit(key, request[0], params, min(cfg.chunk_tokens, request[1]), seed=seed, **turn)
 
