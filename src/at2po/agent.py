@@ -21,13 +21,16 @@ __all__ = [
     "ANSWER_FORMAT",
     "ANSWER_TAG",
     "Action",
+    "ATPO_TOOL_LIMIT_NOTICE",
     "AgentProtocol",
     "TOOL_LIMIT_MESSAGE",
+    "atpo_tool_input",
     "TOOL_LIMIT_NOTICE",
     "decode_ids",
     "encode_observation",
     "format_error_observation",
     "format_observation",
+    "render_messages",
     "render_prompt",
 ]
 
@@ -55,11 +58,18 @@ def render_prompt(
     **chat_template_kwargs: Any,
 ) -> list[int]:
     """Prompt ids for one sample: a system prompt and the user message (a task's
-    ``user_message``, e.g. ``"Question: {question}"`` for search QA).
+    ``user_message``, e.g. ``"Question: {question}"`` for search QA), rendered by
+    ``render_messages``."""
+    messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user_message}]
+    return render_messages(tokenizer, messages, **chat_template_kwargs)
 
-    With a chat template: ``[system, user]`` messages rendered with
-    ``add_generation_prompt=True`` (extra keyword arguments, e.g. ``enable_thinking``, go to the
-    template). Without one (base models), the plain-text layout::
+
+def render_messages(tokenizer: Any, messages: list[dict[str, str]], **chat_template_kwargs: Any) -> list[int]:
+    """Prompt ids for a sample's first messages (``{"role", "content"}`` dicts).
+
+    With a chat template: the messages rendered with ``add_generation_prompt=True`` (extra
+    keyword arguments, e.g. ``enable_thinking``, go to the template) and encoded without special
+    tokens. Without one (base models), the plain-text layout::
 
         System: {system_prompt}
 
@@ -67,12 +77,11 @@ def render_prompt(
 
         Assistant:
 
-    encoded without the tokenizer's post-processing, preceded by BOS if the tokenizer has one
-    (so no EOS or other suffix is appended to a prompt the model must continue).
+    (one ``Role: content`` block per message) encoded without the tokenizer's post-processing,
+    preceded by BOS if the tokenizer has one (so no EOS or other suffix is appended to a prompt
+    the model must continue).
     """
-    user = user_message
     if getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
         encoded = tokenizer.apply_chat_template(
             messages,
             add_generation_prompt=True,
@@ -81,7 +90,7 @@ def render_prompt(
             **chat_template_kwargs,
         )
         return _as_id_list(encoded)
-    text = f"System: {system_prompt}\n\nUser: {user}\n\nAssistant:"
+    text = "".join(f"{m['role'].capitalize()}: {m['content']}\n\n" for m in messages) + "Assistant:"
     ids = list(tokenizer.encode(text, add_special_tokens=False))
     bos = getattr(tokenizer, "bos_token_id", None)
     return ([bos] if bos is not None else []) + ids
@@ -130,10 +139,12 @@ class Action:
 class AgentProtocol:
     """The text protocol of a set of enabled tools: stop strings, action parsing, format check.
 
-    ``AgentProtocol([])`` is a tool-less agent (think, then answer).
+    ``AgentProtocol([])`` is a tool-less agent (think, then answer). ``stop_at_answer=False``
+    leaves ``</answer>`` out of the stop strings (``rollout.stop_at_answer``, the authors'
+    behaviour): an answer turn then runs to its EOS.
     """
 
-    def __init__(self, tools: Iterable[ToolSpec] = ()) -> None:
+    def __init__(self, tools: Iterable[ToolSpec] = (), stop_at_answer: bool = True) -> None:
         self.tools: dict[str, ToolSpec] = {}
         for tool in tools:
             if tool.name in RESERVED_TAGS:
@@ -142,7 +153,8 @@ class AgentProtocol:
                 raise ValueError(f"two enabled tools are named {tool.name!r}")
             self.tools[tool.name] = tool
         self.tool_names: tuple[str, ...] = tuple(self.tools)
-        self.stop_strings: tuple[str, ...] = (*(f"</{n}>" for n in self.tool_names), f"</{ANSWER_TAG}>")
+        answer_stop = (f"</{ANSWER_TAG}>",) if stop_at_answer else ()
+        self.stop_strings: tuple[str, ...] = (*(f"</{n}>" for n in self.tool_names), *answer_stop)
 
     def parse(self, text: str, stop: str | None = None) -> Action:
         """Read one turn's generated text. Never raises.
@@ -204,13 +216,14 @@ class AgentProtocol:
 TOOL_LIMIT_MESSAGE = "tool call limit reached, answer with what you have"
 
 
-def format_observation(body: str) -> str:
+def format_observation(body: str, defuse: bool = True) -> str:
     """Wrap a tool's output as an observation (docs/method.md §1): ``" <result>\\n" + body + "\\n</result>"``.
 
     A literal ``</result>`` inside the body is defused (``</ result>``) so the block always ends
-    where the environment ended it; the reward's format check relies on that.
+    where the environment ended it; the reward's format check relies on that. ``defuse=False``
+    keeps the body as it is (``rollout.env_compat=atpo``: the authors do not defuse).
     """
-    return " <result>\n" + body.replace("</result>", "</ result>") + "\n</result>"
+    return " <result>\n" + (body.replace("</result>", "</ result>") if defuse else body) + "\n</result>"
 
 
 def format_error_observation(message: str) -> str:
@@ -221,22 +234,41 @@ def format_error_observation(message: str) -> str:
 # The masked observation shown instead of running a tool once the call limit is exceeded.
 TOOL_LIMIT_NOTICE = format_observation(TOOL_LIMIT_MESSAGE)
 
+# rollout.env_compat=atpo: the ATPO authors' notice for a call beyond the limit, plain masked text
+# appended inside the same turn, which then goes on (docs/method.md §6.7a).
+ATPO_TOOL_LIMIT_NOTICE = (" I have reached the tool call limit and cannot make further tool calls. Let me provide "
+                          "the final answer based on the information I have gathered so far. \n\n")
+
+
+def atpo_tool_input(context_text: str, name: str) -> str:
+    """The input of a call of tool ``name`` as the ATPO authors read it (``rollout.env_compat=atpo``):
+    in the decoded context (prompt, every earlier turn and observation, this turn), the text
+    between the last ``</name>`` and the last ``<name>`` before it, stripped; "" when either tag
+    is missing. A turn that closes a tag it never opened thus gets a query that reaches back into
+    earlier turns or the prompt. Not cut to a length bound."""
+    close_at = context_text.rfind(f"</{name}>")
+    open_at = context_text.rfind(f"<{name}>", 0, max(close_at, 0))
+    if close_at < 0 or open_at < 0:
+        return ""
+    return context_text[open_at + len(f"<{name}>") : close_at].strip()
+
 
 def encode_observation(tokenizer: Any, text: str) -> list[int]:
     """Observation ids to append after the generated ids (no BOS/EOS or other special tokens)."""
     return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
 
 
-def decode_ids(tokenizer: Any, ids: Iterable[int], drop_ids: Iterable[int] = ()) -> str:
+def decode_ids(tokenizer: Any, ids: Iterable[int], drop_ids: Iterable[int] = (), keep_eos: bool = False) -> str:
     """Decode generated ids to text without raising.
 
     Special tokens are kept (``skip_special_tokens=False``) because some tag tokens, such as
     Qwen3's ``<think>``, are added tokens; only pad and EOS ids (plus ``drop_ids``, e.g. the
-    generation config's extra EOS ids) are removed, as are ids outside the vocabulary. Invalid
-    UTF-8 byte sequences come out as U+FFFD. Returns "" if decoding fails anyway.
+    generation config's extra EOS ids) are removed, unless ``keep_eos`` (the whole context as
+    the ATPO authors decode it), as are ids outside the vocabulary. Invalid UTF-8 byte sequences
+    come out as U+FFFD. Returns "" if decoding fails anyway.
     """
     drop = {int(i) for i in drop_ids}
-    for special in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+    for special in () if keep_eos else (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
         if isinstance(special, int):
             drop.add(special)
         elif special is not None:  # some tokenizers report a list of EOS ids

@@ -52,6 +52,10 @@ class TaskConfig:
             raise ValueError("task.name is empty: name a registered task, e.g. search_qa or arithmetic")
 
 
+PROMPT_LAYOUTS = ("chat", "atpo")
+ENV_COMPAT = ("at2po", "atpo")
+
+
 @dataclass
 class DataConfig:
     train_file: str = ""  # the task's data: FlashRAG jsonl / Search-R1 parquet for search_qa
@@ -59,10 +63,18 @@ class DataConfig:
     val_size: int = 0  # 0 = every validation row
     shuffle: bool = True
     system_prompt: str = ""  # empty = the task's own (search_qa: the paper's, Figure 6, plus other tools' lines)
+    # chat: [system prompt, user message] with the chat template; atpo: the ATPO authors' layout,
+    # one system message "{their prompt}\nuser\n{question}?" (search_qa only; docs/method.md §6.10)
+    prompt_layout: str = "chat"
+    # atpo layout: reproduce the authors' f-string escape that turns "\boxed" into a backspace
+    # character + "oxed" (twice in their prompt); false writes "\boxed" (docs/method.md §6.10)
+    atpo_backspace_quirk: bool = True
 
     def __post_init__(self) -> None:
         if self.val_size < 0:
             raise ValueError(f"data.val_size must be >= 0 (0 = every row), got {self.val_size}")
+        if self.prompt_layout not in PROMPT_LAYOUTS:
+            raise ValueError(f"data.prompt_layout={self.prompt_layout!r} is not one of {', '.join(PROMPT_LAYOUTS)}")
 
 
 @dataclass
@@ -170,8 +182,15 @@ class RolloutConfig:
     seed: int = 0
     backend: str = "hf"  # generator backend (at2po.rollout.generator.GENERATOR_BACKENDS): hf | vllm
     vllm: VLLMConfig = field(default_factory=VLLMConfig)  # settings of the vllm backend
+    # false: only tool tags stop a generation, so an answer turn runs to its EOS, which is trained (authors)
+    stop_at_answer: bool = True
+    # at2po: our environment replies; atpo: the ATPO authors' (limit notice in the same turn, an
+    # empty or failed call ends the trajectory, their search observations; docs/method.md §6.7a)
+    env_compat: str = "at2po"
 
     def __post_init__(self) -> None:
+        if self.env_compat not in ENV_COMPAT:
+            raise ValueError(f"rollout.env_compat={self.env_compat!r} is not one of {', '.join(ENV_COMPAT)}")
         if self.schedule not in ("async", "sync", "stream"):
             raise ValueError(f"rollout.schedule={self.schedule!r} is not one of async, sync, stream")
         for name in ("n_initial", "max_turns", "chunk_tokens", "max_response_tokens", "tool_workers"):
@@ -310,6 +329,11 @@ class Config:
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def __post_init__(self) -> None:
+        if self.rollout.env_compat == "atpo" and not self.algo.recompute_old_logprobs:
+            raise ValueError("rollout.env_compat=atpo trains an EOS that the sampler did not draw (after an empty "
+                             "tool call), which has no sampler log-prob: set algo.recompute_old_logprobs=true")
 
 
 # -- (de)serialisation ----------------------------------------------------------------------------

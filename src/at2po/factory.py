@@ -67,7 +67,15 @@ def build_tools(cfg: Config, task: Task) -> list[Tool]:
 
 
 def _tool_options(cfg: Config, name: str) -> dict:
+    import inspect
+
+    from at2po.tools import TOOLS
+
     options = cfg.tools.tool_options(name)
+    # A tool whose builder takes ``env_compat`` reproduces the environment rollout.env_compat names.
+    builder = TOOLS.get(name)
+    if builder is not None and "env_compat" in inspect.signature(builder).parameters:
+        options["env_compat"] = cfg.rollout.env_compat
     # The round abandons a call after rollout.tool_timeout; a longer python timeout would leave
     # the sandbox running after its round returned.
     if name == "python" and options["timeout"] > cfg.rollout.tool_timeout:
@@ -90,7 +98,8 @@ def build_engine(
     """The rollout engine over a generator of ``rollout.backend`` for ``model``.
 
     ``task``/``tools`` default to those of the config; ``seed`` (default ``trainer.seed``) seeds
-    the generator's sampling. The system prompt is ``data.system_prompt`` or the task's own.
+    the generator's sampling. The system prompt is ``data.system_prompt`` or the task's own, laid out
+    as ``data.prompt_layout`` says.
     """
     from at2po.rollout.engine import TreeRolloutEngine
     from at2po.rollout.generator import build_generator
@@ -100,4 +109,5 @@ def build_engine(
     generator = build_generator(cfg.rollout.backend, model, tokenizer,
                                 seed=cfg.trainer.seed if seed is None else seed, config=cfg)
     return TreeRolloutEngine(generator, tokenizer, tools, task, cfg.rollout, progress=progress,
-                             system_prompt=cfg.data.system_prompt or None)
+                             system_prompt=cfg.data.system_prompt or None, prompt_layout=cfg.data.prompt_layout,
+                             atpo_backspace_quirk=cfg.data.atpo_backspace_quirk)

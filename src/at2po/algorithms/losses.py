@@ -240,9 +240,10 @@ def logprob_mismatch(
     tokens. ``turns_outside_clip``: the share of turns (row, turn id) whose mean log-ratio
     log π_trainer − log π_rollout puts the turn ratio outside [1 − clip_low, 1 + clip_high]:
     the turns the ATPO objective would clip before any update if the sampler's log-probs were
-    used as π_old. All 0 when nothing is trained.
+    used as π_old. All 0 when nothing is trained. Tokens without a sampler log-prob (NaN: a
+    token the environment appended, ``rollout.env_compat=atpo``'s EOS) are left out.
     """
-    mask = loss_mask.bool()
+    mask = loss_mask.bool() & torch.isfinite(rollout_log_prob)
     diff = (trainer_log_prob.float() - rollout_log_prob.float()).masked_fill(~mask, 0.0)
     if not bool(mask.any()):
         return {"diff_mean": 0.0, "diff_max": 0.0, "turns_outside_clip": 0.0}

@@ -41,8 +41,10 @@ class TurnNode:
 
     @property
     def entropy(self) -> float:
-        """H(n) (Eq. 2): mean negative log-likelihood of the turn's sampled tokens; 0 if none."""
-        lp = [p for p, m in zip(self.gen_logprobs, self.gen_mask) if m]
+        """H(n) (Eq. 2): mean negative log-likelihood of the turn's sampled tokens; 0 if none.
+        A trained token the sampler did not draw (log-prob NaN: the EOS that ``env_compat=atpo``
+        appends after an empty call) is not a sample and does not count."""
+        lp = [p for p, m in zip(self.gen_logprobs, self.gen_mask) if m and np.isfinite(p)]
         return float(-np.mean(lp)) if lp else 0.0
 
 
@@ -107,17 +109,23 @@ class TurnTree:
         self.nodes[parent].children.append(node.index)
         return node.index
 
-    def extend_turn(self, index: int, gen_ids: list[int], gen_logprobs: list[float]) -> None:
+    def extend_turn(self, index: int, gen_ids: list[int], gen_logprobs: list[float],
+                    gen_mask: list[int] | None = None) -> None:
         """Append tokens to the turn of node ``index``: a generation call that stopped on its chunk
-        size goes on with the same turn (docs/method.md §2), so the turn stays one node."""
+        size goes on with the same turn (docs/method.md §2), so the turn stays one node.
+        ``gen_mask`` (default all 1) marks text the environment inserts into the turn with 0
+        (``rollout.env_compat=atpo``'s tool-limit notice)."""
         node = self.nodes[index]
         if node.is_root or node.is_terminal or node.children:
             raise ValueError(f"node {index} cannot be extended: only an unfinished turn without children can")
         if len(gen_logprobs) != len(gen_ids):
             raise ValueError(f"gen_logprobs has {len(gen_logprobs)} entries for {len(gen_ids)} gen_ids")
+        gen_mask = [1] * len(gen_ids) if gen_mask is None else list(gen_mask)
+        if len(gen_mask) != len(gen_ids):
+            raise ValueError(f"gen_mask has {len(gen_mask)} entries for {len(gen_ids)} gen_ids")
         node.gen_ids += list(gen_ids)
         node.gen_logprobs += [float(x) for x in gen_logprobs]
-        node.gen_mask += [1] * len(gen_ids)
+        node.gen_mask += gen_mask
 
     # -- queries ------------------------------------------------------------------------------
     def leaves(self) -> list[int]:

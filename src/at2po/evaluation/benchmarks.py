@@ -144,7 +144,7 @@ def _settings(cfg: Config, system_prompt: str) -> dict[str, Any]:
 
     t, r = cfg.tools, cfg.rollout
     search = {k: v for k, v in dataclasses.asdict(t.search).items() if k != "max_consecutive_failures"}
-    return {
+    settings = {
         "model": {"path": cfg.model.path, "tokenizer_path": cfg.model.tokenizer_path, "dtype": cfg.model.dtype},
         "task": {"name": cfg.task.name, "options": cfg.task.options},
         "system_prompt": system_prompt,
@@ -153,6 +153,15 @@ def _settings(cfg: Config, system_prompt: str) -> dict[str, Any]:
         "rollout": {"max_tool_calls": r.max_tool_calls, "max_turns": r.max_turns,
                     "max_response_tokens": r.max_response_tokens},
     }
+    # The switches of the authors' setup, only where they are set (so that runs made before they
+    # existed still resume): each changes prompts, turn endings or observations.
+    d = cfg.data
+    if d.prompt_layout != "chat":
+        settings["prompt_layout"] = {"layout": d.prompt_layout, "atpo_backspace_quirk": d.atpo_backspace_quirk}
+    for key, default in (("stop_at_answer", True), ("env_compat", "at2po")):
+        if getattr(r, key) != default:
+            settings["rollout"][key] = getattr(r, key)
+    return settings
 
 
 def _check_settings(out_dir: Path, settings: dict[str, Any], resume: bool) -> None:

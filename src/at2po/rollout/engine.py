@@ -26,17 +26,20 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from at2po.agent import (
+    ATPO_TOOL_LIMIT_NOTICE,
     TOOL_LIMIT_NOTICE,
     AgentProtocol,
+    atpo_tool_input,
     decode_ids,
     encode_observation,
     format_error_observation,
     format_observation,
+    render_messages,
     render_prompt,
 )
 from at2po.algorithms.expansion import select_from_tree
 from at2po.algorithms.tree import ACTIVE, FAILED, LEAF, LeafSequence, TurnTree
-from at2po.config import RolloutConfig
+from at2po.config import PROMPT_LAYOUTS, RolloutConfig
 from at2po.rollout.generator import (
     FINISH_LENGTH,
     FINISH_STOP,
@@ -149,6 +152,8 @@ class TreeRolloutEngine:
         config: RolloutConfig | None = None,
         progress: Callable[[str, int, int], None] | None = None,
         system_prompt: str | None = None,
+        prompt_layout: str = "chat",
+        atpo_backspace_quirk: bool = True,
     ):
         self.generator = generator
         self.tokenizer = tokenizer
@@ -156,11 +161,18 @@ class TreeRolloutEngine:
         self.tools: dict[str, Tool] = dict(self.protocol.tools)  # type: ignore[arg-type]
         self.task = task
         self.system_prompt = system_prompt if system_prompt is not None else task.system_prompt(list(tools))
+        if prompt_layout not in PROMPT_LAYOUTS:
+            raise ValueError(f"data.prompt_layout={prompt_layout!r} is not one of {', '.join(PROMPT_LAYOUTS)}")
+        if prompt_layout == "atpo":
+            task.check_atpo_layout()
+        self.prompt_layout, self.atpo_backspace_quirk = prompt_layout, atpo_backspace_quirk
+        self._given_system_prompt = system_prompt
         self.config = config or RolloutConfig()
         self.rng = np.random.default_rng(self.config.seed)
         self._check_schedule(self.config)
         self.progress = progress
         self._limit_notice_ids = encode_observation(tokenizer, TOOL_LIMIT_NOTICE)
+        self._atpo_notice_ids = encode_observation(tokenizer, ATPO_TOOL_LIMIT_NOTICE)
         # Backends that take ``continues`` look for a stop string split between two calls of a
         # turn themselves; for the others the engine cuts their output (``_take_generation``).
         self._sees_turn = {"batched": _takes(generator.generate, "continues"),
@@ -168,7 +180,12 @@ class TreeRolloutEngine:
 
     # -- public -------------------------------------------------------------------------------
     def prompt(self, sample: Sample) -> Prompt:
-        """A sample's prompt: the system prompt and the task's user message, chat-rendered."""
+        """A sample's prompt: the system prompt and the task's user message, chat-rendered
+        (``data.prompt_layout=chat``), or the ATPO authors' single system message (``atpo``)."""
+        if self.prompt_layout == "atpo":
+            messages = self.task.atpo_messages(sample, self._given_system_prompt,
+                                               backspace_quirk=self.atpo_backspace_quirk)
+            return Prompt(render_messages(self.tokenizer, messages), sample)
         return Prompt(render_prompt(self.tokenizer, self.task.user_message(sample), self.system_prompt), sample)
 
     def rollout(self, prompts: Sequence[Prompt], *, greedy: bool = False, config: RolloutConfig | None = None) -> RolloutResult:
@@ -176,7 +193,7 @@ class TreeRolloutEngine:
         self._check_schedule(cfg)
         params = SamplingParams(
             temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.chunk_tokens,
-            stop=self.protocol.stop_strings, greedy=greedy,
+            stop=AgentProtocol(self.tools.values(), stop_at_answer=cfg.stop_at_answer).stop_strings, greedy=greedy,
         )
         self._stops = params.stop
         trees = [TurnTree(p.prompt_ids, meta={"id": p.sample.id}) for p in prompts]
@@ -314,7 +331,11 @@ class TreeRolloutEngine:
                 else:
                     break  # nothing generating, no tool running, every tree past its last phase
                 for call, res in results:
-                    submit(self._take_tool_result(trees, stats, call, res))
+                    nxt = self._take_tool_result(trees, stats, call, res, cfg)
+                    if nxt is not None:
+                        submit(nxt)
+                    else:
+                        in_flight[call.open.tree] -= 1
 
         try:
             run()
@@ -362,6 +383,12 @@ class TreeRolloutEngine:
         # it ends on its previous node, which becomes a failed leaf. (A re-sampled sibling starts
         # from a state that once had budget, so only continuing chains get here.)
         if budget < 1 and o.node < 0 and o.parent > 0 and not tree.nodes[o.parent].children:
+            if cfg.env_compat == "atpo":  # the authors: the observation's own node is the leaf
+                node = tree.add_turn(o.parent, obs_ids=o.obs_ids, gen_ids=[], gen_logprobs=[],
+                                     tool_calls_at_start=o.tool_calls, status=LEAF,
+                                     info={"end": "response budget exhausted by the observation"})
+                self._new_nodes[o.tree][node] = o.order
+                return None
             node = tree.nodes[o.parent]
             node.status = FAILED
             node.info["end"] = "response budget exhausted by the observation"
@@ -394,7 +421,8 @@ class TreeRolloutEngine:
             results = run_tool_calls([(c.tool, c.query) for c in calls], max_workers=cfg.tool_workers,
                                      timeout=cfg.tool_timeout)
             self._seconds["tools"] += time.perf_counter() - t0
-            next_open += [self._take_tool_result(trees, stats, c, res) for c, res in zip(calls, results)]
+            taken = [self._take_tool_result(trees, stats, c, res, cfg) for c, res in zip(calls, results)]
+            next_open += [o for o in taken if o is not None]
         return next_open
 
     def _continues(self, trees, o: _Open) -> int:
@@ -432,10 +460,17 @@ class TreeRolloutEngine:
             return _Open(o.tree, o.parent, o.obs_ids, o.tool_calls, turns, node=node, order=o.then(0)), None
         # The whole turn decides; a turn that stopped on a tool's closing tag is that tool call.
         text = decode_ids(self.tokenizer, tree.nodes[node].gen_ids)
-        action = self.protocol.parse(text, stop=gen.stop_string if gen.finish_reason == FINISH_STOP else None)
-        info = {"finish": gen.finish_reason, "action": action.kind}
-        is_call = gen.finish_reason == FINISH_STOP and action.kind in self.tools
-        if not is_call:
+        stop = gen.stop_string if gen.finish_reason == FINISH_STOP else None
+        action = self.protocol.parse(text, stop=stop)
+        atpo = cfg.env_compat == "atpo"
+        if atpo:
+            # The authors: a call that stopped on a tool's closing tag is that tool's call,
+            # whatever the turn holds; its input is found below, in the whole context.
+            called = stop[2:-1] if stop and stop[2:-1] in self.tools and stop == f"</{stop[2:-1]}>" else None
+        else:
+            called = action.kind if gen.finish_reason == FINISH_STOP and action.kind in self.tools else None
+        info = {"finish": gen.finish_reason, "action": called or action.kind}
+        if called is None:
             status = LEAF
             info["end"] = action.kind if action.kind == "answer" else gen.finish_reason
         elif turns >= cfg.max_turns:
@@ -449,22 +484,62 @@ class TreeRolloutEngine:
             return None, None
         if o.tool_calls >= cfg.max_tool_calls:
             st.limit_notices += 1
+            if atpo:
+                return self._atpo_limit_notice(tree, node, o, turns, cfg), None
             return _Open(o.tree, node, list(self._limit_notice_ids), o.tool_calls, turns, order=o.then(0)), None
         st.tool_calls += 1
+        if atpo:
+            query = atpo_tool_input(decode_ids(self.tokenizer, tree.full_ids(node), keep_eos=True), called)
+            if not query:  # the authors append an EOS, trained, and the trajectory ends
+                st.tool_failures += 1
+                self._atpo_end(tree, node, "empty tool call: EOS appended", eos=True)
+                return None, None
+            return None, _Call(o, node, turns, self.tools[called], query)
         if action.error is not None:
             st.tool_failures += 1
             obs = encode_observation(self.tokenizer, format_error_observation(action.error))
             return _Open(o.tree, node, obs, o.tool_calls + 1, turns, order=o.then(0)), None
-        return None, _Call(o, node, turns, self.tools[action.kind], action.query)
+        return None, _Call(o, node, turns, self.tools[called], action.query)
 
-    def _take_tool_result(self, trees, stats, call: _Call, res: ToolResult) -> _Open:
-        """The trajectory's next turn, after its tool call returned (or failed)."""
+    def _atpo_limit_notice(self, tree: TurnTree, node: int, o: _Open, turns: int, cfg) -> _Open | None:
+        """``env_compat=atpo``: a call beyond the limit gets the authors' plain notice inside the
+        same turn (masked), and the turn goes on in the same node unless the response budget is
+        spent."""
+        ids = self._atpo_notice_ids
+        tree.extend_turn(node, ids, [0.0] * len(ids), [0] * len(ids))
+        n = tree.nodes[node]
+        n.info["limit_notices"] = n.info.get("limit_notices", 0) + 1
+        if len(tree.full_ids(node)) - len(tree.prompt_ids) >= cfg.max_response_tokens:
+            self._atpo_end(tree, node, "response budget exhausted by the limit notice")
+            return None
+        return _Open(o.tree, o.parent, o.obs_ids, o.tool_calls, turns, node=node, order=o.then(0))
+
+    def _atpo_end(self, tree: TurnTree, node: int, why: str, eos: bool = False) -> None:
+        """``env_compat=atpo``: the trajectory ends on this turn, which becomes a leaf; ``eos``
+        appends the tokenizer's EOS first, trained (mask 1) like the authors' though the sampler
+        never drew it, so its log-prob is NaN (left out of the turn's entropy; the trainer
+        recomputes it)."""
+        if eos:
+            tree.extend_turn(node, [int(self.tokenizer.eos_token_id)], [float("nan")], [1])
+        tree.nodes[node].status = LEAF
+        tree.nodes[node].info["end"] = why
+
+    def _take_tool_result(self, trees, stats, call: _Call, res: ToolResult, cfg) -> _Open | None:
+        """The trajectory's next turn, after its tool call returned (or failed); None when the
+        failure ends the trajectory (``env_compat=atpo``)."""
         o = call.open
         if not res.ok:
             stats[o.tree].tool_failures += 1
             stats[o.tree].tool_infra_failures += int(res.infra)
         trees[o.tree].nodes[call.node].info["tool_ok"] = res.ok
-        obs = encode_observation(self.tokenizer, format_observation(res.text))
+        if cfg.env_compat == "atpo":
+            if not res.ok:  # the authors: a failed call ends the trajectory (no EOS appended)
+                self._atpo_end(trees[o.tree], call.node, f"tool failed: {res.error or res.text}")
+                return None
+            # Encoded as the authors do: the whole text at once, the tokenizer's defaults.
+            obs = [int(i) for i in self.tokenizer.encode(format_observation(res.text, defuse=False))]
+        else:
+            obs = encode_observation(self.tokenizer, format_observation(res.text))
         return _Open(o.tree, call.node, obs, o.tool_calls + 1, call.turns, order=o.then(1))
 
     # -- leaves -> rows -----------------------------------------------------------------------

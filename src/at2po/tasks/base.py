@@ -87,6 +87,18 @@ class Task(ABC):
     def user_message(self, sample: Sample) -> str:
         """The first user message of a sample."""
 
+    def atpo_messages(self, sample: Sample, system_prompt: str | None, backspace_quirk: bool) -> list[dict[str, str]]:
+        """``data.prompt_layout=atpo``: the first messages as the ATPO authors' data files hold
+        them (``system_prompt``: ``data.system_prompt``, None for the task's own text). Only a
+        task that reproduces their data has this layout (search QA)."""
+        raise ValueError(f"data.prompt_layout=atpo renders the ATPO authors' search-QA prompt; task "
+                         f"{self.name!r} has no such prompt: set data.prompt_layout=chat")
+
+    def check_atpo_layout(self) -> None:
+        """Raise the error of ``atpo_messages`` when this task has no ATPO layout."""
+        if type(self).atpo_messages is Task.atpo_messages:
+            self.atpo_messages(Sample("", "", None), None, False)
+
     # -- reward ----------------------------------------------------------------------------------
     @abstractmethod
     def score(self, response: str, sample: Sample, protocol: AgentProtocol) -> Score:

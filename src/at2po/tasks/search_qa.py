@@ -21,7 +21,7 @@ from at2po.tasks.base import Sample, Score, Task, register_task
 if TYPE_CHECKING:
     from at2po.agent import AgentProtocol
 
-__all__ = ["PAPER_SYSTEM_PROMPT", "SearchQATask"]
+__all__ = ["PAPER_SYSTEM_PROMPT", "SearchQATask", "atpo_question", "atpo_system_prompt"]
 
 # The paper's system prompt (Figure 6), verbatim, including its typo ("as your want").
 PAPER_SYSTEM_PROMPT = (
@@ -37,6 +37,24 @@ PAPER_SYSTEM_PROMPT = (
     "</think> <answer> The final answer is \\[ \\boxed{answer here} \\] </answer>. In the last "
     "part of the answer, the final exact answer is enclosed within \\boxed{} with latex format."
 )
+
+
+
+def atpo_system_prompt(backspace_quirk: bool = True) -> str:
+    """The prompt of the ATPO authors' data files (``data.prompt_layout=atpo``): the paper's text
+    with a double space before the second ``<think>`` of the example, and, with
+    ``backspace_quirk``, each ``\\boxed`` written as a backspace character and "oxed" (an escape
+    in the authors' Python source turns the two characters ``\\b`` into U+0008)."""
+    text = PAPER_SYSTEM_PROMPT.replace("</result> <think>", "</result>  <think>")
+    return text.replace("\\boxed", "\x08oxed") if backspace_quirk else text
+
+
+def atpo_question(question: str) -> str:
+    """The question as the authors' data files hold it: stripped, with "?" appended unless it
+    already ends with one."""
+    question = question.strip()
+    return question if question.endswith("?") else question + "?"
+
 
 REWARD_METRICS = ("em", "f1", "atpo_em", "atpo_em_eval")
 
@@ -93,6 +111,12 @@ class SearchQATask(Task):
 
     def user_message(self, sample: Sample) -> str:
         return f"Question: {sample.prompt.strip()}"
+
+    def atpo_messages(self, sample: Sample, system_prompt: str | None, backspace_quirk: bool) -> list[dict[str, str]]:
+        """One system message, as in the authors' data: their prompt, ``"\\nuser\\n"``, then the
+        question (``atpo_question``); ``system_prompt`` replaces their prompt when given."""
+        prompt = atpo_system_prompt(backspace_quirk) if system_prompt is None else system_prompt
+        return [{"role": "system", "content": f"{prompt}\nuser\n{atpo_question(sample.prompt)}"}]
 
     def score(self, response: str, sample: Sample, protocol: AgentProtocol) -> Score:
         if self.reward in ("atpo_em", "atpo_em_eval"):

@@ -2,7 +2,8 @@
 (docs/method.md §1, §5). Registered as ``search`` (``tools.search.backend``: bm25 | http).
 
 Both return the top-k passages formatted one per line as ``Page i: <text>``; the caller wraps
-that in ``<result>...</result>``.
+that in ``<result>...</result>``. With ``env_compat="atpo"`` (``rollout.env_compat``) queries and
+passages are treated as the ATPO authors' search tool treats them (``format_passages_atpo``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 from typing import TYPE_CHECKING
 
+from at2po.config import ENV_COMPAT
 from at2po.retriever.bm25 import BM25Index, load_corpus
 from at2po.tools.base import Tool, ToolResult, register_tool
 from at2po.tools.health import FailureStreak, ToolServiceError
@@ -40,8 +42,29 @@ def format_passages(passages: list[str], max_chars: int = 1000) -> str:
     return "\n".join(lines)
 
 
-def _prepare_query(query: str) -> str | None:
-    """The query as searched: stripped and length-bounded; None when empty."""
+def format_passages_atpo(passages: list[str], max_chars: int = 1000) -> str:
+    """The ATPO authors' observation body: each passage stripped (line breaks inside it, such as
+    the one after a Wikipedia passage's title, are kept), empty and repeated passages dropped,
+    the rest cut to ``max_chars`` and listed as ``Page i: <text>`` lines; "No search results
+    found." when none is left."""
+    kept: list[str] = []
+    for passage in passages:
+        text = passage.strip()
+        if text and text not in kept:
+            kept.append(text)
+    if not kept:
+        return ATPO_NO_RESULTS
+    return "\n".join(f"Page {i}: {text[:max_chars]}" for i, text in enumerate(kept, start=1))
+
+
+ATPO_NO_RESULTS = "No search results found."
+
+
+def _prepare_query(query: str, env_compat: str = "at2po") -> str | None:
+    """The query as searched: stripped and length-bounded, None when empty; for the ATPO authors
+    (``env_compat="atpo"``) their input with every double quote removed, nothing else changed."""
+    if env_compat == "atpo":
+        return query.replace('"', "")
     query = query.strip()[:MAX_QUERY_CHARS]
     return query or None
 
@@ -50,11 +73,18 @@ def _empty_query_result() -> ToolResult:
     return ToolResult(text="empty search query", ok=False, error="empty_query")
 
 
-def _passages_result(query: str, passages: list[str], max_chars: int) -> ToolResult:
+def _passages_result(query: str, passages: list[str], max_chars: int, env_compat: str = "at2po") -> ToolResult:
+    if env_compat == "atpo":
+        return ToolResult(text=format_passages_atpo(passages, max_chars), ok=True)
     if not passages:
         shown = query if len(query) <= _ECHO_CHARS else query[:_ECHO_CHARS] + "..."
         return ToolResult(text=f"No results found for query: {shown}", ok=True)
     return ToolResult(text=format_passages(passages, max_chars), ok=True)
+
+
+def _check_env_compat(env_compat: str) -> None:
+    if env_compat not in ENV_COMPAT:
+        raise ValueError(f"rollout.env_compat={env_compat!r} is not one of {', '.join(ENV_COMPAT)}")
 
 
 SEARCH_DESCRIPTION = (
@@ -84,7 +114,10 @@ class LocalSearchTool(_SearchTool):
         corpus_path: str | Path | None = None,
         topk: int = 3,
         max_chars: int = 1000,
+        env_compat: str = "at2po",
     ) -> None:
+        _check_env_compat(env_compat)
+        self.env_compat = env_compat
         sources = [s for s in (index, index_dir, corpus_path) if s is not None]
         if len(sources) != 1:
             raise ValueError("give exactly one of index, index_dir, corpus_path")
@@ -101,7 +134,7 @@ class LocalSearchTool(_SearchTool):
         return self.batch_search([query])[0]
 
     def batch_search(self, queries: list[str]) -> list[ToolResult]:
-        prepared = [_prepare_query(q) for q in queries]
+        prepared = [_prepare_query(q, self.env_compat) for q in queries]
         to_search = [q for q in prepared if q is not None]
         hits = iter(self.index.search(to_search, self.topk))
         results = []
@@ -110,7 +143,7 @@ class LocalSearchTool(_SearchTool):
                 results.append(_empty_query_result())
             else:
                 passages = [self.index.docs[doc] for doc, _ in next(hits)]
-                results.append(_passages_result(query, passages, self.max_chars))
+                results.append(_passages_result(query, passages, self.max_chars, self.env_compat))
         return results
 
 
@@ -157,7 +190,10 @@ class HTTPSearchTool(_SearchTool):
         backoff: float = 0.5,
         trust_env: bool = False,
         max_consecutive_failures: int = 20,
+        env_compat: str = "at2po",
     ) -> None:
+        _check_env_compat(env_compat)
+        self.env_compat = env_compat
         if retries < 0:
             raise ValueError(f"retries must be >= 0, got {retries}")
         url = url.rstrip("/")
@@ -200,7 +236,7 @@ class HTTPSearchTool(_SearchTool):
 
     def batch_search(self, queries: list[str]) -> list[ToolResult]:
         """Search all queries with one request; empty queries are answered locally."""
-        prepared = [_prepare_query(q) for q in queries]
+        prepared = [_prepare_query(q, self.env_compat) for q in queries]
         to_send = [q for q in prepared if q is not None]
         failure: ToolResult | None = None
         answers: list[list[str]] = []
@@ -222,7 +258,7 @@ class HTTPSearchTool(_SearchTool):
             elif failure is not None:
                 results.append(failure)
             else:
-                results.append(_passages_result(query, next(answer_iter), self.max_chars))
+                results.append(_passages_result(query, next(answer_iter), self.max_chars, self.env_compat))
         return results
 
     def _retrieve(self, queries: list[str]) -> list[list[str]]:
@@ -318,16 +354,19 @@ def build_search_tool(
     topk: int = 3,
     max_passage_chars: int = 1000,
     max_consecutive_failures: int = 20,
+    env_compat: str = "at2po",
 ) -> Tool:
-    """The search tool of ``tools.search``: BM25 over a local corpus/index, or the HTTP retriever."""
+    """The search tool of ``tools.search``: BM25 over a local corpus/index, or the HTTP retriever.
+    ``env_compat`` (``rollout.env_compat``, passed by the factory) picks whose query handling and
+    observation text it reproduces."""
     if backend not in SEARCH_BACKENDS:
         raise ValueError(f"tools.search.backend={backend!r} is not one of {', '.join(SEARCH_BACKENDS)}")
     if topk < 1:
         raise ValueError(f"tools.search.topk must be >= 1, got {topk}")
     if backend == "http":
         return HTTPSearchTool(retriever_url, topk=topk, max_chars=max_passage_chars,
-                              max_consecutive_failures=max_consecutive_failures)
+                              max_consecutive_failures=max_consecutive_failures, env_compat=env_compat)
     if not (corpus_file or index_dir):
         raise ValueError("tools.search.corpus_file (or tools.search.index_dir) is required for backend bm25")
     source = {"index_dir": index_dir} if index_dir else {"corpus_path": corpus_file}
-    return LocalSearchTool(**source, topk=topk, max_chars=max_passage_chars)
+    return LocalSearchTool(**source, topk=topk, max_chars=max_passage_chars, env_compat=env_compat)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
 import sys
 import time
@@ -550,7 +551,8 @@ class Trainer:
         if algo.rollout_correction:
             # Truncated importance sampling: the data came from the sampler's distribution, the
             # objective is the trainer's; weight each token by min(π_trainer / π_sampler, cap).
-            ratio = torch.exp(batch.old_log_probs - rollout_lp)
+            # A token the sampler never drew (NaN: env_compat=atpo's EOS) keeps weight 1.
+            ratio = torch.exp(batch.old_log_probs - rollout_lp).nan_to_num(nan=1.0)
             weight = torch.where(mask, ratio.clamp(max=algo.rollout_correction_cap), torch.zeros_like(ratio))
             batch.advantages.mul_(weight)
             trained = weight[mask].double()
@@ -719,7 +721,7 @@ def _nll_sum(result: RolloutResult) -> tuple[float, int]:
     tot, n = 0.0, 0
     for tree in result.trees:
         for node in tree.nodes[1:]:
-            lp = [p for p, m in zip(node.gen_logprobs, node.gen_mask) if m]
+            lp = [p for p, m in zip(node.gen_logprobs, node.gen_mask) if m and math.isfinite(p)]
             tot -= sum(lp)
             n += len(lp)
     return tot, n
