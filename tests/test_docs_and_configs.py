@@ -46,3 +46,16 @@ def test_paper_configs_load(name):
         assert cfg.algo.kl_coef == 0.0 and cfg.algo.advantage == "tree"
     else:
         assert cfg.rollout.expansion_rounds == 0 and cfg.rollout.n_initial == 16 and cfg.algo.advantage == "grpo"
+    # Trained with the authors' scorer, so with their prompt, turn endings and environment replies.
+    assert cfg.task.options["reward"] == "atpo_em"
+    assert (cfg.data.prompt_layout, cfg.data.atpo_backspace_quirk) == ("atpo", True)
+    assert (cfg.rollout.stop_at_answer, cfg.rollout.env_compat) == (False, "atpo")
+    # The authors' GRPO baseline aggregates over all tokens; their ATPO loss per sequence.
+    assert cfg.algo.loss_agg == ("token-mean" if name.startswith("grpo") else "seq-mean-token-mean")
+
+
+def test_the_quickstart_keeps_todays_prompt_turn_endings_and_environment(tmp_path):
+    from at2po.quickstart import quickstart_config
+
+    cfg = quickstart_config(tmp_path / "assets", tmp_path / "out", 0, [])
+    assert (cfg.data.prompt_layout, cfg.rollout.stop_at_answer, cfg.rollout.env_compat) == ("chat", True, "at2po")
