@@ -173,10 +173,6 @@ class TreeRolloutEngine:
         self.progress = progress
         self._limit_notice_ids = encode_observation(tokenizer, TOOL_LIMIT_NOTICE)
         self._atpo_notice_ids = encode_observation(tokenizer, ATPO_TOOL_LIMIT_NOTICE)
-        # Backends that take ``continues`` look for a stop string split between two calls of a
-        # turn themselves; for the others the engine cuts their output (``_take_generation``).
-        self._sees_turn = {"batched": _takes(generator.generate, "continues"),
-                           "stream": _takes(getattr(generator, "submit", None), "continues")}
 
     # -- public -------------------------------------------------------------------------------
     def prompt(self, sample: Sample) -> Prompt:
@@ -196,6 +192,12 @@ class TreeRolloutEngine:
             stop=AgentProtocol(self.tools.values(), stop_at_answer=cfg.stop_at_answer).stop_strings, greedy=greedy,
         )
         self._stops = params.stop
+        # Backends that take ``continues`` look for a stop string split between two calls of a
+        # turn themselves; for the others the engine cuts their output (``_take_generation``).
+        # Read per rollout: a caller may swap the generator.
+        gen = self.generator
+        self._sees_turn = {"batched": _takes(gen.generate, "continues"),
+                           "stream": _takes(getattr(gen, "submit", None), "continues")}
         trees = [TurnTree(p.prompt_ids, meta={"id": p.sample.id}) for p in prompts]
         stats = [TreeStats() for _ in prompts]
         self._calls = 0
