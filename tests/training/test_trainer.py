@@ -651,3 +651,29 @@ def test_rollout_correction_needs_the_recompute():
         load_config(None, ["algo.rollout_correction=true", "algo.recompute_old_logprobs=false"])
     with pytest.raises(ValueError, match="algo.rollout_correction_cap must be >= 1"):
         load_config(None, ["algo.rollout_correction_cap=0.5"])
+
+
+def test_old_logprobs_are_recomputed_at_the_rollout_temperature(assets, tmp_path):
+    """Pins the recompute's temperature (a π_old recomputed at temperature 1 instead of
+    rollout.temperature survived every other test, which all sample at 1). At 0.7, in fp32, the
+    trainer's recomputed π_old equals an independent forward pass (logits / 0.7, log-softmax,
+    the sampled token) of every trained token and agrees with the sampler's own log-probs, so no
+    turn starts outside the clip band; at temperature 1 the difference is ~0.2 a token."""
+    cfg = make_run_cfg(assets, tmp_path / "run", "rollout.temperature=0.7", "trainer.save_every=0")
+    trainer = use_length_reward(Trainer(cfg))
+    prompts = [trainer.engine.prompt(s) for s in trainer.train_rows[:2]]
+    batch, _ = build_train_batch(trainer.engine.rollout(prompts), cfg.algo)
+    sampler = batch.old_log_probs.clone()
+    plan = trainer._epoch_plan(batch, n_trees=2)
+    metrics = combine([trainer._recompute_old_log_probs(batch, plan).as_dict()])
+    mask = batch.response_mask.bool()
+    assert mask.sum() > 20
+    for i, (seq, start) in enumerate(zip(batch.sequences, batch.response_starts)):
+        with torch.no_grad():
+            logits = trainer.model(torch.tensor([seq])).logits[0, start - 1 : -1].double() / 0.7
+        expected = torch.log_softmax(logits, -1).gather(1, torch.tensor(seq[start:])[:, None])[:, 0]
+        n = len(seq) - start
+        torch.testing.assert_close(batch.old_log_probs[i, :n][mask[i, :n]].double(), expected[mask[i, :n]],
+                                   atol=1e-5, rtol=0)
+    assert (batch.old_log_probs - sampler)[mask].abs().max() < 1e-4
+    assert metrics["rollout/logprob_diff_max"] < 1e-4 and metrics["rollout/logprob_turns_outside_clip"] == 0.0
