@@ -470,3 +470,33 @@ def test_replay_of_authors_style_trajectories_equals_their_environment(tok):
     if os.environ.get("AT2PO_REPLAY_TABLE"):
         with open(os.environ["AT2PO_REPLAY_TABLE"], "w") as f:
             f.write("\n".join(rows) + "\n")
+
+
+def test_a_training_step_with_the_authors_environment_trains_the_appended_eos(tmp_path):
+    """env_compat=atpo end to end in the trainer: every trajectory writes an empty query first, so
+    each row ends with the appended EOS that has no sampler log-prob. The trainer recomputes its
+    old log-prob; the loss, the mismatch metrics and the importance weights stay finite."""
+    from conftest import make_run_cfg, tiny_search_qa_assets
+    from at2po.training.trainer import Trainer
+
+    assets = tiny_search_qa_assets(tmp_path / "assets")
+    cfg = make_run_cfg(assets, tmp_path / "run", "trainer.steps=1", "trainer.mini_batch_prompts=2",
+                       "rollout.env_compat=atpo", "rollout.stop_at_answer=false", "data.prompt_layout=atpo",
+                       "algo.rollout_correction=true", "trainer.save_every=0", "rollout.chunk_tokens=40")
+    tr = Trainer(cfg)
+    gen = ScriptedGenerator(tr.tokenizer, lambda r, n, c: (SEARCH.format(q=" "), -0.7))
+    gen.load_weights = gen.get_rng_state = gen.set_rng_state = lambda *a: None
+    tr.engine.generator = tr.generator = gen
+    batches = []
+    update = tr._update
+    tr._update = lambda batch, n_trees: batches.append(batch) or update(batch, n_trees)
+    metrics = tr.train_step()
+    batch = batches[0]
+    last = batch.response_mask.sum(1) - 1  # every row: the call's tokens, then the EOS
+    rows = torch.arange(len(last))
+    ends = torch.tensor([s[-1] for s in batch.sequences])
+    assert (ends == tr.tokenizer.eos_token_id).all() and batch.response_mask[rows, last].all()
+    assert torch.isfinite(batch.old_log_probs[rows, last]).all()  # the trainer's own, recomputed
+    for key in ("loss/policy", "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/tis_weight_mean"):
+        assert np.isfinite(metrics[key]), key
+    assert metrics["reward/mean"] == -1.0 and metrics["rollout/tool_failures"] == metrics["rollout/tool_calls"] > 0
