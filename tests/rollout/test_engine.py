@@ -516,6 +516,42 @@ def test_stream_builds_the_trees_async_builds_whatever_the_completion_order(tok)
         assert streamed[3].generation_calls > batched[3].generation_calls  # engine steps, some returning nothing
 
 
+def test_stream_and_async_keep_to_a_response_budget_smaller_than_two_chunks(tok):
+    """Pins the stream schedule's request limit: each request may generate at most what is left
+    of the trajectory's response budget, not a whole chunk (a stream schedule asking for
+    chunk_tokens whatever remains survived every other test, whose budgets are whole numbers of
+    chunks). A 50-token budget with 40-token chunks: a long first turn is cut at 40 and continued
+    for 10 more, a search's observation leaves less than a chunk for the answer; every row ends
+    within the budget, and streamed trees equal the async ones node for node."""
+    def by_context(question, response, n_results):
+        if question == "e":  # a turn that never stops: the budget ends it
+            return "<think> " + "on and on " * 40, -0.1
+        if question == "s":  # one search, then a long answer the remaining budget cuts
+            return (SEARCH.format(q="s"), -0.5) if n_results == 0 else ("<think> " + "so " * 60 + "</think>", -0.2)
+        return ANSWER.format(a="x"), -0.3
+
+    cfg = dict(n_initial=2, expansion_rounds=1, top_k=1, samples_per_tree=0, chunk_tokens=40, max_tool_calls=2,
+               max_turns=4, max_response_tokens=50, seed=2)
+    prompts = [prompt(tok, q) for q in "esx"]
+
+    def run(schedule, seed=0):
+        engine = TreeRolloutEngine(ShuffledStream(tok, by_context, seed=seed), tok, [EchoSearch()], qa_reward,
+                                   RolloutConfig(schedule=schedule, **cfg))
+        res = engine.rollout(prompts)
+        for row in res.rows:
+            assert len(row.sequence.response_ids) <= cfg["max_response_tokens"], (schedule, row.tree)
+        trees = [[(n.parent, n.obs_ids, n.gen_ids, n.status, n.info) for n in t.nodes] for t in res.trees]
+        return trees, [(r.tree, r.sequence.response_ids.tolist()) for r in res.rows], res
+
+    trees, rows, res = run("async")
+    lengths = {tree: len(ids) for tree, ids in rows}
+    assert lengths[0] == 50 and lengths[1] == 50  # both long cases end exactly on the budget
+    assert any(len(n.gen_ids) < cfg["chunk_tokens"] and n.parent > 0 for n in res.trees[1].nodes)  # after the search
+    for seed in range(3):
+        streamed_trees, streamed_rows, _ = run("stream", seed)
+        assert (streamed_trees, streamed_rows) == (trees, rows)
+
+
 def test_an_interrupted_stream_rollout_leaves_nothing_in_flight(tok):
     """A rollout stopped by an exception (here from the progress callback, as Ctrl-C would)
     aborts its requests, so that none of their results reaches the next rollout."""
