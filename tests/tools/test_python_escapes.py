@@ -371,6 +371,33 @@ def test_no_network_at_all(listener, hooks):
     assert result == ToolResult("done", ok=True), result.text
 
 
+def test_an_abstract_unix_socket_on_the_host_is_out_of_reach():
+    """Pins the network namespace. seccomp lets AF_UNIX through (snippets may use socketpairs),
+    and an abstract-namespace socket has no file that the private root could hide: only the
+    sandbox's own network namespace separates it from the host's. A host listener on one, a
+    snippet with its audit hooks off that tries to connect and send: the listener, not the
+    snippet's output, judges. Without --unshare-net the snippet gets through."""
+    name = f"at2po-test-{unique()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as host:
+        host.bind("\0" + name)
+        host.listen()
+        host.setblocking(False)
+        code = (
+            "import socket\n"
+            "s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)\n"
+            "try:\n"
+            f"    s.connect('\\0{name}')\n"
+            "    s.sendall(b'escaped')\n"
+            "    print('connected')\n"
+            "except OSError as exc:\n"
+            "    print('refused', exc.errno)\n"
+        )
+        result = run_contained(kernel_only(), code)
+        readable, _, _ = select.select([host], [], [], 0.5)
+        assert readable == [], "a sandboxed snippet connected to the host's abstract unix socket"
+    assert result.ok and result.text.startswith("refused"), result.text  # the call itself ran
+
+
 # --- information leaks through /proc -------------------------------------------------------------
 
 
