@@ -224,6 +224,12 @@ SEARCH = "<search> q </search>" + obs("Page 1: r")
         (T + "<answer> <think> x </think> \\boxed{Paris} </answer>", "<think> inside <answer>"),
         (T + "<answer> The answer is Paris </answer>", "missing \\boxed{} in <answer>"),
         (T + "<answer> \\boxed{Paris </answer>", "missing \\boxed{} in <answer>"),
+        # a \boxed{} anywhere but inside <answer> does not count (pinned: accepting one in a think
+        # block, before the answer or in an observation survived every other case)
+        ("<think> maybe \\boxed{Paris} </think> <answer> Paris </answer>", "missing \\boxed{} in <answer>"),
+        (T + "\\boxed{Paris} <answer> Paris </answer>", "missing \\boxed{} in <answer>"),
+        (T + "<search> q </search>" + obs("Page 1: \\boxed{Paris}") + " " + T + "<answer> Paris </answer>",
+         "missing \\boxed{} in <answer>"),
         (T + ANSWER_PARIS + " Hope this helps!", "text after </answer>"),
         (T + ANSWER_PARIS + " <think> more </think>", "text after </answer>"),
         # tool calls and observations
