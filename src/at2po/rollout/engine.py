@@ -196,7 +196,7 @@ class TreeRolloutEngine:
         # turn themselves; for the others the engine cuts their output (``_take_generation``).
         # Read per rollout: a caller may swap the generator.
         gen = self.generator
-        self._sees_turn = {"batched": _takes(gen.generate, "continues"),
+        self._sees_turn = {"batched": _takes(getattr(gen, "generate", None), "continues"),
                            "stream": _takes(getattr(gen, "submit", None), "continues")}
         trees = [TurnTree(p.prompt_ids, meta={"id": p.sample.id}) for p in prompts]
         stats = [TreeStats() for _ in prompts]
