@@ -500,3 +500,17 @@ def test_a_training_step_with_the_authors_environment_trains_the_appended_eos(tm
     for key in ("loss/policy", "rollout/logprob_diff_mean", "rollout/logprob_diff_max", "rollout/tis_weight_mean"):
         assert np.isfinite(metrics[key]), key
     assert metrics["reward/mean"] == -1.0 and metrics["rollout/tool_failures"] == metrics["rollout/tool_calls"] > 0
+
+
+def test_at2po_eval_records_the_authors_switches_only_where_they_are_set():
+    """A resumed `at2po eval` compares these settings: the switches change answers, so they are in
+    them when set, and absent at their defaults (runs made before the switches still resume)."""
+    from at2po.evaluation.benchmarks import _settings
+
+    plain = _settings(load_config(None, []), "S")
+    assert "prompt_layout" not in plain and not {"stop_at_answer", "env_compat"} & set(plain["rollout"])
+    from conftest import ROOT
+
+    paper = _settings(load_config(ROOT / "configs" / "at2po_qwen3_4b_multihop.yaml"), "S")
+    assert paper["prompt_layout"] == {"layout": "atpo", "atpo_backspace_quirk": True}
+    assert (paper["rollout"]["stop_at_answer"], paper["rollout"]["env_compat"]) == (False, "atpo")
