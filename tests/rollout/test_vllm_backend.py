@@ -200,22 +200,26 @@ class Wrapper(torch.nn.Module):
         self.module = module
 
 
+def after_one_step(model, tok, contexts, outs):
+    """A copy of ``model`` after one large SGD step up the log-likelihood of ``outs``."""
+    trained = widen(tiny64(tok))
+    trained.load_state_dict(model.state_dict())
+    trained.train()
+    opt = torch.optim.SGD(trained.parameters(), lr=0.5)
+    seqs = [c + o.token_ids for c, o in zip(contexts, outs)]
+    loss = -sum(lp.sum() for lp in sequence_logprobs(trained, seqs, [len(c) for c in contexts]))
+    loss.backward()
+    opt.step()
+    return trained.eval()
+
+
 def test_weights_are_synced_in_memory_after_an_optimizer_step(gen, model, tok, contexts):
     """After one optimizer step, the engine's log-probs of a fixed continuation are the new
     weights' (not the old ones'); plain, wrapped and (name, tensor) sources all work."""
     params = SamplingParams(greedy=True, max_new_tokens=8)
     fixed = gen.generate(contexts, params)
     old = fresh(model, contexts, fixed)
-
-    trained = widen(tiny64(tok))  # a copy of the module model's weights
-    trained.load_state_dict(model.state_dict())
-    trained.train()
-    opt = torch.optim.SGD(trained.parameters(), lr=0.5)
-    seqs = [c + o.token_ids for c, o in zip(contexts, fixed)]
-    loss = -sum(lp.sum() for lp in sequence_logprobs(trained, seqs, [len(c) for c in contexts]))
-    loss.backward()
-    opt.step()
-    trained.eval()
+    trained = after_one_step(model, tok, contexts, fixed)
     new = fresh(trained, contexts, fixed)
     assert max(float((a - b).abs().max()) for a, b in zip(old, new)) > 100 * LOGPROB_ATOL
 
@@ -238,6 +242,29 @@ def test_weights_are_synced_in_memory_after_an_optimizer_step(gen, model, tok, c
     finally:
         gen.load_weights(model)
     np.testing.assert_allclose(gen.generate(contexts[:1], params)[0].logprobs, fixed[0].logprobs, atol=LOGPROB_ATOL)
+
+
+def test_a_weight_sync_drops_the_prefix_cache(gen, model, tok, contexts):
+    """Pins the prefix-cache reset of load_weights (dropping it survived every test but a
+    two-step training run): a 240-token context, more than one 128-token KV block, is decoded
+    twice under the old weights, so its full block is in the prefix cache; after the sync the same
+    context is decoded again and every log-prob must be the new weights'. A stale cache serves the
+    old weights' keys and values for the cached block (log-probs off by ~50 on this model; a
+    200-token context decoded once did not reach the cache and missed the planted bug)."""
+    text = " ".join(TEXTS) * 8
+    long = [tok.encode(text)[:240]]
+    assert len(long[0]) == 240
+    params = SamplingParams(greedy=True, max_new_tokens=8)
+    before = gen.generate(long, params)
+    assert gen.generate(long, params) == before
+    trained = after_one_step(model, tok, long, before)
+    assert float((fresh(trained, long, before)[0] - fresh(model, long, before)[0]).abs().max()) > 100 * LOGPROB_ATOL
+    try:
+        gen.load_weights(trained)
+        after = gen.generate(long, params)
+        np.testing.assert_allclose(after[0].logprobs, fresh(trained, long, after)[0].numpy(), atol=LOGPROB_ATOL)
+    finally:
+        gen.load_weights(model)
 
 
 def test_greedy_stops_limits_and_eos_agree_with_the_hf_backend(model, tok, contexts, gen):
