@@ -158,6 +158,22 @@ class SearchThenAnswer(StatelessGenerator):
 
 
 # -- a scripted generator and tool: pin a rollout's shape exactly (the real path is tested too) --
+class StreamQueue:
+    """The bookkeeping half of the streaming generator interface (``submit`` / ``step``) for
+    test doubles: submitted requests wait in ``pending``; subclasses decide when they finish."""
+
+    pending: list
+
+    def unfinished(self):
+        return len(self.pending)
+
+    def abort(self):
+        self.pending.clear()
+
+    def draw_seed(self):
+        return 0
+
+
 class ScriptedGenerator:
     """Answers each context with script(context_text, n_results_seen, call_index) -> (text, logprob).
 

@@ -16,7 +16,7 @@ from at2po.tiny import synthetic_agent_texts, train_tokenizer
 from at2po.tools.base import Tool, ToolResult
 from at2po.algorithms.tree import ACTIVE, FAILED, LEAF
 from at2po.rollout.generator import Generation
-from conftest import ANSWER, SEARCH, EchoSearch, ScriptedGenerator
+from conftest import ANSWER, SEARCH, EchoSearch, ScriptedGenerator, StreamQueue
 from conftest import make_prompt as prompt
 
 qa_reward = SearchQATask()  # the task whose score was the old qa_reward (EM, -1 on bad format)
@@ -391,7 +391,7 @@ def test_the_stream_schedule_needs_a_streaming_backend(tok):
         RolloutConfig(schedule="streaming")
 
 
-class ShuffledStream:
+class ShuffledStream(StreamQueue):
     """A scripted backend whose turn depends on the context alone (the same context, the same
     turn: like greedy decoding, so a tree's trajectories tie and node numbers decide), cut at the
     call's limit and continued from where it was cut, with the streaming interface: each
@@ -430,15 +430,6 @@ class ShuffledStream:
         k = self.chance.randint(0, len(self.pending))
         done, self.pending = self.pending[:k], self.pending[k:]
         return [(key, self._one(c, p, m)) for key, c, p, m in done]
-
-    def unfinished(self):
-        return len(self.pending)
-
-    def abort(self):
-        self.pending.clear()
-
-    def draw_seed(self):
-        return 0
 
 
 class JitteryEcho(EchoSearch):

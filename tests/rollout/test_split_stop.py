@@ -13,7 +13,7 @@ from at2po.rollout.engine import Prompt, RolloutConfig, TreeRolloutEngine
 from at2po.rollout.generator import FINISH_EOS, FINISH_STOP, Generation, HFGenerator, SamplingParams, stop_in_turn
 from at2po.tasks.search_qa import SearchQATask
 from chain_model import chain_model, char_tokenizer
-from conftest import EchoSearch, make_sample
+from conftest import EchoSearch, StreamQueue, make_sample
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -95,7 +95,7 @@ class NoContinues:
         return self.gen.generate(contexts, params, max_new_tokens)
 
 
-class Streaming:
+class Streaming(StreamQueue):
     """A streaming front to the HF generator (``rollout.schedule=stream``): ``step`` generates
     every pending request, one at a time; ``with_continues`` says whether ``submit`` takes it."""
 
@@ -116,15 +116,6 @@ class Streaming:
     def step(self):
         done, self.pending = self.pending, []
         return [(k, self.gen.generate([c], p, [m], continues=[n])[0]) for k, c, p, m, n in done]
-
-    def unfinished(self):
-        return len(self.pending)
-
-    def abort(self):
-        self.pending.clear()
-
-    def draw_seed(self):
-        return 0
 
 
 @pytest.mark.parametrize("front", ["continues", "engine cuts", "stream", "stream, engine cuts"])
