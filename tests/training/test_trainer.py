@@ -583,18 +583,36 @@ def bf16_model(assets, tmp_path_factory):
     return path
 
 
+def offset_sampler(trainer, delta=0.01):
+    """Make the sampler's log-probs ``delta`` higher than its own on every generated token, so
+    that sampler and trainer differ whatever the kernels (in bf16 they usually round apart, but
+    torch 2.4 on CPU rounds a decode step and a full forward alike on the test model)."""
+    rollout = trainer.engine.rollout
+
+    def shifted(prompts, **kw):
+        result = rollout(prompts, **kw)
+        for seq in {id(r.sequence): r.sequence for r in result.rows}.values():
+            seq.old_log_probs = seq.old_log_probs + delta * seq.loss_mask
+        return result
+
+    trainer.engine.rollout = shifted
+    return trainer
+
+
 def test_recomputed_old_logprobs_make_first_ratios_exactly_one_in_bf16(assets, bf16_model, tmp_path):
     # One mini-batch per step and one epoch: every forward of the update sees untouched weights.
     extra = (f"model.path={bf16_model}", "model.dtype=bfloat16", "trainer.mini_batch_prompts=2", "trainer.save_every=0")
-    trainer = use_length_reward(Trainer(make_run_cfg(assets, tmp_path / "on", *extra)))
+    trainer = offset_sampler(use_length_reward(Trainer(make_run_cfg(assets, tmp_path / "on", *extra))))
     m = trainer.train_step()
     assert m["loss/updates"] == 1.0
     assert m["loss/clipfrac"] == 0.0 and m["loss/ratio_min"] == 1.0 and m["loss/ratio_max"] == 1.0
-    # The sampler's bf16 log-probs do differ from the trainer's: that is what the recompute removes.
-    assert m["rollout/logprob_diff_max"] > 0 and m["rollout/logprob_diff_mean"] > 0
+    # The sampler's log-probs differ from the trainer's (bf16 rounding, plus the offset): that is
+    # what the recompute removes.
+    assert m["rollout/logprob_diff_max"] >= 0.01 - 1e-6 and m["rollout/logprob_diff_mean"] > 0
     assert 0.0 <= m["rollout/logprob_turns_outside_clip"] <= 1.0
 
-    off = use_length_reward(Trainer(make_run_cfg(assets, tmp_path / "off", *extra, "algo.recompute_old_logprobs=false")))
+    off = offset_sampler(use_length_reward(Trainer(make_run_cfg(assets, tmp_path / "off", *extra,
+                                                                "algo.recompute_old_logprobs=false"))))
     m_off = off.train_step()
     assert "rollout/logprob_diff_max" not in m_off
     assert (m_off["loss/ratio_min"], m_off["loss/ratio_max"]) != (1.0, 1.0)  # the sampler's π_old: ratios off 1
