@@ -109,8 +109,8 @@ class PythonToolConfig:
     unsafe_allow_weak_isolation: bool = False
 
     def __post_init__(self) -> None:
-        if not self.timeout > 0:
-            raise ValueError(f"tools.python.timeout must be > 0 seconds, got {self.timeout}")
+        if not 0 < self.timeout <= 86_400:  # also refuses nan and inf (the tool's own check)
+            raise ValueError(f"tools.python.timeout must be > 0 and at most 86400 seconds, got {self.timeout}")
 
 
 @dataclass
@@ -201,8 +201,8 @@ class RolloutConfig:
                 raise ValueError(f"rollout.{name} must be >= 0, got {getattr(self, name)}")
         if self.expansion_mode not in EXPANSION_MODES:
             raise ValueError(f"rollout.expansion_mode={self.expansion_mode!r} is not one of {', '.join(EXPANSION_MODES)}")
-        if self.tool_timeout <= 0:
-            raise ValueError(f"rollout.tool_timeout must be > 0, got {self.tool_timeout}")
+        if not 0 < self.tool_timeout <= 86_400:  # also refuses nan and inf
+            raise ValueError(f"rollout.tool_timeout must be > 0 and at most 86400 seconds, got {self.tool_timeout}")
         if self.alpha < 0:
             raise ValueError(f"rollout.alpha (the branching penalty) must be >= 0, got {self.alpha}")
         if not self.temperature > 0:

@@ -15,6 +15,7 @@ from at2po.tools import (
     register_tool,
     run_tool_calls,
 )
+from at2po.config import load_config
 from at2po.tools.base import ToolCallPool
 
 
@@ -261,15 +262,35 @@ def test_search_builder_options(tmp_path):
 def test_build_tool_rejects_bad_options():
     with pytest.raises(ValueError, match="tools.search.backend='ftp' is not one of bm25, http"):
         build_tool("search", backend="ftp")
-    with pytest.raises(ValueError, match="tools.python.timeout must be > 0 seconds, got 0"):
+    with pytest.raises(ValueError, match="tools.python.timeout must be > 0 and at most 86400 seconds, got 0"):
         build_tool("python", timeout=0)
-    with pytest.raises(ValueError, match="tools.python.timeout must be > 0"):
-        build_tool("python", timeout=-1.5)
+    # inf and 1e12 once overflowed the clock arithmetic (OverflowError) inside the call; nan
+    # compared false with every bound; a negative limit switched its rlimit off (-1 is
+    # RLIM_INFINITY: a 1,500 MiB allocation went through) or mangled the output.
+    for bad in (-1.5, float("inf"), float("nan"), 1e12, "soon"):
+        with pytest.raises(ValueError, match=r"^tools.python.timeout must be"):
+            build_tool("python", timeout=bad, unsafe_allow_weak_isolation=True)
+    for field in ("memory_mb", "max_output_chars", "max_file_mb", "max_open_files", "max_processes", "disk_mb"):
+        for bad in (-1, 0, 2.5, True):
+            with pytest.raises(ValueError, match=rf"^python tool: {field} must be an integer >= 1, got {bad!r}$"):
+                build_tool("python", unsafe_allow_weak_isolation=True, **{field: bad})
     with pytest.raises(ValueError, match="^tool 'python': .*colour") as err:
         build_tool("python", colour="red")
     assert "unexpected keyword argument" in str(err.value)
     with pytest.raises(ValueError, match="^tool 'search': .*corpus_path"):
         build_tool("search", corpus_path="c.jsonl")  # the old option name of search_bm25
+
+
+def test_tool_call_pool_refuses_a_timeout_the_clocks_cannot_hold():
+    for bad in (0, -1, float("inf"), float("nan"), 1e12):
+        with pytest.raises(ValueError, match=r"^tool timeout must be > 0 and at most 86400 seconds"):
+            run_tool_calls([], timeout=bad)
+    for field in ("tools.python.timeout", "rollout.tool_timeout"):
+        with pytest.raises(ValueError, match=rf"^{field} must be > 0 and at most 86400 seconds, got 1000000000000.0"):
+            load_config(None, [f"{field}=1e12"])
+        for bad in ("inf", "nan"):
+            with pytest.raises(ValueError, match=rf"^{field} must be a finite number, got {bad}"):
+                load_config(None, [f"{field}={bad}"])
 
 
 def test_register_tool_class_and_build(clean_registry):

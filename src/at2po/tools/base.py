@@ -89,6 +89,21 @@ def _safe_call(tool: Callable[[str], ToolResult], query: str) -> ToolResult:
     return result
 
 
+MAX_TIMEOUT_SECONDS = 86_400.0  # a day: longer waits are typos (and inf overflows the clocks)
+
+
+def check_timeout(field: str, value: float) -> float:
+    """``value`` as a timeout in seconds, or a one-line error naming ``field``: a finite number
+    in (0, MAX_TIMEOUT_SECONDS]."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{field} must be a number of seconds, got {value!r}") from None
+    if not 0 < seconds <= MAX_TIMEOUT_SECONDS:  # also refuses nan and inf
+        raise ValueError(f"{field} must be > 0 and at most {MAX_TIMEOUT_SECONDS:.0f} seconds, got {value!r}")
+    return seconds
+
+
 class ToolCallPool:
     """Runs tool calls in the background: at most ``max_workers`` at once, each with ``timeout``
     seconds of wall clock from its start; calls beyond ``max_workers`` wait for a free slot.
@@ -107,7 +122,7 @@ class ToolCallPool:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
         self.max_workers = max_workers
-        self.timeout = timeout
+        self.timeout = check_timeout("tool timeout", timeout)
         self._queued: list[tuple[Any, Tool, str]] = []
         self._running: dict[int, tuple[Any, Tool, float]] = {}  # call id -> (key, tool, monotonic deadline)
         self._finished: queue.Queue[tuple[int, ToolResult]] = queue.Queue()  # private to this pool

@@ -25,7 +25,7 @@ import time
 import warnings
 from pathlib import Path
 
-from at2po.tools.base import Tool, ToolResult, register_tool
+from at2po.tools.base import Tool, ToolResult, check_timeout, register_tool
 from at2po.tools.isolation import CHILD_PATH, WORKDIR, Isolation, IsolationUnavailable, launch, probe
 
 _CHILD_SCRIPT = str(Path(__file__).with_name("_sandbox_child.py"))
@@ -146,11 +146,14 @@ class PythonTool(Tool):
     ) -> None:
         if os.name != "posix":
             raise RuntimeError("the python sandbox needs a POSIX system")
-        if not timeout > 0:
-            raise ValueError(f"tools.python.timeout must be > 0 seconds, got {timeout}")
-        if not disk_mb >= 1:
-            raise ValueError(f"python tool: disk_mb must be >= 1, got {disk_mb}")
-        self.timeout = timeout
+        self.timeout = check_timeout("tools.python.timeout", timeout)
+        # Every limit is a positive integer: a zero or negative one would disable the limit (an
+        # rlimit of -1 is RLIM_INFINITY) or mangle the output instead of bounding it.
+        for field, value in (("memory_mb", memory_mb), ("max_output_chars", max_output_chars),
+                             ("max_file_mb", max_file_mb), ("max_open_files", max_open_files),
+                             ("max_processes", max_processes), ("disk_mb", disk_mb)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"python tool: {field} must be an integer >= 1, got {value!r}")
         self.memory_mb = memory_mb
         self.max_output_chars = max_output_chars
         self.max_file_mb = max_file_mb
