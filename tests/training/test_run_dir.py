@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import errno
 import json
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 
+from at2po.config import save_config
 from at2po.training import run_dir
 from at2po.training.run_dir import RunDirError, config_changes, prepare_fresh, rewrite_metrics
 from at2po.training.trainer import Trainer, latest_checkpoint
@@ -266,3 +271,92 @@ def test_a_run_without_a_train_file_names_the_field(assets, tmp_path):
         Trainer(cfg(assets, tmp_path / "run", "data.train_file="))
     assert str(err.value) == "data.train_file is empty: give a data file of the 'search_qa' task"
     assert not (tmp_path / "run").exists()
+
+
+# -- one run at a time ---------------------------------------------------------------------------------
+HOLD = ("import sys, time\n"
+        "from at2po.training.run_dir import RunLock\n"
+        "RunLock(sys.argv[1]).acquire()\n"
+        "print('held', flush=True)\n"
+        "time.sleep(300)\n")
+
+
+@pytest.fixture
+def holder(tmp_path):
+    """Another process that holds the lock of tmp_path / 'run', as a run in progress does."""
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(run)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    yield run, proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_directory_another_run_holds_is_refused_until_its_holder_is_killed(assets, two_steps, tmp_path, holder):
+    """A fresh run, --overwrite and --resume into a directory whose lock another process holds
+    refuse, name that process and change nothing; once the holder dies (SIGKILL: no clean-up
+    of its own) the kernel has dropped the lock and a resume takes the directory over."""
+    run, proc = holder
+    shutil.copytree(two_steps[0], run, dirs_exist_ok=True, ignore=shutil.ignore_patterns(run_dir.RUN_LOCK))
+    before = snapshot(run)
+    in_use = rf"^trainer.output_dir={run} is in use by another at2po run \(process {proc.pid}\)"
+    for kwargs in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(RunDirError, match=in_use):
+            Trainer(cfg(assets, run, "trainer.steps=3")).fit(**kwargs)
+    with pytest.raises(RunDirError, match=in_use):
+        run_dir.RunLock(run).acquire()
+    assert snapshot(run) == before
+    proc.kill()
+    proc.wait()
+    assert run_dir.lock_holder(run) is None
+    Trainer(cfg(assets, run, "trainer.steps=3")).fit(resume=True)
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert run_dir.lock_holder(run) is None  # released when the run ended
+
+
+def test_overwrite_deletes_only_a_directory_that_holds_an_at2po_run(assets, tmp_path):
+    """A directory at2po never wrote, even one whose files carry a run's names, is not replaced:
+    --overwrite refuses and every file stays; a run directory (its marker) is replaced."""
+    mine = tmp_path / "mine"
+    (mine / "checkpoints").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.jsonl", "checkpoints/model.bin"):
+        (mine / name).write_text(f"the user's {name}")
+    before = snapshot(mine)
+    with pytest.raises(RunDirError, match=rf"^trainer.output_dir={mine} holds no at2po run \(no .at2po-run file\)"):
+        Trainer(cfg(assets, mine, "trainer.steps=1")).fit(overwrite=True)
+    assert snapshot(mine) == before
+    (mine / run_dir.RUN_MARKER).write_text("")  # the documented way to hand an old run over
+    Trainer(cfg(assets, mine, "trainer.steps=1")).fit(overwrite=True)
+    assert [p.name for p in (mine / "checkpoints").iterdir()] == ["step_000001"]
+    assert (mine / run_dir.RUN_MARKER).is_file()
+
+
+def test_a_second_cli_run_into_a_training_directory_refuses_and_the_first_ends_intact(assets, tmp_path):
+    """Two real `at2po train` processes into one output_dir: while the first trains, a second
+    fresh run, an --overwrite and a --resume each exit with a one-line error naming the first's
+    PID; the first run's metrics and checkpoints come out as if it had been alone."""
+    run = tmp_path / "run"
+    config = tmp_path / "run.yaml"
+    save_config(cfg(assets, run, "trainer.steps=8", "trainer.keep_checkpoints=0"), config)
+    train = [sys.executable, "-m", "at2po.cli", "train", "--config", str(config)]
+    first = subprocess.Popen(train, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not run_dir.lock_holder(run) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert run_dir.lock_holder(run) == first.pid, first.stderr.read() if first.poll() is not None else ""
+        for extra in ([], ["--overwrite"], ["--resume"]):
+            second = subprocess.run(train + extra, capture_output=True, text=True, timeout=240)
+            if first.poll() is not None:
+                pytest.fail("the first run ended before the second was tried: give it more steps")
+            assert second.returncode == 2, second.stderr
+            lines = second.stderr.strip().splitlines()
+            assert lines == [f"at2po train: error: trainer.output_dir={run} is in use by another at2po run "
+                             f"(process {first.pid}): wait for it to finish or stop it, or choose another output_dir"
+                             "  (AT2PO_DEBUG=1 for the traceback)"], second.stderr
+        assert first.wait(timeout=600) == 0, first.stderr.read()
+    finally:
+        first.kill()
+        first.wait()
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == list(range(1, 9))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [f"step_{s:06d}" for s in range(1, 9)]

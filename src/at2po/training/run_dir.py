@@ -4,8 +4,13 @@ What a run directory (``trainer.output_dir``) holds: ``config.yaml``, ``metrics.
 ``tensorboard/`` and ``checkpoints/step_XXXXXX/`` (weights, tokenizer, ``config.yaml``,
 ``trainer_state.pt`` and ``manifest.json``). The rules (docs/architecture.md, "Run directories"):
 
-- a fresh run refuses a directory that already holds anything, unless ``overwrite`` (then the
-  run's own files above are removed, nothing else);
+- one run at a time: the run's main process holds an exclusive lock on ``.at2po-run.lock`` for
+  as long as it trains; a second run, an ``--overwrite`` or a ``--resume`` into the directory
+  meanwhile refuses and names the holder's PID. The kernel drops the lock when its process ends,
+  however it ends, so a killed run leaves no stale lock behind;
+- a fresh run refuses a directory that already holds anything, unless ``overwrite``, which is
+  refused too unless the directory holds an at2po run (its ``.at2po-run`` marker, written by
+  every run); then the run's own files above are removed, nothing else;
 - a resume loads the newest checkpoint that reads back completely and names each newer one it
   skipped; temp directories of saves that never finished are removed first;
 - a resume compares the checkpoint's config with the current one: a change that alters the
@@ -20,6 +25,7 @@ The trainer calls these functions; none of them knows the model or the optimizer
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
@@ -30,6 +36,8 @@ from typing import Any
 CHECKPOINT_STATE = "trainer_state.pt"
 MANIFEST = "manifest.json"  # written last inside the temp dir: file sizes of the complete checkpoint
 RUN_FILES = ("config.yaml", "metrics.jsonl", "checkpoints", "tensorboard")
+RUN_MARKER = ".at2po-run"  # written by every run: --overwrite deletes only directories that hold it
+RUN_LOCK = ".at2po-run.lock"  # flock-ed by the main process of the run training in the directory
 TMP_PREFIX = ".tmp_step_"
 
 # Dotted config keys whose change leaves the trained weights and the data order as they are.
@@ -49,6 +57,77 @@ class RunDirError(ValueError):
     """A run directory problem the user fixes (a one-line CLI error)."""
 
 
+# -- one run at a time --------------------------------------------------------------------------
+def lock_holder(out_dir: str | Path) -> int | None:
+    """The PID of the process whose run holds ``out_dir``'s lock, None when no run holds it or
+    this process does (0 when a holder has not written its PID yet). Takes no lock."""
+    path = Path(out_dir) / RUN_LOCK
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise RunDirError(f"trainer.output_dir={out_dir}: cannot read {RUN_LOCK} ({e.strerror or e})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        text = os.read(fd, 64).decode(errors="replace").strip()
+        pid = int(text) if text.isdigit() else 0
+        return None if pid == os.getpid() else pid
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _in_use(out_dir: Path, pid: int) -> RunDirError:
+    holder = f"process {pid}" if pid else "another process"
+    return RunDirError(f"trainer.output_dir={out_dir} is in use by another at2po run ({holder}): wait for it "
+                       "to finish or stop it, or choose another output_dir")
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the life of one run (``flock`` on RUN_LOCK, with
+    the holder's PID written into the file). ``acquire`` refuses with the holder's PID."""
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out_dir = Path(out_dir)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        _check_dir(self.out_dir)
+        fd = os.open(self.out_dir / RUN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.read(fd, 64).decode(errors="replace").strip()
+            os.close(fd)
+            raise _in_use(self.out_dir, int(text) if text.isdigit() else 0) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+
+def check_not_in_use(out_dir: str | Path) -> None:
+    """Refuse a directory another run holds (every process of a run calls this before its main
+    process takes the lock, so that all of them stop together)."""
+    pid = lock_holder(out_dir)
+    if pid is not None:
+        raise _in_use(Path(out_dir), pid)
+
+
+def mark_run(out_dir: str | Path) -> None:
+    """Write the marker that tells a later ``--overwrite`` this directory holds an at2po run."""
+    (Path(out_dir) / RUN_MARKER).write_text("an at2po run directory: at2po train --overwrite may replace its run files\n")
+
+
 # -- fresh runs ------------------------------------------------------------------------------------
 def _check_dir(out_dir: Path) -> None:
     """``out_dir`` exists as a directory we can write into, or a RunDirError naming the cause."""
@@ -63,16 +142,24 @@ def _check_dir(out_dir: Path) -> None:
 
 
 def check_fresh(out_dir: str | Path, overwrite: bool = False) -> None:
-    """Refuse a run from step 0 into a directory that holds anything (a second run must not eat
-    the first one's results) unless ``overwrite``. Changes nothing: every process of a
-    multi-process run calls it, so that all of them stop together."""
+    """Refuse a run from step 0 into a directory that another run holds, or that holds anything
+    (a second run must not eat the first one's results) unless ``overwrite``, and ``overwrite`` of
+    a directory that holds no at2po run. Changes nothing: every process of a multi-process run
+    calls it, so that all of them stop together."""
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RunDirError(f"trainer.output_dir={out_dir} is a file, not a directory: choose another path")
-    if not overwrite and out_dir.is_dir() and any(out_dir.iterdir()):
+    check_not_in_use(out_dir)
+    held = [p for p in out_dir.iterdir() if p.name != RUN_LOCK] if out_dir.is_dir() else []
+    if not overwrite and held:
         raise RunDirError(
             f"trainer.output_dir={out_dir} is not empty: pass --resume to continue the run in it, "
             "--overwrite to start over (deletes its checkpoints and logs), or choose another output_dir")
+    if overwrite and held and not (out_dir / RUN_MARKER).is_file():
+        raise RunDirError(
+            f"trainer.output_dir={out_dir} holds no at2po run (no {RUN_MARKER} file), so --overwrite deletes "
+            f"nothing there: choose another output_dir, or empty it yourself (a run made before at2po wrote the "
+            f"marker has none: create an empty {RUN_MARKER} in it to let --overwrite replace it)")
 
 
 def prepare_fresh(out_dir: str | Path, overwrite: bool = False) -> None:
@@ -81,7 +168,7 @@ def prepare_fresh(out_dir: str | Path, overwrite: bool = False) -> None:
     out_dir = Path(out_dir)
     check_fresh(out_dir, overwrite)
     if overwrite and out_dir.is_dir():
-        for name in RUN_FILES:
+        for name in (*RUN_FILES, RUN_MARKER):
             p = out_dir / name
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p)

@@ -42,8 +42,9 @@ from at2po.training.distributed import (
 )
 from at2po.tools.health import check_tools, preflight_tools
 from at2po.training.prompt_limits import drop_long_prompts
-from at2po.training.run_dir import (CHECKPOINT_STATE, check_data_size, check_fresh, check_resume_config,
-                                    completed_checkpoints, load_newest_valid, prepare_fresh, remove_stale_temps, rewrite_metrics,
+from at2po.training.run_dir import (CHECKPOINT_STATE, RunLock, check_data_size, check_fresh, check_not_in_use,
+                                    check_resume_config, completed_checkpoints, load_newest_valid, mark_run,
+                                    prepare_fresh, remove_stale_temps, rewrite_metrics,
                                     save_atomically)
 
 
@@ -655,12 +656,28 @@ class Trainer:
             force_resume: bool = False) -> dict[str, Any]:
         """Train for trainer.steps (or until ``stop_after`` steps of this call, for tests).
 
-        A fresh run refuses a non-empty output_dir unless ``overwrite``; a resume refuses a config
-        change that alters the training unless ``force_resume`` (at2po.training.run_dir)."""
+        A run refuses an output_dir another run holds; a fresh run refuses a non-empty one unless
+        ``overwrite`` (of an at2po run only); a resume refuses a config change that alters the
+        training unless ``force_resume`` (at2po.training.run_dir)."""
+        say = print if self.is_main else (lambda _: None)
+        # One run at a time in a directory: every process checks (a refusal stops them all), then
+        # the main process holds the directory's lock until the run ends.
+        check_not_in_use(self.out_dir)
+        if not resume:
+            check_fresh(self.out_dir, overwrite=overwrite)
+        self.accelerator.wait_for_everyone()
+        lock = RunLock(self.out_dir)
+        if self.is_main:
+            lock.acquire()  # refused only if another run took the lock since the check
+        try:
+            return self._fit(resume, stop_after, overwrite, force_resume, say)
+        finally:
+            lock.release()
+
+    def _fit(self, resume, stop_after, overwrite, force_resume, say) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         cfg, tc = self.cfg, self.cfg.trainer
-        say = print if self.is_main else (lambda _: None)
         if resume:
             if self.is_main:
                 for p in remove_stale_temps(self.out_dir):
@@ -675,13 +692,12 @@ class Trainer:
                 say(f"resumed from {ckpt} at step {self.step}")
             else:
                 say(f"no checkpoint in {self.out_dir}: starting from step 0")
-        else:
-            check_fresh(self.out_dir, overwrite=overwrite)  # on every process: a refusal stops them all
-            if self.is_main:
-                prepare_fresh(self.out_dir, overwrite=overwrite)
+        elif self.is_main:
+            prepare_fresh(self.out_dir, overwrite=overwrite)
         self.accelerator.wait_for_everyone()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.is_main:
+            mark_run(self.out_dir)
             save_config(cfg, self.out_dir / "config.yaml")
             # A fresh run starts a fresh log; a resumed one drops what was logged after its checkpoint.
             rewrite_metrics(self.out_dir / "metrics.jsonl", self.step)
@@ -728,6 +744,11 @@ def _nll_sum(result: RolloutResult) -> tuple[float, int]:
 
 
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, force_resume: bool = False) -> dict[str, Any]:
+    # Refuse a directory in use, or one a fresh run may not take, before minutes of model loading
+    # (fit checks again, on every process, and takes the lock).
+    check_not_in_use(cfg.trainer.output_dir)
+    if not resume:
+        check_fresh(cfg.trainer.output_dir, overwrite=overwrite)
     trainer = Trainer(cfg)
     result = trainer.fit(resume=resume, overwrite=overwrite, force_resume=force_resume)
     trainer.end()
