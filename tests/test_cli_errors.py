@@ -84,3 +84,34 @@ def test_train_user_errors_are_one_line(tmp_path, capsys):
     latin1.write_bytes('{"id": "1", "question": "caf\u00e9?", "golden_answers": ["a"]}\n'.encode("latin-1"))
     code, err = run_cli(["eval", "--dataset", f"x={latin1}", "model.path=x", f"--out={tmp_path / 'e'}"], capsys)
     assert code == 2 and f"{latin1}: not UTF-8 text" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("override", [
+    "model.path={a:", "optim.betas=[0.9,", "model.path='abc", "model.path=@x", "model.path=*x",
+    "model.path=!!python/name:os.system", "model.path=%x", "model.path=`x", "model.path=\tx",
+])
+def test_an_override_that_is_not_valid_yaml_is_one_line(override, capsys):
+    """These raised a YAML traceback; the message names the override and how to pass text."""
+    key = override.split("=", 1)[0]
+    for argv in (["config", override], ["quickstart", "--set", override]):
+        code, err = run_cli(argv, capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert f"{override!r}: the value is not valid YAML (" in err and f"quote it in YAML: {key}=" in err, err
+
+
+def test_a_comment_inside_an_override_is_refused_and_a_quoted_hash_kept(capsys):
+    """'runs/exp #2' was read as 'runs/exp' (YAML's ' #' starts a comment): silently wrong."""
+    code, err = run_cli(["config", "trainer.output_dir=runs/exp #2"], capsys)
+    assert code == 2 and "' #' starts a YAML comment" in err and len(err.splitlines()) == 1, err
+    assert load_config(None, ["trainer.output_dir='runs/exp #2'"]).trainer.output_dir == "runs/exp #2"
+    assert load_config(None, ["trainer.output_dir=runs/exp#2"]).trainer.output_dir == "runs/exp#2"
+
+
+def test_a_key_or_section_given_twice_in_a_config_file_is_refused(tmp_path, capsys):
+    """YAML keeps the last of two equal keys silently: the first setting was lost without a word."""
+    for text, line in (("optim:\n  lr: 1.0e-3\n  lr: 2.0e-3\n", 3), ("optim:\n  lr: 1.0e-3\noptim:\n  warmup_steps: 2\n", 3)):
+        path = tmp_path / "twice.yaml"
+        path.write_text(text)
+        code, err = run_cli(["config", "--config", str(path)], capsys)
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"twice.yaml:{line}: not valid YAML (the key " in err and "appears twice" in err, err

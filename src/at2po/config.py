@@ -433,6 +433,33 @@ def config_to_dict(cfg) -> dict:
     return fix(out)
 
 
+def _yaml_load(text: str):
+    """``yaml.safe_load`` that refuses a mapping with a key twice (plain YAML keeps the last one
+    silently, so a repeated section or key would drop the user's earlier settings)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def mapping(loader, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} appears twice (line {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+            seen.add(key)
+        return loader.construct_mapping(node, deep=deep)
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, mapping)
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def _yaml_problem(e) -> str:
+    return getattr(e, "problem", None) or str(e).splitlines()[0]
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """["a.b=1", "c=x"] -> {"a": {"b": 1}, "c": "x"}; values are parsed as YAML scalars."""
     import yaml
@@ -450,7 +477,16 @@ def parse_overrides(overrides: list[str]) -> dict:
             d = d.setdefault(p, {})
             if not isinstance(d, dict):
                 raise ValueError(f"override {item!r} conflicts with another override")
-        d[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            value = _yaml_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); to pass it "
+                             f"as text, quote it in YAML: {key}=\"'...'\"") from None
+        if "#" in raw and "#" not in repr(value):
+            # YAML reads " #" as the start of a comment: "runs/exp #2" would silently become "runs/exp".
+            raise ValueError(f"override {item!r}: ' #' starts a YAML comment, which would drop the rest of the "
+                             f"value; quote it in YAML to keep the '#': {key}=\"'...'\"")
+        d[parts[-1]] = value
     return out
 
 
@@ -473,14 +509,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            data = _yaml_load(path.read_text(encoding="utf-8")) or {}
         except UnicodeDecodeError as e:
             raise ValueError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-            raise ValueError(f"config file {where}: not valid YAML ({problem})") from None
+            raise ValueError(f"config file {where}: not valid YAML ({_yaml_problem(e)})") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
     data = _merge(data, parse_overrides(overrides or []))
