@@ -115,3 +115,12 @@ def test_a_key_or_section_given_twice_in_a_config_file_is_refused(tmp_path, caps
         code, err = run_cli(["config", "--config", str(path)], capsys)
         assert code == 2 and len(err.splitlines()) == 1, err
         assert f"twice.yaml:{line}: not valid YAML (the key " in err and "appears twice" in err, err
+
+
+@pytest.mark.parametrize("flag, value, low", [("--chains", "0", 1), ("--rounds", "-1", 0), ("--top-k", "0", 1),
+                                              ("--seed", "-2", 0)])
+def test_demo_arguments_out_of_range_are_one_line_errors(flag, value, low, capsys):
+    """--rounds -1 ran as 0 rounds and --chains 0 failed with "parent=-1 is not a node"."""
+    code, err = run_cli(["demo", flag, value], capsys)
+    assert (code, err) == (2, f"at2po demo: error: demo: {flag} must be >= {low}, got {value}  "
+                              "(AT2PO_DEBUG=1 for the traceback)")

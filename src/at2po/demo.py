@@ -34,6 +34,9 @@ def _finish_chain(rng, tree, node, max_turns=4):
 
 
 def run_demo(seed: int = 0, m: int = 4, rounds: int = 2, k: int = 2) -> None:
+    for flag, value, low in (("--seed", seed, 0), ("--chains", m, 1), ("--rounds", rounds, 0), ("--top-k", k, 1)):
+        if value < low:
+            raise ValueError(f"demo: {flag} must be >= {low}, got {value}")
     rng = np.random.default_rng(seed)
     tree = TurnTree(prompt_ids=[1, 2, 3])
     print(f"1) {m} initial chains from the root (random toy turns: tokens + log-probs)")

@@ -206,6 +206,34 @@ def test_build_and_load_errors(corpus_path, bm25_dir, tmp_path):
         load_retriever(bm25_dir).search(["x"], 0)
 
 
+def test_an_index_of_another_format_or_a_damaged_description_is_refused(bm25_dir, tmp_path):
+    """A meta.json of format_version 99 was served as if it were ours; a damaged one raised a
+    JSON traceback."""
+    import shutil
+
+    index = shutil.copytree(bm25_dir, tmp_path / "index")
+    meta = json.loads((index / "meta.json").read_text())
+    (index / "meta.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ValueError, match=r"meta.json: index format_version 99, this at2po reads 1; rebuild"):
+        load_retriever(index)
+    (index / "meta.json").write_text('{"kind": "bm25", ')
+    with pytest.raises(ValueError, match=r"meta.json: not a readable index description .*; rebuild"):
+        load_retriever(index)
+
+
+def test_build_refuses_a_directory_of_other_files_and_rebuilds_an_index_in_place(corpus_path, bm25_dir, tmp_path):
+    """`retriever build --out DIR` replaced the user's own docs.jsonl in an existing folder."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "docs.jsonl").write_text("the user's file\n")
+    with pytest.raises(ValueError, match=r"--out .*mine holds files and no retriever index \(meta.json\)"):
+        build_index(corpus_path, mine, progress=False)
+    assert (mine / "docs.jsonl").read_text() == "the user's file\n" and len(list(mine.iterdir())) == 1
+    build_index(corpus_path, tmp_path / "new", progress=False)  # a new directory
+    build_index(corpus_path, tmp_path / "new", progress=False)  # an index, rebuilt in place
+    assert load_retriever(tmp_path / "new").search(["x"], 1)
+
+
 # --- server -----------------------------------------------------------------------------------
 
 

@@ -65,7 +65,16 @@ def _read_meta(index_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(
             f"{index_dir} is not a retriever index (no {META_FILE}); build one with `at2po retriever build`"
         )
-    meta = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a readable index description ({e}); rebuild the index with "
+                         "`at2po retriever build`") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path}: not a readable index description; rebuild the index with `at2po retriever build`")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: index format_version {meta.get('format_version')!r}, this at2po reads "
+                         f"{FORMAT_VERSION}; rebuild the index with `at2po retriever build`")
     if meta.get("kind") not in KINDS:
         raise ValueError(f"{path}: unknown index kind {meta.get('kind')!r}; expected one of {KINDS}")
     return meta
@@ -201,6 +210,10 @@ def build_index(
     if kind == "bm25" and encoder is not None:
         raise ValueError("a BM25 index takes no encoder")
     out_dir = Path(out_dir)
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META_FILE).is_file():
+        # Only an index is rebuilt in place: its docs.jsonl and index files would replace the user's.
+        raise ValueError(f"--out {out_dir} holds files and no retriever index ({META_FILE}): give an empty or "
+                         "new directory")
     start = time.perf_counter()
     rows = load_corpus(corpus_path)
     if not rows:
