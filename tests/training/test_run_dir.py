@@ -100,6 +100,18 @@ def test_resume_skips_a_truncated_newest_checkpoint_and_replays_to_the_same_weig
     assert latest_checkpoint(run).name == "step_000002"
 
 
+def test_resume_names_a_newest_checkpoint_that_lost_its_trainer_state(assets, two_steps, tmp_path, capsys):
+    """A checkpoint directory without trainer_state.pt was passed over without a word (the
+    README promises every skipped checkpoint is named)."""
+    run = copy_run(two_steps[0], tmp_path / "run")
+    (run / "checkpoints" / "step_000002" / run_dir.CHECKPOINT_STATE).unlink()
+    capsys.readouterr()
+    Trainer(cfg(assets, run, "trainer.steps=2")).fit(resume=True)
+    out = capsys.readouterr().out
+    assert f"skipping checkpoint {run / 'checkpoints' / 'step_000002'}: it does not read back (no trainer_state.pt)" in out
+    assert f"resumed from {run / 'checkpoints' / 'step_000001'} at step 1" in out
+
+
 def test_resume_with_every_checkpoint_damaged_is_a_clear_error(assets, two_steps, tmp_path):
     run = copy_run(two_steps[0], tmp_path / "run")
     for ckpt in (run / "checkpoints").iterdir():

@@ -274,8 +274,12 @@ def load_newest_valid(out_dir: str | Path, read: Callable[[Path], Any],
     """``(checkpoint, read(checkpoint))`` of the newest checkpoint that reads back completely, or
     None when there is none. Each newer one that fails is skipped with a line saying why."""
     skipped = []
-    for ckpt in reversed(completed_checkpoints(out_dir)):
+    root = Path(out_dir) / "checkpoints"
+    every = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+    for ckpt in reversed(every):  # named when skipped, even without its trainer state
         try:
+            if not (ckpt / CHECKPOINT_STATE).is_file():
+                raise FileNotFoundError(f"no {CHECKPOINT_STATE}")
             check_manifest(ckpt)
             loaded = read(ckpt)
         except Exception as e:  # any damage (truncation, a lost file, garbage) skips the checkpoint
