@@ -370,9 +370,12 @@ def test_plot_metrics_draws_each_panel(tmp_path, monkeypatch):
     assert [len(ax.lines) for ax in figures[1].axes] == [1, 0, 0, 0, 0, 0]
 
 
-def test_train_builds_one_trainer_and_passes_every_flag_to_fit(monkeypatch):
+def test_train_builds_one_trainer_and_passes_every_flag_to_fit(monkeypatch, tmp_path):
     """``train`` is the CLI's entry: a fresh run by default; resume, overwrite and force_resume
-    reach ``Trainer.fit`` unchanged (the real path runs in the CLI and resume tests)."""
+    reach ``Trainer.fit`` unchanged (the real path runs in the CLI and resume tests). Before the
+    trainer is built it checks the output directory (test_run_dir: refusals)."""
+    from types import SimpleNamespace
+
     import at2po.training.trainer as trainer_module
 
     calls = []
@@ -389,7 +392,7 @@ def test_train_builds_one_trainer_and_passes_every_flag_to_fit(monkeypatch):
             calls.append(("end",))
 
     monkeypatch.setattr(trainer_module, "Trainer", Recorder)
-    cfg = object()
+    cfg = SimpleNamespace(trainer=SimpleNamespace(output_dir=str(tmp_path / "run")))
     assert trainer_module.train(cfg) == {"step": 2}
     assert calls == [("init", cfg, {}), ("fit", {"resume": False, "overwrite": False, "force_resume": False}), ("end",)]
     calls.clear()

@@ -97,12 +97,13 @@ def test_a_checkpoint_of_another_world_size_reseeds_every_stream_from_seed_step_
 
 
 def test_fit_refuses_a_used_output_dir_unless_overwrite(assets, tmp_path):
-    from at2po.training.run_dir import RunDirError
+    from at2po.training.run_dir import RUN_MARKER, RunDirError
 
     out = tmp_path / "run"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 7}\n')
     (out / "notes.txt").write_text("mine")
+    (out / RUN_MARKER).write_text("")  # an earlier at2po run: --overwrite may replace its run files
     tr = Trainer(make_run_cfg(assets, out, "trainer.save_every=0"))
     with pytest.raises(RunDirError, match="is not empty"):
         tr.fit(stop_after=0)
