@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -357,10 +359,15 @@ def test_a_second_cli_run_into_a_training_directory_refuses_and_the_first_ends_i
         while not run_dir.lock_holder(run) and first.poll() is None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert run_dir.lock_holder(run) == first.pid, first.stderr.read() if first.poll() is not None else ""
-        for extra in ([], ["--overwrite"], ["--resume"]):
-            second = subprocess.run(train + extra, capture_output=True, text=True, timeout=240)
-            if first.poll() is not None:
-                pytest.fail("the first run ended before the second was tried: give it more steps")
+        # Frozen while the others try (SIGSTOP keeps its lock), so that it cannot finish first on a
+        # busy machine; it goes on afterwards.
+        os.kill(first.pid, signal.SIGSTOP)
+        try:
+            attempts = [subprocess.run(train + extra, capture_output=True, text=True, timeout=240)
+                        for extra in ([], ["--overwrite"], ["--resume"])]
+        finally:
+            os.kill(first.pid, signal.SIGCONT)
+        for second in attempts:
             assert second.returncode == 2, second.stderr
             lines = second.stderr.strip().splitlines()
             assert lines == [f"at2po train: error: trainer.output_dir={run} is in use by another at2po run "
