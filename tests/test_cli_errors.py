@@ -124,3 +124,24 @@ def test_demo_arguments_out_of_range_are_one_line_errors(flag, value, low, capsy
     code, err = run_cli(["demo", flag, value], capsys)
     assert (code, err) == (2, f"at2po demo: error: demo: {flag} must be >= {low}, got {value}  "
                               "(AT2PO_DEBUG=1 for the traceback)")
+
+
+def test_a_missing_model_dir_or_one_without_a_tokenizer_says_so(tmp_path, capsys):
+    """A missing local model directory was reported as a malformed hub repo id, and a model
+    directory without tokenizer files as "every context must contain at least one token"."""
+    from at2po.config import ModelConfig
+    from at2po.factory import load_model, load_tokenizer
+
+    missing = tmp_path / "no_such_model"
+    for load in (load_tokenizer, load_model):
+        with pytest.raises(ValueError, match=rf"^model.path={missing} does not exist: point it at"):
+            load(ModelConfig(path=str(missing)))
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    (weights_only / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=rf"^model.path={weights_only} holds no tokenizer files \(tokenizer.json, "):
+        load_tokenizer(ModelConfig(path=str(weights_only)))
+    with pytest.raises(ValueError, match=r"^model.tokenizer_path=.*weights_only holds no tokenizer files"):
+        load_tokenizer(ModelConfig(path="org/name", tokenizer_path=str(weights_only)))
+    code, err = run_cli(["train", f"model.path={missing}", "data.train_file=x.jsonl"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and f"model.path={missing} does not exist" in err, err

@@ -8,6 +8,7 @@ registered by name, is usable everywhere without touching the callers.
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from at2po.config import Config, ModelConfig
@@ -22,12 +23,33 @@ if TYPE_CHECKING:
 __all__ = ["build_engine", "build_task", "build_tools", "load_model", "load_tokenizer"]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _local_dir(field: str, value: str) -> Path | None:
+    """``value`` as a local directory, None for a hub id ("org/name"), or a one-line error for a
+    local path that does not exist (HF would report it as a malformed repo id)."""
+    path = Path(value).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"{field}={value} is a file: point it at a model directory")
+    if value.startswith(("/", ".", "~")) or value.count("/") > 1 or "\\" in value:
+        raise ValueError(f"{field}={value} does not exist: point it at a Hugging Face model directory (or hub id)")
+    return None
+
+
 def load_tokenizer(cfg: ModelConfig) -> Any:
     """The HF tokenizer of ``model.tokenizer_path`` (default ``model.path``), with a pad token."""
     from transformers import AutoTokenizer
 
     if not cfg.path:
         raise ValueError("model.path is empty: point it at a Hugging Face model directory (or hub id)")
+    field = "model.tokenizer_path" if cfg.tokenizer_path else "model.path"
+    local = _local_dir(field, cfg.tokenizer_path or cfg.path)
+    if local is not None and not any((local / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"{field}={local} holds no tokenizer files ({', '.join(TOKENIZER_FILES)}): save the "
+                         "tokenizer there, or set model.tokenizer_path to a directory that has one")
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -41,6 +63,7 @@ def load_model(cfg: ModelConfig, device: Any = None) -> torch.nn.Module:
 
     if not cfg.path:
         raise ValueError("model.path is empty: point it at a Hugging Face model directory (or hub id)")
+    _local_dir("model.path", cfg.path)
     model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=getattr(torch, cfg.dtype))
     if cfg.gradient_checkpointing:
         # transformers 5 renamed it; 4.x has only the old name.
