@@ -71,14 +71,19 @@ def lock_holder(out_dir: str | Path) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        text = os.read(fd, 64).decode(errors="replace").strip()
-        pid = int(text) if text.isdigit() else 0
+        pid = _pid_in(fd)
         return None if pid == os.getpid() else pid
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None
     finally:
         os.close(fd)
+
+
+def _pid_in(fd: int) -> int:
+    """The holder's PID written in an open lock file, 0 when it has not been written yet."""
+    text = os.read(fd, 64).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else 0
 
 
 def _in_use(out_dir: Path, pid: int) -> RunDirError:
@@ -101,9 +106,9 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            text = os.read(fd, 64).decode(errors="replace").strip()
+            pid = _pid_in(fd)
             os.close(fd)
-            raise _in_use(self.out_dir, int(text) if text.isdigit() else 0) from None
+            raise _in_use(self.out_dir, pid) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
@@ -187,12 +192,16 @@ def remove_stale_temps(out_dir: str | Path) -> list[Path]:
     return stale
 
 
-def completed_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Renamed-into-place checkpoint directories, oldest first (validity is checked on reading)."""
+def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
+    """Every renamed-into-place checkpoint directory, complete or not, oldest first."""
     root = Path(out_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob("step_*") if p.is_dir() and (p / CHECKPOINT_STATE).is_file())
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+
+
+def completed_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Checkpoint directories that hold their trainer state, oldest first (validity is checked
+    on reading)."""
+    return [p for p in checkpoint_dirs(out_dir) if (p / CHECKPOINT_STATE).is_file()]
 
 
 def _fsync(path: Path) -> None:
@@ -274,9 +283,7 @@ def load_newest_valid(out_dir: str | Path, read: Callable[[Path], Any],
     """``(checkpoint, read(checkpoint))`` of the newest checkpoint that reads back completely, or
     None when there is none. Each newer one that fails is skipped with a line saying why."""
     skipped = []
-    root = Path(out_dir) / "checkpoints"
-    every = sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
-    for ckpt in reversed(every):  # named when skipped, even without its trainer state
+    for ckpt in reversed(checkpoint_dirs(out_dir)):  # named when skipped, even without its trainer state
         try:
             if not (ckpt / CHECKPOINT_STATE).is_file():
                 raise FileNotFoundError(f"no {CHECKPOINT_STATE}")

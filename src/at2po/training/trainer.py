@@ -662,9 +662,10 @@ class Trainer:
         say = print if self.is_main else (lambda _: None)
         # One run at a time in a directory: every process checks (a refusal stops them all), then
         # the main process holds the directory's lock until the run ends.
-        check_not_in_use(self.out_dir)
-        if not resume:
-            check_fresh(self.out_dir, overwrite=overwrite)
+        if resume:
+            check_not_in_use(self.out_dir)
+        else:
+            check_fresh(self.out_dir, overwrite=overwrite)  # includes check_not_in_use
         self.accelerator.wait_for_everyone()
         lock = RunLock(self.out_dir)
         if self.is_main:
@@ -746,9 +747,10 @@ def _nll_sum(result: RolloutResult) -> tuple[float, int]:
 def train(cfg: Config, resume: bool = False, overwrite: bool = False, force_resume: bool = False) -> dict[str, Any]:
     # Refuse a directory in use, or one a fresh run may not take, before minutes of model loading
     # (fit checks again, on every process, and takes the lock).
-    check_not_in_use(cfg.trainer.output_dir)
-    if not resume:
-        check_fresh(cfg.trainer.output_dir, overwrite=overwrite)
+    if resume:
+        check_not_in_use(cfg.trainer.output_dir)
+    else:
+        check_fresh(cfg.trainer.output_dir, overwrite=overwrite)  # includes check_not_in_use
     trainer = Trainer(cfg)
     result = trainer.fit(resume=resume, overwrite=overwrite, force_resume=force_resume)
     trainer.end()
