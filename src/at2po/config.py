@@ -291,6 +291,12 @@ class TrainerConfig:
     mini_batch_prompts: int = 8  # PPO mini-batch, in prompts (all of a prompt's leaves go together)
     ppo_epochs: int = 1
     micro_batch_rows: int = 8  # rows per forward/backward; gradients accumulate up to a mini-batch
+    # > 0: micro-batches hold at most this many tokens as the forward runs them (distinct tokens
+    # with tree_packing, rows x longest row without) instead of micro_batch_rows rows; a longer
+    # row runs alone (counted in perf/rows_over_token_budget). verl: ppo_max_token_len_per_gpu.
+    micro_batch_tokens: int = 0
+    tree_packing: bool = True  # a micro-batch's rows as one trie-packed sequence: each shared token once
+    logprob_chunk_tokens: int = 1024  # positions per chunk through the output head; 0 = full logits
     seed: int = 0
     output_dir: str = "runs/at2po"
     save_every: int = 20  # steps; 0 = only at the end
@@ -307,7 +313,8 @@ class TrainerConfig:
         for name in ("steps", "prompts_per_step", "mini_batch_prompts", "ppo_epochs", "micro_batch_rows", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seed", "save_every", "keep_checkpoints", "val_every"):
+        for name in ("seed", "save_every", "keep_checkpoints", "val_every", "micro_batch_tokens",
+                     "logprob_chunk_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"trainer.{name} must be >= 0, got {getattr(self, name)}")
         if not self.output_dir.strip():

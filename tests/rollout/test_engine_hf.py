@@ -11,7 +11,8 @@ from at2po.algorithms.credit import turn_credit
 from at2po.rollout.engine import Prompt, RolloutConfig, TreeRolloutEngine
 from at2po.tasks.base import Sample
 from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
-from at2po.rollout.generator import HFGenerator, sequence_logprobs
+from at2po.rollout.generator import HFGenerator
+from at2po.training.logprobs import sequence_logprobs
 from at2po.training.sft import SFTExample, sft_warm_start
 from at2po.tiny import build_tiny_model, synthetic_agent_texts, train_tokenizer
 from at2po.tools.search import BM25Index, LocalSearchTool, format_passages

@@ -12,7 +12,8 @@ from at2po.agent import AgentProtocol
 from at2po.algorithms.expansion import expansion_scores, select_expansion
 from at2po.algorithms.losses import logprob_mismatch
 from at2po.rollout.engine import RolloutConfig, TreeRolloutEngine
-from at2po.rollout.generator import HFGenerator, sequence_logprobs
+from at2po.rollout.generator import HFGenerator
+from at2po.training.logprobs import sequence_logprobs
 from at2po.tasks.search_qa import SearchQATask
 from at2po.tiny import build_tiny_model, synthetic_agent_texts, train_tokenizer
 from at2po.tools import LocalSearchTool, PythonTool

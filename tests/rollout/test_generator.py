@@ -13,8 +13,8 @@ from at2po.rollout.generator import (
     SamplingParams,
     _StopChecker,
     _top_p_mask,
-    sequence_logprobs,
 )
+from at2po.training.logprobs import sequence_logprobs
 from at2po.tiny import IM_END, build_tiny_model, synthetic_agent_texts, train_tokenizer
 
 ATOL = 1e-5

@@ -19,12 +19,12 @@ from at2po.rollout.generator import (
     FINISH_STOP,
     HFGenerator,
     SamplingParams,
-    _forward_kwargs,
+    forward_kwargs,
     _StopChecker,
     common_prefix_length,
     eos_token_set,
-    sequence_logprobs,
 )
+from at2po.training.logprobs import sequence_logprobs
 from at2po.tiny import build_tiny_model, synthetic_agent_texts, train_tokenizer
 
 ATOL = 1e-5
@@ -145,16 +145,16 @@ def fresh(model, seq, start):
 # -- forward signatures ------------------------------------------------------------------------------
 
 
-def test_forward_kwargs_reads_the_signature_through_a_wrapper(model):
+def testforward_kwargs_reads_the_signature_through_a_wrapper(model):
     """Each signature transformers has used, bare and behind a DDP-like wrapper; none depends on
     the installed release."""
-    assert _forward_kwargs(LegacyLM(model)) == ("past_key_values", False)
-    assert _forward_kwargs(PastKeyValuesLM(model)) == ("past_key_values", True)
-    assert _forward_kwargs(CacheLM(model)) == ("cache", True)
+    assert forward_kwargs(LegacyLM(model)) == ("past_key_values", False)
+    assert forward_kwargs(PastKeyValuesLM(model)) == ("past_key_values", True)
+    assert forward_kwargs(CacheLM(model)) == ("cache", True)
     # A wrapper's own forward(*args, **kwargs) names nothing: the wrapped module's signature counts.
-    assert _forward_kwargs(Wrapped(LegacyLM(model))) == ("past_key_values", False)
-    assert _forward_kwargs(Wrapped(CacheLM(model))) == ("cache", True)
-    assert _forward_kwargs(Wrapped(PastKeyValuesLM(model))) == ("past_key_values", True)
+    assert forward_kwargs(Wrapped(LegacyLM(model))) == ("past_key_values", False)
+    assert forward_kwargs(Wrapped(CacheLM(model))) == ("cache", True)
+    assert forward_kwargs(Wrapped(PastKeyValuesLM(model))) == ("past_key_values", True)
 
 
 @pytest.mark.parametrize("signature", [LegacyLM, PastKeyValuesLM, CacheLM])

@@ -37,8 +37,8 @@ from at2po.rollout.generator import (
     HFGenerator,
     SamplingParams,
     build_generator,
-    sequence_logprobs,
 )
+from at2po.training.logprobs import sequence_logprobs
 from at2po.rollout.vllm_backend import VLLMGenerator, import_vllm, named_weights, unwrap_module
 from at2po.tasks.base import Sample
 from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask

@@ -21,7 +21,8 @@ from at2po.agent import TOOL_LIMIT_MESSAGE, encode_observation, format_observati
 from at2po.algorithms.tree import FAILED, LEAF
 from at2po.config import AlgoConfig, load_config
 from at2po.rollout.engine import RolloutConfig, TreeRolloutEngine
-from at2po.rollout.generator import HFGenerator, SamplingParams, sequence_logprobs
+from at2po.rollout.generator import HFGenerator, SamplingParams
+from at2po.training.logprobs import sequence_logprobs
 from at2po.tasks.base import TASKS, Sample, Score, register_task
 from at2po.tasks.search_qa import PAPER_SYSTEM_PROMPT, SearchQATask
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
@@ -546,9 +547,11 @@ def test_update_hands_the_configured_objective_to_the_loss_and_syncs_once_per_mi
     assert metrics["loss/grad_norm"] == pytest.approx(sum(norms) / 2, rel=1e-12)
 
     assert len(recomputed) == len(micros) == len(losses) == sum(n_micro)
-    assert all(kw == {"share_prefix": not fsdp} for _, kw in recomputed)
+    # The configured log-prob path (at2po.training.logprobs) in both: packed, chunked head.
+    path = {"share_prefix": not fsdp, "chunk_tokens": 1024, "tree_packing": True}
+    assert all(kw == path for _, kw in recomputed)
     for (micro, lp_kw), (args, kw, _) in zip(micros, losses):
-        assert lp_kw == {"share_prefix": not fsdp}
+        assert lp_kw == path
         assert kw == {"level": "token", "clip_low": 0.11, "clip_high": 0.27, "turn_ids": kw["turn_ids"],
                       "agg": "token-mean", "log_ratio_max": 7.5}
         assert torch.equal(kw["turn_ids"], micro.turn_ids)

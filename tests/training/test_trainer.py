@@ -11,7 +11,8 @@ import torch
 from at2po.agent import decode_ids, format_observation, render_prompt
 from at2po.config import AlgoConfig, load_config
 from at2po.rewards import exact_match, extract_answer, f1_score
-from at2po.rollout.generator import Generation, SamplingParams, sequence_logprobs
+from at2po.rollout.generator import Generation, SamplingParams
+from at2po.training.logprobs import sequence_logprobs
 from at2po.tasks.base import TASKS, Sample, Score, Task, register_task
 from at2po.tasks.search_qa import SearchQATask
 from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
@@ -636,7 +637,7 @@ def test_recompute_uses_the_first_epochs_micro_batches_and_the_truncated_correct
     for _, micros in plan:
         for rows in micros:
             with torch.no_grad():
-                expected = response_log_probs(trainer.model, batch.rows(rows), cfg.rollout.temperature).float()
+                expected = trainer._log_probs(trainer.model, batch.rows(rows)).float()
             assert torch.equal(batch.old_log_probs[rows], expected * mask[rows])
     # Truncated importance weights min(π_trainer / π_sampler, cap) scale the advantages.
     weight = torch.where(mask, torch.exp(batch.old_log_probs - rollout_lp).clamp(max=1.002), torch.zeros(()))

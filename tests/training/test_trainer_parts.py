@@ -13,7 +13,7 @@ import torch
 from at2po.algorithms.tree import LEAF, TurnTree
 from at2po.config import AlgoConfig, load_config
 from at2po.rollout.engine import LeafRow, RolloutResult, TreeStats
-from at2po.rollout.generator import sequence_logprobs
+from at2po.training.logprobs import sequence_logprobs
 from at2po.tasks.base import Score
 from at2po.tiny import build_tiny_model, synthetic_agent_texts, train_tokenizer
 from at2po.training import trainer as trainer_module
@@ -175,8 +175,10 @@ def test_response_log_probs_scatter_rows_into_the_padded_layout(tiny, monkeypatc
                         lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     with torch.no_grad():
         response_log_probs(tiny, batch, 0.8, share_prefix=False)
-        response_log_probs(tiny, batch, 0.8)
-    assert seen == [{"temperature": 0.8, "min_shared_prefix": trainer_module.sys.maxsize}, {"temperature": 0.8}]
+        response_log_probs(tiny, batch, 0.8, chunk_tokens=7, tree_packing=True)
+    off = {"chunk_tokens": 0, "tree_packing": False}
+    assert seen == [{"temperature": 0.8, "min_shared_prefix": trainer_module.sys.maxsize, **off},
+                    {"temperature": 0.8, "chunk_tokens": 7, "tree_packing": True}]
 
 
 # -- logs ---------------------------------------------------------------------------------------------

@@ -246,7 +246,7 @@ def _top_p_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return outside_sorted.scatter(-1, order, outside_sorted)
 
 
-def _forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
+def forward_kwargs(model: torch.nn.Module) -> tuple[str, bool]:
     """The model's KV-cache argument name and whether it accepts ``logits_to_keep``.
 
     transformers 5 renamed ``past_key_values`` to ``cache`` (input and output; the old input name
@@ -335,7 +335,7 @@ class HFGenerator:
         self.device = next(model.parameters()).device
         self._rng = torch.Generator(device=self.device)
         self._rng.manual_seed(seed)
-        self._cache_arg, self._has_logits_to_keep = _forward_kwargs(model)
+        self._cache_arg, self._has_logits_to_keep = forward_kwargs(model)
         self.min_shared_prefix = min_shared_prefix
 
     def get_rng_state(self) -> torch.Tensor:
@@ -484,78 +484,6 @@ def common_prefix_length(sequences: Sequence[Sequence[int]], limit: int, minimum
     for seq in sequences[1:]:
         n = next((i for i in range(n) if seq[i] != first[i]), n)
     return n if n >= minimum else 0
-
-
-def sequence_logprobs(
-    model: torch.nn.Module,
-    sequences: Sequence[Sequence[int]],
-    response_starts: Sequence[int],
-    temperature: float = 1.0,
-    max_batch_size: int | None = None,
-    min_shared_prefix: int = 32,
-) -> list[torch.Tensor]:
-    """Per-token log-probs of the responses of ``sequences`` from a fresh, batched forward pass.
-
-    Returns, for each sequence ``s`` with response start ``r`` (1 <= r <= len(s)), an fp32 tensor
-    of length ``len(s) - r`` whose entry ``t - r`` is log_softmax(logits / temperature) of
-    ``s[t]`` given ``s[:t]``. Sequences are right-padded (padding after the tokens cannot change
-    them under causal attention). Runs under the caller's grad mode, so a trainer can
-    backpropagate through it; the model's train/eval mode is left as it is.
-
-    When the rows of a batch share a prompt prefix of at least ``min_shared_prefix`` tokens (the
-    system prompt; a tree's leaves share the whole prompt), the prefix runs once and its KV cache
-    is repeated across the rows: the same values and gradients for a fraction of the compute.
-    Not for DDP-wrapped models (two forwards before one backward) or gradient checkpointing
-    (no cache in training); those run every row in full.
-    """
-    if len(sequences) != len(response_starts):
-        raise ValueError(f"{len(sequences)} sequences but {len(response_starts)} response starts")
-    for seq, start in zip(sequences, response_starts):
-        if not 1 <= start <= len(seq):
-            raise ValueError(f"response start {start} outside [1, {len(seq)}]")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    device = next(model.parameters()).device
-    cache_arg, has_logits_to_keep = _forward_kwargs(model)
-    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.x name
-    if checkpointing is None:
-        checkpointing = getattr(model, "is_gradient_checkpointing", False)
-    can_share = not hasattr(model, "module") and not checkpointing
-    chunk = max_batch_size or max(len(sequences), 1)
-
-    results: list[torch.Tensor] = []
-    for begin in range(0, len(sequences), chunk):
-        seqs, starts = sequences[begin : begin + chunk], response_starts[begin : begin + chunk]
-        width = max(len(s) for s in seqs)
-        # The shared prefix stops before every row's first response logit (position start - 1).
-        shareable = can_share and len(seqs) > 1
-        n_prefix = common_prefix_length(seqs, min(starts) - 1, min_shared_prefix) if shareable else 0
-        input_ids = torch.zeros((len(seqs), width - n_prefix), dtype=torch.long)
-        attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, seq in enumerate(seqs):
-            input_ids[row, : len(seq) - n_prefix] = torch.tensor(list(seq[n_prefix:]), dtype=torch.long)
-            attention_mask[row, : len(seq)] = 1
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        # Logits are only needed from the position before the earliest response token.
-        first = min(starts) - 1
-        kwargs = {"logits_to_keep": width - first} if has_logits_to_keep else {}
-        if n_prefix:
-            prefix = torch.tensor(list(seqs[0][:n_prefix]), dtype=torch.long, device=device)[None]
-            keep_one = {"logits_to_keep": 1} if has_logits_to_keep else {}
-            cache = getattr(model(input_ids=prefix, use_cache=True, **keep_one), cache_arg)
-            cache.batch_repeat_interleave(len(seqs))
-            positions = torch.arange(n_prefix, width, device=device).expand(len(seqs), -1)
-            kwargs.update({cache_arg: cache, "use_cache": True, "position_ids": positions})
-        else:
-            kwargs["use_cache"] = False
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).logits
-        logits = logits[:, -(width - first) :]
-        for row, (seq, start) in enumerate(zip(seqs, starts)):
-            # Logits at position p - 1 score token p; row offsets are relative to `first`.
-            row_logits = logits[row, start - 1 - first : len(seq) - 1 - first].float() / temperature
-            targets = torch.as_tensor(list(seq[start:]), dtype=torch.long, device=device)
-            results.append(F.log_softmax(row_logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1))
-    return results
 
 
 @register_backend("hf")

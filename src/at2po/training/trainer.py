@@ -26,7 +26,6 @@ from at2po.config import Config, config_to_dict, save_config
 from at2po.evaluation.evaluator import evaluate_greedy
 from at2po.factory import build_engine, build_task, build_tools, load_model, load_tokenizer
 from at2po.rollout.engine import RolloutResult
-from at2po.rollout.generator import sequence_logprobs
 from at2po.training.distributed import (
     LocalMetrics,
     all_gather_objects,
@@ -41,6 +40,7 @@ from at2po.training.distributed import (
     std_from_moments,
 )
 from at2po.tools.health import check_tools, preflight_tools
+from at2po.training.logprobs import head_fallback_reason, pack_rows, packing_fallback_reason, sequence_logprobs
 from at2po.training.prompt_limits import drop_long_prompts
 from at2po.training.run_dir import (CHECKPOINT_STATE, RunLock, check_data_size, check_fresh, check_not_in_use,
                                     check_resume_config, completed_checkpoints, load_newest_valid, mark_run,
@@ -142,16 +142,66 @@ def build_train_batch(result: RolloutResult, algo) -> tuple[TrainBatch, dict[str
     return batch, stats
 
 
-def response_log_probs(model, batch: TrainBatch, temperature: float, share_prefix: bool = True) -> torch.Tensor:
-    """(B, T) log-probs of the response tokens under ``model`` (right-padded like the batch).
+def response_log_probs(model, batch: TrainBatch, temperature: float, share_prefix: bool = True, *,
+                      chunk_tokens: int = 0, tree_packing: bool = False) -> torch.Tensor:
+    """(B, T) log-probs of the response tokens under ``model`` (right-padded like the batch), from
+    one forward over the batch's rows (``at2po.training.logprobs.sequence_logprobs``: the output
+    head in chunks of ``chunk_tokens`` positions, the rows trie-packed when ``tree_packing``).
     ``share_prefix=False`` runs one forward pass per call whatever the rows (FSDP: every process
     must run as many forwards as the others, and a shared prompt prefix adds one)."""
     kw = {} if share_prefix else {"min_shared_prefix": sys.maxsize}
-    per_row = sequence_logprobs(model, batch.sequences, batch.response_starts, temperature=temperature, **kw)
+    per_row = sequence_logprobs(model, batch.sequences, batch.response_starts, temperature=temperature,
+                                chunk_tokens=chunk_tokens, tree_packing=tree_packing, **kw)
     out = torch.zeros(batch.response_mask.shape, dtype=torch.float32, device=per_row[0].device)
     for i, lp in enumerate(per_row):  # scatter rows into the padded layout
         out[i, : lp.shape[0]] = lp
     return out
+
+
+def forward_tokens(sequences: list[list[int]], packed: bool) -> int:
+    """The tokens one forward over ``sequences`` runs: the trie's distinct tokens when packed, the
+    padded rectangle (rows x longest row) when not."""
+    if not sequences:
+        return 0
+    return len(pack_rows(sequences).tokens) if packed else len(sequences) * max(map(len, sequences))
+
+
+def token_budget_micro_batches(sequences: list[list[int]], rows: list[int], budget: int,
+                               packed: bool) -> tuple[list[list[int]], int]:
+    """Split ``rows`` into micro-batches whose forward runs at most ``budget`` tokens (as
+    :func:`forward_tokens` counts them), greedily in an order that keeps the count low: longest
+    first when padded (similar lengths share a rectangle), lexicographic when packed (rows that
+    share a prefix sit together, and a row's new tokens are its length minus its common prefix
+    with the row before it). A row longer than the budget runs alone. Returns the micro-batches
+    and how many rows exceeded the budget."""
+    if packed:
+        order = sorted(rows, key=lambda r: list(sequences[r]))
+    else:
+        order = sorted(rows, key=lambda r: -len(sequences[r]))
+    micros: list[list[int]] = []
+    current: list[int] = []
+    cost = over = 0
+    for r in order:
+        seq = sequences[r]
+        if packed:
+            prev = sequences[current[-1]] if current else []
+            shared = next((i for i, (a, b) in enumerate(zip(prev, seq)) if a != b), min(len(prev), len(seq)))
+            grown = cost + len(seq) - shared
+        else:
+            grown = (len(current) + 1) * (len(sequences[current[0]]) if current else len(seq))
+        if current and grown > budget:
+            micros.append(current)
+            current, cost = [], 0
+            grown = len(seq)
+        current.append(r)
+        cost = grown
+        if len(seq) > budget:  # alone: close it at once
+            over += 1
+            micros.append(current)
+            current, cost = [], 0
+    if current:
+        micros.append(current)
+    return micros, over
 
 
 # -- logging -----------------------------------------------------------------------------------------
@@ -300,6 +350,19 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / oc.warmup_steps) if oc.warmup_steps else 1.0)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        say = print if self.is_main else (lambda _: None)
+        # The update's log-prob path (at2po.training.logprobs): both switches are exact where on;
+        # a model that cannot take one runs the full path, and the log says why.
+        self.tree_packing, self.chunk_tokens = tc.tree_packing, tc.logprob_chunk_tokens
+        reason = packing_fallback_reason(self.model) if tc.tree_packing else None
+        if reason:
+            self.tree_packing = False
+            say(f"trainer.tree_packing: off for this model ({reason}); rows run padded")
+        reason = head_fallback_reason(self.model) if tc.logprob_chunk_tokens else None
+        if reason:
+            self.chunk_tokens = 0
+            say(f"trainer.logprob_chunk_tokens: off for this model ({reason}); full logits are computed")
+        self._rows_over_budget = 0
         # Under FSDP no process holds the whole policy, and the HF generator's forwards differ in
         # number between processes (collectives would hang): it samples from a full, unsharded
         # copy that receives the gathered weights after every update.
@@ -326,7 +389,6 @@ class Trainer:
         gen_model = self._gen_model if self._gen_model is not None else self.accelerator.unwrap_model(self.model)
         self.engine = build_engine(cfg, gen_model, self.tokenizer, task=self.task,
                                    tools=self.tools, seed=tc.seed + rank, progress=self._rollout_progress)
-        say = print if self.is_main else (lambda _: None)
         self.train_rows = drop_long_prompts(self.engine, self.model, self.train_rows, "data.train_file", say)
         self.val_rows = drop_long_prompts(self.engine, self.model, self.val_rows, "data.val_file", say, allow_none=True)
         self.sampler = PromptSampler(len(self.train_rows), tc.seed, cfg.data.shuffle)
@@ -521,8 +583,18 @@ class Trainer:
             rows = [i for i, t in enumerate(batch.tree_of_row) if t in trees]
             # An empty mini-batch stays in place (processes align mini-batches by position);
             # pad_plans drops it when it is empty on every process.
-            plan.append((rows, [rows[m:m + tc.micro_batch_rows] for m in range(0, len(rows), tc.micro_batch_rows)]))
+            if tc.micro_batch_tokens:
+                micros, over = token_budget_micro_batches(batch.sequences, rows, tc.micro_batch_tokens,
+                                                          self.tree_packing)
+                self._rows_over_budget += over
+            else:
+                micros = [rows[m:m + tc.micro_batch_rows] for m in range(0, len(rows), tc.micro_batch_rows)]
+            plan.append((rows, micros))
         return plan
+
+    def _log_probs(self, model, batch: TrainBatch, share_prefix: bool = True) -> torch.Tensor:
+        return response_log_probs(model, batch, self.cfg.rollout.temperature, share_prefix=share_prefix,
+                                  chunk_tokens=self.chunk_tokens, tree_packing=self.tree_packing)
 
     def _recompute_old_log_probs(self, batch: TrainBatch, plan) -> LocalMetrics:
         """Replace the sampler's log-probs by the trainer's own (no grad), micro-batch by micro-batch
@@ -536,8 +608,7 @@ class Trainer:
         with torch.no_grad():
             for _, micros, *_ in plan:
                 for rows in micros:
-                    lp = response_log_probs(self.model, batch.rows(rows or [0]), self.cfg.rollout.temperature,
-                                            share_prefix=not is_fsdp(self.accelerator))
+                    lp = self._log_probs(self.model, batch.rows(rows or [0]), share_prefix=not is_fsdp(self.accelerator))
                     if rows:
                         batch.old_log_probs[rows] = (lp.float() * batch.response_mask[rows].to(device)).cpu()
         m = logprob_mismatch(rollout_lp, batch.old_log_probs, batch.response_mask, batch.turn_ids,
@@ -585,7 +656,16 @@ class Trainer:
         model.train()
         world = acc.num_processes
         fsdp = is_fsdp(acc)
+        self._rows_over_budget = 0
         plans = [self._epoch_plan(batch, n_trees) for _ in range(tc.ppo_epochs)]
+        # What one epoch's forwards run (for tokens/s and the packing's saving): counted on the
+        # first epoch's plan, before padding.
+        forward_total = sum(forward_tokens([batch.sequences[r] for r in micro], self.tree_packing)
+                            for _, micros in plans[0] for micro in micros)
+        over_budget = self._rows_over_budget
+        if over_budget:
+            print(f"warning: {over_budget} row(s) longer than trainer.micro_batch_tokens="
+                  f"{tc.micro_batch_tokens} ran alone (process {acc.process_index})", file=sys.stderr)
         # One collective gives every process the others' micro-batch counts and loss denominators.
         mine = ([[len(micros) for _, micros in plan] for plan in plans],
                 [[self._share(batch, rows) for rows, _ in plan] for plan in plans])
@@ -603,7 +683,7 @@ class Trainer:
                     mask = micro.response_mask.to(device)
                     last = i == len(micros) - 1
                     with contextlib.nullcontext() if last or fsdp else acc.no_sync(model):
-                        logp = response_log_probs(model, micro, cfg.rollout.temperature, share_prefix=not fsdp)
+                        logp = self._log_probs(model, micro, share_prefix=not fsdp)
                         loss, m = policy_loss(
                             logp, micro.old_log_probs.to(device), micro.advantages.to(device), mask,
                             level=algo.loss_level, clip_low=algo.clip_low, clip_high=algo.clip_high,
@@ -611,7 +691,7 @@ class Trainer:
                         )
                         if self.ref_model is not None:
                             with torch.no_grad():
-                                ref = response_log_probs(self.ref_model, micro, cfg.rollout.temperature)
+                                ref = self._log_probs(self.ref_model, micro)
                             kl = aggregate(kl_penalty(logp, ref, algo.kl_kind), mask, algo.loss_agg)
                             loss = loss + algo.kl_coef * kl
                             m["kl_ref"] = float(kl.detach())
@@ -631,6 +711,8 @@ class Trainer:
         local.sums.update({f"loss/{k}": v / max(n_updates, 1) for k, v in sums.items()})
         # The clipped norm is of the synchronised gradient: the same on every process.
         local.maxima.update({"loss/grad_norm": grad_norms / max(n_updates, 1), "loss/updates": float(n_updates)})
+        local.sums.update({"perf/update_forward_tokens": float(forward_total),
+                           "perf/rows_over_token_budget": float(over_budget)})
         metrics = self._reduce(local)
         # The next rollout samples from the updated policy (a no-op for a backend that runs the
         # training module itself, a weight copy for one that does not; under FSDP the gathered
