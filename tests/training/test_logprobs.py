@@ -1,0 +1,962 @@
+"""The update's log-prob path (at2po.training.logprobs): the chunked scoring head, tree packing,
+the token-budget micro-batches and the trainer glue around them.
+
+Every expected value comes from a naive computation that shares no code with the path under
+test: one plain forward per row with the full (B, T, V) logits (``naive_logprobs``), a trie
+built as a set of prefixes, a mask built by walking parent pointers, a per-mini-batch loss
+written out by hand. Values AND gradients (of every trainable parameter, after ``backward`` of
+a weighted sum of the log-probs with distinct random weights per token) are compared. Trees
+are random and seeded (``random_forest``): several prompts sharing a system prefix, expansions
+branching at random depths (inside a turn too), strict-prefix rows (continued turns),
+duplicate rows, rows of different lengths and response starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from at2po.algorithms.losses import AGGS, policy_loss
+from at2po.training.logprobs import (
+    chunked_token_logprobs,
+    distinct_tokens,
+    head_fallback_reason,
+    pack_rows,
+    packing_fallback_reason,
+    sequence_logprobs,
+)
+from at2po.training.trainer import (
+    Trainer,
+    TrainBatch,
+    forward_tokens,
+    response_log_probs,
+    token_budget_micro_batches,
+)
+from conftest import make_run_cfg, tiny_search_qa_assets
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+VOCAB = 384
+HERE = Path(__file__).resolve().parent
+
+
+# == models ========================================================================================
+def tiny_lm(arch: str = "qwen2", *, tie: bool = True, attn: str = "sdpa", dtype=torch.float32, hidden: int = 32,
+            layers: int = 2, vocab: int = VOCAB, seed: int = 0, **extra) -> torch.nn.Module:
+    """A random causal LM of a real HF architecture. initializer_range 0.2 (not HF's 0.02): the
+    logits then spread over several nats, so a log-prob read off the wrong position or through
+    the wrong attention differs by far more than rounding."""
+    config_cls, model_cls = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}[arch]
+    config = config_cls(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+                        num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=1024,
+                        tie_word_embeddings=tie, bos_token_id=None, eos_token_id=0, pad_token_id=0,
+                        initializer_range=0.2, **extra)
+    config._attn_implementation = attn
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config)
+    return model.to(dtype).eval()
+
+
+def enable_checkpointing(model) -> None:
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
+    model.train()  # checkpointing acts in train mode only (dropout is 0 in these configs)
+
+
+# == the naive reference ===========================================================================
+def naive_logprobs(model, sequences, starts, temperature: float) -> list[torch.Tensor]:
+    """One plain forward per row (no padding, no mask, no cache), full logits, then
+    log_softmax(logits / T) of each response token read at the position before it."""
+    out = []
+    for seq, start in zip(sequences, starts):
+        ids = torch.tensor([list(seq)])
+        logits = model(input_ids=ids, use_cache=False).logits[0].float() / temperature
+        lp = torch.log_softmax(logits, dim=-1)[start - 1:len(seq) - 1]
+        out.append(lp.gather(1, ids[0, start:, None])[:, 0])
+    return out
+
+
+def token_weights(sequences, starts, seed: int = 1) -> list[torch.Tensor]:
+    """Distinct random weights per (row, token): a gradient mixes the rows in a way only the right
+    per-row log-probs reproduce."""
+    rng = np.random.default_rng(seed)
+    return [torch.tensor(rng.uniform(0.5, 1.5, len(s) - st) * rng.choice([-1, 1], len(s) - st), dtype=torch.float32)
+            for s, st in zip(sequences, starts)]
+
+
+def values_and_grads(model, compute, weights):
+    """compute() -> per-row log-probs; backward of Σ w·lp; (values, {name: grad}) of every trainable parameter."""
+    model.zero_grad(set_to_none=True)
+    lps = compute()
+    loss = sum((w * lp).sum() for w, lp in zip(weights, lps))
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, f"no gradient reached {missing[:3]}"
+    model.zero_grad(set_to_none=True)
+    return [lp.detach() for lp in lps], grads
+
+
+def assert_values_close(got, want, rtol: float, what: str = "") -> None:
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == torch.float32 and g.shape == w.shape, (what, i, g.dtype, g.shape, w.shape)
+        if w.numel():
+            rel = float(((g - w).abs() / w.abs().clamp(min=1e-6)).max())
+            assert rel <= rtol, f"{what} row {i}: max relative diff {rel:.3g} > {rtol:g}"
+
+
+def assert_grads_close(got: dict, want: dict, rtol: float, what: str = "") -> None:
+    """Per parameter: max |Δ| ≤ rtol · max |reference| (the reference gradient is not all zero)."""
+    assert got.keys() == want.keys()
+    for name in want:
+        scale = float(want[name].float().abs().max())
+        assert scale > 0, f"{what} {name}: the reference gradient is zero (the test would check nothing)"
+        diff = float((got[name].float() - want[name].float()).abs().max())
+        assert diff <= rtol * scale, f"{what} {name}: max |Δgrad| {diff:.3g} > {rtol:g} · {scale:.3g}"
+
+
+# == random trees ==================================================================================
+@dataclass
+class Row:
+    seq: list[int]
+    start: int  # the tree's prompt length
+    mask: list[int]  # per response token: 1 generated, 0 observation
+    turn: list[int]  # per response token: turn id (−1 where not trained)
+    adv: list[float]  # per response token
+
+
+def random_forest(seed: int, n_trees: int = 3, vocab: int = VOCAB) -> list[Row]:
+    """Rows of ``n_trees`` random trees of agent turns. The prompts share a system prefix and differ
+    after it; each tree has 2 initial chains and 2–4 expansions, each branching off an existing
+    chain at a random depth (inside a turn too: the branch continues that turn), whose turns
+    above the branching point are shared; one row is a strict prefix of another (a continued
+    turn) and one row is a duplicate. Token advantages are per token of a chain and copied with
+    the prefix, so shared tokens carry the same advantage (as a tree's nodes do)."""
+    rng = np.random.default_rng(seed)
+    tok = lambda n: rng.integers(1, vocab, size=n).tolist()  # noqa: E731
+    system = tok(int(rng.integers(5, 10)))
+    rows: list[Row] = []
+    for t in range(n_trees):
+        prompt = system + tok(2 + 3 * t + int(rng.integers(0, 3)))  # prompts of different lengths
+
+        def turns(chain: dict, k: int) -> dict:
+            chain = {key: list(v) for key, v in chain.items()}
+            next_turn = max(chain["turn"], default=-1) + 1
+            for j in range(k):
+                gen = j % 2 == 0 or rng.random() < 0.3
+                n = int(rng.integers(1, 7))
+                chain["tokens"] += tok(n)
+                chain["mask"] += [int(gen)] * n
+                chain["turn"] += [next_turn if gen else -1] * n
+                chain["adv"] += rng.normal(size=n).tolist()
+                next_turn += gen
+            return chain
+
+        empty = {"tokens": [], "mask": [], "turn": [], "adv": []}
+        chains = [turns(empty, int(rng.integers(1, 5))) for _ in range(2)]
+        for _ in range(int(rng.integers(2, 5))):
+            parent = chains[int(rng.integers(len(chains)))]
+            cut = int(rng.integers(1, len(parent["tokens"]) + 1))
+            branch = {key: v[:cut] for key, v in parent.items()}
+            if branch["mask"][-1] and rng.random() < 0.5:  # the cut is inside a turn: continue it
+                n = int(rng.integers(1, 4))
+                branch["tokens"] += tok(n)
+                branch["mask"] += [1] * n
+                branch["turn"] += [branch["turn"][-1]] * n
+                branch["adv"] += rng.normal(size=n).tolist()
+            chains.append(turns(branch, int(rng.integers(1, 4))))
+        longest = max(chains, key=lambda c: len(c["tokens"]))
+        keep = int(rng.integers(1, len(longest["tokens"])))
+        chains.append({key: v[:keep] for key, v in longest.items()})  # a strict prefix of another row
+        chains.append(copy.deepcopy(chains[int(rng.integers(len(chains)))]))  # a duplicate row
+        for c in chains:
+            rows.append(Row(prompt + c["tokens"], len(prompt), c["mask"], c["turn"], c["adv"]))
+    order = rng.permutation(len(rows))  # trees interleaved: the packing must undo any row order
+    return [rows[i] for i in order]
+
+
+def mixed_starts(rows: list[Row], seed: int) -> list[int]:
+    """Response starts that differ between rows sharing nodes: the prompt length, or anywhere in
+    the row (1 ≤ start ≤ len; start = len, an empty response, included)."""
+    rng = np.random.default_rng(seed)
+    starts = []
+    for i, r in enumerate(rows):
+        if i == 0:
+            starts.append(len(r.seq))
+        elif i % 3 == 1:
+            starts.append(r.start)
+        else:
+            starts.append(int(rng.integers(1, len(r.seq) + 1)))
+    return starts
+
+
+def test_the_random_forest_has_the_shapes_it_promises():
+    """The generator of the packing tests' trees (a test that cannot fail silently needs trees
+    that actually share prefixes, hold strict prefixes and duplicates)."""
+    for seed in range(5):
+        rows = random_forest(seed)
+        seqs = [tuple(r.seq) for r in rows]
+        assert len(set(seqs)) < len(seqs)  # a duplicate
+        assert any(a != b and b[:len(a)] == a for a in seqs for b in seqs)  # a strict prefix
+        assert len({r.start for r in rows}) > 1 and len({len(s) for s in seqs}) > 3
+        assert distinct_tokens(seqs) < 0.6 * sum(map(len, seqs))  # heavy sharing
+        for r in rows:
+            n = len(r.seq) - r.start
+            assert len(r.mask) == len(r.turn) == len(r.adv) == n
+            assert all((t >= 0) == bool(m) for t, m in zip(r.turn, r.mask))
+
+
+# == 1. the chunked scoring head ===================================================================
+CHUNK_SEQS = [[(7 * i + 3 * j) % (VOCAB - 1) + 1 for j in range(n)] for i, n in enumerate((13, 21, 7, 17, 2))]
+CHUNK_STARTS = [5, 1, 7, 10, 1]  # row 2: start = len (no response token); row 4: one token
+N_SCORED = sum(len(s) - st for s, st in zip(CHUNK_SEQS, CHUNK_STARTS))  # 45
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_chunked_head_equals_full_logits_in_fp32(tie, temperature):
+    """Pins (b), a chunk boundary off by one: every chunk size, one that does not divide the 45
+    scored positions, and one larger than all of them, gives the full-logits values and gradients.
+    Values within 1e-6 relative. Gradients within 5e-6 (max |Δ| / max |ref|, per parameter):
+    1e-6 is not reachable in fp32 at chunk size 1, measured 1.6e-6 (untied q_proj), because each
+    1-row chunk's head backward is a matrix-vector product that rounds the last bit differently
+    from the one (45, H) GEMM, and that noise passes back through both layers; chunk sizes ≥ 7
+    measured ≤ 5e-7, and the float64 test below shows the arithmetic is exact."""
+    model = tiny_lm(tie=tie)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tie
+    assert N_SCORED % 7 and N_SCORED % 11
+    w = token_weights(CHUNK_SEQS, CHUNK_STARTS)
+    run = lambda chunk: values_and_grads(model, lambda: sequence_logprobs(  # noqa: E731
+        model, CHUNK_SEQS, CHUNK_STARTS, temperature, chunk_tokens=chunk), w)
+    ref_v, ref_g = run(0)
+    with torch.no_grad():
+        assert_values_close(ref_v, naive_logprobs(model, CHUNK_SEQS, CHUNK_STARTS, temperature), 1e-5, "reference")
+    for chunk in (1, 7, 11, N_SCORED, 1000):
+        v, g = run(chunk)
+        assert_values_close(v, ref_v, 1e-6, f"chunk {chunk}")
+        assert_grads_close(g, ref_g, 5e-6, f"chunk {chunk}")
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_chunked_head_is_exact_in_float64(tie):
+    """The same comparison in float64: no rounding left to hide behind, 1e-12."""
+    model = tiny_lm(tie=tie, dtype=torch.float64)
+    w = [x.double() for x in token_weights(CHUNK_SEQS, CHUNK_STARTS)]
+    run = lambda chunk: values_and_grads(model, lambda: sequence_logprobs(  # noqa: E731
+        model, CHUNK_SEQS, CHUNK_STARTS, 0.7, chunk_tokens=chunk), w)
+    ref_v, ref_g = run(0)
+    for chunk in (1, 4, 7, 1000):
+        v, g = run(chunk)
+        # The path returns fp32 by contract; compare the fp32 values exactly up to their rounding.
+        assert_values_close(v, ref_v, 1e-7, f"chunk {chunk}")
+        assert_grads_close(g, ref_g, 1e-12, f"chunk {chunk}")
+
+
+def test_chunked_head_in_bf16_is_within_bf16_rounding():
+    """bf16 weights. Measured (tied and untied, chunk sizes 1/7/11): values identical, gradients
+    within 0.78% (max |Δ| / max |ref|). Why gradients differ: the head's weight gradient is a sum
+    over positions. The full path forms it in one GEMM that accumulates in fp32 and rounds to bf16
+    once; the chunked path forms one bf16 partial per chunk and autograd adds the partials in bf16,
+    rounding at every addition (bf16 keeps 8 significant bits: 2^-8 = 0.39% per rounding), and the
+    rounded hidden-state gradients carry that into every layer. Tolerance 3%: a few roundings'
+    worth; a wrong position or a dropped chunk is an O(1) change."""
+    for tie in (True, False):
+        model = tiny_lm(tie=tie, dtype=torch.bfloat16)
+        w = token_weights(CHUNK_SEQS, CHUNK_STARTS)
+        run = lambda chunk: values_and_grads(model, lambda: sequence_logprobs(  # noqa: E731
+            model, CHUNK_SEQS, CHUNK_STARTS, 0.7, chunk_tokens=chunk), w)
+        ref_v, ref_g = run(0)
+        for chunk in (1, 7, 11):
+            v, g = run(chunk)
+            for a, b in zip(v, ref_v):
+                assert a.dtype == torch.float32
+                torch.testing.assert_close(a, b, atol=2e-2, rtol=0)  # 1-2 bf16 ulps of a logit of a few nats
+            assert_grads_close(g, ref_g, 3e-2, f"bf16 chunk {chunk}")
+
+
+def test_chunked_token_logprobs_by_hand():
+    """The chunk loop alone, against log_softmax(head(h) / T)[target] written out, for chunk
+    sizes around the 10 positions (pins (b): a chunk that skips or shifts a position)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 23, bias=False)
+    hidden = torch.randn(10, 8)
+    targets = torch.randint(0, 23, (10,))
+    want = torch.log_softmax(head(hidden) / 0.9, dim=-1)[torch.arange(10), targets]
+    for chunk in (1, 3, 4, 9, 10, 11):
+        with torch.no_grad():
+            got = chunked_token_logprobs(head, hidden, targets, 0.9, chunk)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+        h = hidden.clone().requires_grad_()
+        got = chunked_token_logprobs(head, h, targets, 0.9, chunk)
+        (got * torch.arange(1.0, 11.0)).sum().backward()
+        h_ref = hidden.clone().requires_grad_()
+        (torch.log_softmax(head(h_ref) / 0.9, dim=-1)[torch.arange(10), targets] * torch.arange(1.0, 11.0)).sum().backward()
+        torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-6, rtol=0)
+    assert chunked_token_logprobs(head, hidden[:0], targets[:0], 1.0, 4).shape == (0,)
+
+
+# == 2. tree packing ===============================================================================
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "grad-ckpt"])
+def test_tree_packing_equals_per_row_forwards_on_random_trees(arch, attn, checkpointing):
+    """Pins (a) a wrong ancestor in the mask, (d) position ids = node index, (e) a node scored
+    from itself: all rows of 3 random trees in one packed forward give each row's own log-probs
+    and the same parameter gradients as one plain forward per row, within 1e-5 (fp32). Starts
+    differ between rows that share nodes; one row has no response token."""
+    model = tiny_lm(arch, attn=attn, tie=arch == "qwen2")
+    if checkpointing:
+        enable_checkpointing(model)
+        assert model.is_activation_checkpointing and model.training
+    for seed in (0, 1):
+        rows = random_forest(seed + 10 * (arch == "llama"))
+        seqs, starts = [r.seq for r in rows], mixed_starts(rows, seed)
+        w = token_weights(seqs, starts, seed)
+        ref_v, ref_g = values_and_grads(model, lambda: naive_logprobs(model, seqs, starts, 0.8), w)
+        for chunk in (0, 5):
+            v, g = values_and_grads(model, lambda: sequence_logprobs(
+                model, seqs, starts, 0.8, chunk_tokens=chunk, tree_packing=True), w)
+            assert_values_close(v, ref_v, 1e-5, f"seed {seed} chunk {chunk}")
+            assert_grads_close(g, ref_g, 1e-5, f"seed {seed} chunk {chunk}")
+
+
+def test_tree_packing_runs_one_forward_over_the_distinct_tokens():
+    """The packed forward is one call whose sequence holds each distinct prefix token once."""
+    model = tiny_lm()
+    rows = random_forest(3)
+    seqs = [r.seq for r in rows]
+    shapes = []
+    handle = model.model.register_forward_hook(lambda m, args, kwargs, out: shapes.append(kwargs["input_ids"].shape),
+                                               with_kwargs=True)
+    with torch.no_grad():
+        sequence_logprobs(model, seqs, [r.start for r in rows], chunk_tokens=4, tree_packing=True)
+    handle.remove()
+    assert shapes == [(1, len({tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)}))]
+
+
+# == 3. pack_rows against a naive trie =============================================================
+def naive_ancestors(parent: np.ndarray) -> np.ndarray:
+    n = len(parent)
+    mask = np.zeros((n, n), dtype=bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            mask[i, j] = True
+            j = int(parent[j])
+    return mask
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pack_rows_is_the_trie_of_the_rows(seed):
+    """Pins (a): the trie's nodes are the distinct non-empty prefixes, each path's node t has depth
+    t, token s[t] and parent path[t-1], rows sharing a prefix share its nodes, parents precede
+    children, the segments are chains covering every node once, and attention_mask() is the
+    ancestor-or-self relation found by walking parents."""
+    rows = random_forest(seed) if seed < 4 else [
+        [3, 1, 2], [3, 1], [3, 1, 2], [3], [4, 1, 2, 5], [3, 1, 2, 5, 6], [4], [3, 2]] if seed == 4 else [[9, 9, 9]]
+    seqs = [r.seq if isinstance(r, Row) else r for r in rows]
+    packed = pack_rows(seqs)
+    prefixes = {tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)}
+    n = len(packed.tokens)
+    assert n == len(prefixes) == distinct_tokens(seqs)
+    assert len(packed.depth) == len(packed.parent) == n
+    node_of: dict[tuple, int] = {}
+    for s, path in zip(seqs, packed.paths):
+        assert len(path) == len(s)
+        for t, node in enumerate(path):
+            assert packed.tokens[node] == s[t] and packed.depth[node] == t
+            assert packed.parent[node] == (path[t - 1] if t else -1)
+            assert node_of.setdefault(tuple(s[:t + 1]), int(node)) == node  # one node per prefix
+    assert sorted(node_of.values()) == list(range(n))  # and one prefix per node
+    assert all(packed.parent[i] < i for i in range(n))
+    covered = []
+    for begin, end in packed.segments:
+        covered += range(begin, end)
+        assert all(packed.parent[i] == i - 1 for i in range(begin + 1, end))
+    assert covered == list(range(n))
+    mask = packed.attention_mask()
+    assert mask.dtype == torch.bool and mask.shape == (n, n)
+    assert np.array_equal(mask.numpy(), naive_ancestors(packed.parent))
+
+
+# == 4. the trainer glue: response_log_probs + the ATPO loss =======================================
+def batch_of(rows: list[Row], old: list[torch.Tensor] | None = None, tree_of_row=None) -> TrainBatch:
+    """A TrainBatch laid out as build_train_batch lays one out (right-padded response tensors)."""
+    width = max(len(r.mask) for r in rows)
+
+    def pad(key, value, dtype):
+        out = torch.full((len(rows), width), value, dtype=dtype)
+        for i, r in enumerate(rows):
+            out[i, :len(r.mask)] = torch.tensor(getattr(r, key), dtype=dtype)
+        return out
+
+    old_lp = torch.zeros(len(rows), width)
+    if old is not None:
+        for i, lp in enumerate(old):
+            old_lp[i, :len(lp)] = lp
+    trees = np.zeros(len(rows), dtype=np.int64) if tree_of_row is None else np.asarray(tree_of_row, dtype=np.int64)
+    return TrainBatch([r.seq for r in rows], [r.start for r in rows], trees, pad("mask", 0, torch.long),
+                      old_lp * pad("mask", 0, torch.long), pad("adv", 0.0, torch.float32), pad("turn", -1, torch.long))
+
+
+def padded(per_row: list[torch.Tensor], width: int) -> torch.Tensor:
+    out = torch.zeros(len(per_row), width)
+    for i, lp in enumerate(per_row):
+        out[i, :len(lp)] = lp
+    return out
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_atpo_loss_through_packed_chunked_log_probs_equals_the_reference(agg):
+    """response_log_probs(tree_packing=True, chunk_tokens=3) → policy_loss(level="turn") gives the
+    reference loss and gradients on a batch of 3 random trees: each row's mask, turn ids and
+    advantages stay with its own log-probs (a row order lost in the packing would mix them)."""
+    model = tiny_lm(tie=False)
+    rows = random_forest(7)
+    with torch.no_grad():
+        naive = naive_logprobs(model, [r.seq for r in rows], [r.start for r in rows], 1.0)
+    rng = np.random.default_rng(0)
+    # π_old off by up to ±0.15 a token: some turn ratios inside the 0.1 clip range, some outside.
+    old = [lp + torch.tensor(rng.uniform(-0.15, 0.15, len(lp)), dtype=torch.float32) for lp in naive]
+    batch = batch_of(rows, old)
+
+    def loss_of(logp):
+        loss, m = policy_loss(logp, batch.old_log_probs, batch.advantages, batch.response_mask, level="turn",
+                              clip_low=0.1, clip_high=0.1, turn_ids=batch.turn_ids, agg=agg)
+        return loss, m
+
+    def run(compute):
+        model.zero_grad(set_to_none=True)
+        loss, m = loss_of(compute())
+        loss.backward()
+        return float(loss), m, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    width = batch.response_mask.shape[1]
+    ref_loss, ref_m, ref_g = run(lambda: padded(naive_logprobs(model, batch.sequences, batch.response_starts, 1.0), width))
+    loss, m, g = run(lambda: response_log_probs(model, batch, 1.0, chunk_tokens=3, tree_packing=True))
+    assert 0 < ref_m["clipfrac"] < 1  # both branches of the clipped surrogate are exercised
+    assert loss == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
+    for k in ("clipfrac", "ppo_kl", "turn_kl_entropy", "ratio_mean"):
+        assert m[k] == pytest.approx(ref_m[k], rel=1e-4, abs=1e-6), k
+    assert_grads_close(g, ref_g, 1e-5, agg)
+    # The padded reference path of the trainer (chunk 0, no packing) agrees too.
+    loss0, _, g0 = run(lambda: response_log_probs(model, batch, 1.0))
+    assert loss0 == pytest.approx(ref_loss, rel=1e-5, abs=1e-7)
+    assert_grads_close(g0, ref_g, 1e-5, agg)
+
+
+# == 5. token-budget micro-batches =================================================================
+def by_hand_forward_tokens(seqs, packed: bool) -> int:
+    if packed:
+        return len({tuple(s[:k]) for s in seqs for k in range(1, len(s) + 1)})
+    return len(seqs) * max(map(len, seqs))
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "padded"])
+@pytest.mark.parametrize("budget", [1, 25, 60, 150, 100_000])
+def test_token_budget_micro_batches_hold_every_row_once_within_the_budget(packed, budget):
+    """Pins the planner: every row of the mini-batch exactly once, each micro-batch's forward
+    (counted by hand: distinct prefixes packed, rows × longest padded) within the budget unless it
+    is a single row longer than the budget, and the count of such rows."""
+    for seed in range(3):
+        seqs = [r.seq for r in random_forest(seed)]
+        rows = [i for i in range(len(seqs)) if i % 5 != 2]  # a mini-batch: some rows of the batch
+        micros, over = token_budget_micro_batches(seqs, rows, budget, packed)
+        assert sorted(r for m in micros for r in m) == sorted(rows)
+        assert all(micros)
+        for m in micros:
+            cost = by_hand_forward_tokens([seqs[r] for r in m], packed)
+            assert cost == forward_tokens([seqs[r] for r in m], packed)
+            assert cost <= budget or (len(m) == 1 and len(seqs[m[0]]) > budget), (m, cost)
+        assert over == sum(len(seqs[r]) > budget for r in rows)
+        if budget == 100_000:
+            assert len(micros) == 1
+        # Greedy: two neighbouring micro-batches would not have fitted together.
+        for a, b in zip(micros, micros[1:]):
+            assert by_hand_forward_tokens([seqs[r] for r in a + b], packed) > budget
+    assert token_budget_micro_batches(seqs, [], 10, packed) == ([], 0)
+
+
+def test_packed_budget_plan_keeps_a_trees_rows_together():
+    """Two trees of 4 rows with a 40-token prompt each, their rows interleaved in the batch: under a
+    budget of 80 the packed plan is one micro-batch per tree (each tree's prompt runs once), fewer
+    forward tokens than the padded plan's micro-batches would run even packed."""
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(1, VOCAB, 40).tolist() for _ in range(2)]
+    seqs = [prompts[i % 2] + rng.integers(1, VOCAB, 3 + i).tolist() for i in range(8)]
+    micros, over = token_budget_micro_batches(seqs, list(range(8)), 80, packed=True)
+    assert over == 0
+    assert sorted(map(sorted, micros)) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    packed_total = sum(forward_tokens([seqs[r] for r in m], True) for m in micros)
+    assert packed_total == 2 * 40 + sum(3 + i for i in range(8))
+    padded_micros, _ = token_budget_micro_batches(seqs, list(range(8)), 80, packed=False)
+    assert len(padded_micros) == 8  # two 43+-token rows exceed 80 padded
+    assert packed_total < sum(forward_tokens([seqs[r] for r in m], True) for m in padded_micros)
+    # On random trees too: the lexicographic order shares more than the longest-first order.
+    for seed in range(3):
+        seqs = [r.seq for r in random_forest(seed)]
+        rows = list(range(len(seqs)))
+        plans = {p: token_budget_micro_batches(seqs, rows, 60, p)[0] for p in (True, False)}
+        totals = {p: sum(forward_tokens([seqs[r] for r in m], True) for m in plans[p]) for p in plans}
+        assert totals[True] < totals[False], totals
+
+
+# -- the trainer's update under a token budget ------------------------------------------------------
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return tiny_search_qa_assets(tmp_path_factory.mktemp("logprobs_assets"))
+
+
+@pytest.fixture(scope="module")
+def assets_vocab(assets):
+    return json.loads((assets / "model" / "config.json").read_text())["vocab_size"]
+
+
+def trainer_of(assets, out, *extra):
+    tr = Trainer(make_run_cfg(assets, out, "trainer.mini_batch_prompts=1", "algo.recompute_old_logprobs=false",
+                              "algo.clip_low=0.2", "algo.clip_high=0.2", "optim.grad_clip=1e9", "optim.lr=1.0",
+                              "optim.weight_decay=0", "trainer.save_every=0", *extra, val=False))
+    for group in tr.optimizer.param_groups:  # eps = 1 ≫ |g|: Adam's step ≈ lr·g, blind to no scale of g
+        group["eps"] = 1.0
+    return tr
+
+
+def forest_batch(vocab: int, seed: int, n_trees: int = 3) -> TrainBatch:
+    """A batch of ``n_trees`` random trees (rows interleaved), π_old a fixed offset from a random
+    policy's, so ratios are off 1 in both directions."""
+    rows = random_forest(seed, n_trees=n_trees, vocab=vocab)
+    # Which tree each row belongs to: rows of one tree share their prompt.
+    prompts = sorted({tuple(r.seq[:r.start]) for r in rows})
+    rng = np.random.default_rng(seed)
+    old = [torch.tensor(-3.0 + rng.uniform(-0.3, 0.3, len(r.mask)), dtype=torch.float32) for r in rows]
+    return batch_of(rows, old, [prompts.index(tuple(r.seq[:r.start])) for r in rows])
+
+
+def update_weights(tr, batch, n_trees):
+    """(weights before, weights after, metrics, the plans _update drew) of one Trainer._update."""
+    model = tr.accelerator.unwrap_model(tr.model)
+    before = copy.deepcopy(model)
+    plans = []
+    draw = tr._epoch_plan
+    tr._epoch_plan = lambda b, n: plans.append(draw(b, n)) or plans[-1]
+    metrics = tr._update(copy.deepcopy(batch), n_trees=n_trees)
+    return before, {k: v.detach().clone() for k, v in model.state_dict().items()}, metrics, plans
+
+
+def naive_update(model, batch: TrainBatch, plans, cfg) -> dict:
+    """The update written out: per mini-batch of the trainer's plan, the loss over ALL its rows at
+    once (one plain forward per row, full logits), backward, one AdamW step. No micro-batches, so
+    no micro-batch weights to get wrong."""
+    model = copy.deepcopy(model).train()
+    oc, algo = cfg.optim, cfg.algo
+    opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay, eps=1.0)
+    for plan in plans:
+        for rows, _ in plan:
+            if not rows:
+                continue
+            mb = batch.rows(rows)
+            logp = padded(naive_logprobs(model, mb.sequences, mb.response_starts, cfg.rollout.temperature),
+                          mb.response_mask.shape[1])
+            loss, _ = policy_loss(logp, mb.old_log_probs, mb.advantages, mb.response_mask, level=algo.loss_level,
+                                  clip_low=algo.clip_low, clip_high=algo.clip_high, turn_ids=mb.turn_ids,
+                                  agg=algo.loss_agg, log_ratio_max=algo.log_ratio_max)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_update(got: dict, want: dict, w0: dict, rtol: float = 1e-5) -> None:
+    """Per tensor: max |Δ| between the two updated weights ≤ rtol · max |update| (the update is
+    compared, not the weights, which would hide it), plus 4 fp32 ulps of the weights (an update
+    far below a weight's ulp, such as k_proj's here, is rounded away when added to it)."""
+    moved = max(float((want[k] - w0[k]).abs().max()) for k in want)
+    assert moved > 1e-3, "the update is negligible: equality would be that of two no-ops"
+    eps = torch.finfo(torch.float32).eps
+    for k in want:
+        step = float((want[k] - w0[k]).abs().max())
+        diff = float((got[k] - want[k]).abs().max())
+        assert diff <= rtol * step + 4 * eps * float(w0[k].abs().max()), f"{k}: |Δ| {diff:.3g} vs update {step:.3g}"
+
+
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-mean"])
+def test_update_under_a_token_budget_equals_the_row_micro_batches_and_the_naive_update(assets, assets_vocab, tmp_path,
+                                                                                         agg):
+    """Pins (c), a micro-batch weight from the wrong denominator: one _update of 3 random trees (one
+    mini-batch per tree) with trainer.micro_batch_tokens=26 (packed, chunked head of 5: several
+    micro-batches per tree, some rows over the budget) gives the weights of micro_batch_rows=64
+    (one padded full-logits micro-batch per tree) and of the update written out by hand, within
+    1e-5 of the update; token-mean weights micro-batches by tokens, seq-mean-token-mean by rows."""
+    batch = forest_batch(assets_vocab, seed=5)
+    budget = 26
+    tok = trainer_of(assets, tmp_path / "tok", f"algo.loss_agg={agg}", f"trainer.micro_batch_tokens={budget}",
+                     "trainer.logprob_chunk_tokens=5")
+    row = trainer_of(assets, tmp_path / "row", f"algo.loss_agg={agg}", "trainer.micro_batch_rows=64",
+                     "trainer.tree_packing=false", "trainer.logprob_chunk_tokens=0")
+    assert tok.tree_packing and tok.chunk_tokens == 5 and not row.tree_packing and row.chunk_tokens == 0
+    before, w_tok, m_tok, plans = update_weights(tok, batch, n_trees=3)
+    _, w_row, m_row, row_plans = update_weights(row, batch, n_trees=3)
+    w0 = before.state_dict()
+    # The budget split every tree's rows: the micro-batch weights matter.
+    assert [len(r) for r, _ in plans[0]] == [len(r) for r, _ in row_plans[0]]
+    assert all(len(micros) > 1 for _, micros in plans[0]) and all(len(m) == 1 for _, m in row_plans[0])
+    assert len({len(r) for r, _ in plans[0]}) > 1  # mini-batches of different sizes: different denominators
+    over = sum(len(s) > budget for s in batch.sequences)
+    assert 0 < over < len(batch.sequences)
+    assert m_tok["perf/rows_over_token_budget"] == over and m_row["perf/rows_over_token_budget"] == 0
+    assert m_tok["perf/update_forward_tokens"] == sum(by_hand_forward_tokens([batch.sequences[r] for r in m], True)
+                                                      for _, micros in plans[0] for m in micros)
+    assert m_row["perf/update_forward_tokens"] == sum(by_hand_forward_tokens([batch.sequences[r] for r in rows], False)
+                                                      for rows, _ in row_plans[0])
+    assert m_tok["loss/updates"] == m_row["loss/updates"] == 3.0
+    assert m_tok["loss/policy"] == pytest.approx(m_row["loss/policy"], rel=1e-5)
+    want = naive_update(before, batch, plans, tok.cfg)
+    assert_same_update(w_row, want, w0)
+    assert_same_update(w_tok, want, w0)
+
+
+def test_rows_over_a_tiny_token_budget_run_alone_and_are_counted(assets, assets_vocab, tmp_path, capsys):
+    """A budget of 3 tokens: every row is longer, runs alone, and is counted (and named on stderr)."""
+    batch = forest_batch(assets_vocab, seed=6, n_trees=2)
+    tr = trainer_of(assets, tmp_path / "run", "trainer.micro_batch_tokens=3")
+    _, _, metrics, plans = update_weights(tr, batch, n_trees=2)
+    n = len(batch.sequences)
+    assert [len(m) for _, micros in plans[0] for m in micros] == [1] * n
+    assert metrics["perf/rows_over_token_budget"] == n
+    assert metrics["perf/update_forward_tokens"] == sum(map(len, batch.sequences))
+    assert f"warning: {n} row(s) longer than trainer.micro_batch_tokens=3 ran alone (process 0)" in capsys.readouterr().err
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "product bug: Trainer._update counts rows over trainer.micro_batch_tokens in every epoch's plan "
+    "(_epoch_plan adds to self._rows_over_budget, and _update draws ppo_epochs plans before reading it), "
+    "so perf/rows_over_token_budget and the stderr warning say ppo_epochs x the rows (30 for 15 rows), "
+    "while perf/update_forward_tokens beside it is one epoch's"))
+def test_rows_over_the_budget_are_counted_once_whatever_the_ppo_epochs(assets, assets_vocab, tmp_path, capsys):
+    """perf/rows_over_token_budget counts rows (and perf/update_forward_tokens one epoch's forwards):
+    with algo.ppo_epochs=2 each row over the budget is still one row."""
+    batch = forest_batch(assets_vocab, seed=6, n_trees=2)
+    tr = trainer_of(assets, tmp_path / "run", "trainer.micro_batch_tokens=3", "trainer.ppo_epochs=2")
+    _, _, metrics, plans = update_weights(tr, batch, n_trees=2)
+    n = len(batch.sequences)
+    assert len(plans) == 2 and metrics["loss/updates"] == 4.0
+    assert metrics["perf/update_forward_tokens"] == sum(map(len, batch.sequences))  # one epoch's
+    assert metrics["perf/rows_over_token_budget"] == n
+    assert f"warning: {n} row(s) longer" in capsys.readouterr().err
+
+
+# == 8. LoRA =======================================================================================
+@pytest.mark.parametrize("targets", [["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "v_proj", "lm_head"]],
+                         ids=["attention", "with-lm_head"])
+def test_lora_packed_chunked_equals_the_reference(targets):
+    """A PEFT model (apply_lora): packed rows through the chunked head give the reference values and
+    adapter gradients, within 1e-5. With lm_head among the targets (untied head) the scoring head
+    must call the LoRA-wrapped head, not its base layer."""
+    pytest.importorskip("peft")
+    from at2po.config import ModelConfig
+    from at2po.training.lora import apply_lora
+
+    model = apply_lora(tiny_lm(tie="lm_head" not in targets),
+                       ModelConfig(lora_rank=4, lora_alpha=8.0, lora_target_modules=targets))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    assert ("lm_head" in targets) == any("lm_head" in n for n in trainable)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B = 0 at init would give A no gradient and the adapters no effect
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    rows = random_forest(2)
+    seqs, starts = [r.seq for r in rows], mixed_starts(rows, 2)
+    w = token_weights(seqs, starts)
+    ref_v, ref_g = values_and_grads(model, lambda: naive_logprobs(model, seqs, starts, 1.0), w)
+    with model.disable_adapter(), torch.no_grad():
+        base = naive_logprobs(model, seqs, starts, 1.0)
+    assert max(float((a - b).abs().max()) for a, b in zip(ref_v, base) if a.numel()) > 1e-2  # the adapters act
+    v, g = values_and_grads(model, lambda: sequence_logprobs(model, seqs, starts, 1.0, chunk_tokens=4,
+                                                             tree_packing=True), w)
+    assert_values_close(v, ref_v, 1e-5, "lora")
+    assert_grads_close(g, ref_g, 1e-5, "lora")
+    assert set(g) == set(trainable)
+
+
+# == 9. fallbacks ==================================================================================
+def test_packing_fallback_reason_names_attentions_without_masks_and_sliding_windows():
+    model = tiny_lm()
+    assert packing_fallback_reason(model) is None
+    assert packing_fallback_reason(tiny_lm("llama", attn="eager")) is None
+    for impl in ("flash_attention_2", "flex_attention"):
+        model.config._attn_implementation = impl
+        reason = packing_fallback_reason(model)
+        assert reason is not None and repr(impl) in reason
+        wrapped = torch.nn.Module()
+        wrapped.module = model  # DDP's wrapper: the reason is the inner model's
+        assert packing_fallback_reason(wrapped) == reason
+    sliding = tiny_lm(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    assert sliding.config.layer_types == ["full_attention", "sliding_attention"]
+    assert "sliding-window layers" in packing_fallback_reason(sliding)
+    llama = tiny_lm("llama")  # no layer_types: the flag is what says it
+    assert getattr(llama.config, "layer_types", None) is None
+    llama.config.use_sliding_window, llama.config.sliding_window = True, 8
+    assert "use_sliding_window" in packing_fallback_reason(llama)
+    llama.config.sliding_window = None  # the flag without a window: no window
+    assert packing_fallback_reason(llama) is None
+
+
+def test_head_fallback_reason_names_logit_post_processing():
+    model = tiny_lm()
+    assert head_fallback_reason(model) is None
+    for name, value, neutral in (("final_logit_softcapping", 30.0, None), ("logit_scale", 0.5, 1.0),
+                                 ("logits_scaling", 2.0, 1.0)):
+        setattr(model.config, name, neutral)
+        assert head_fallback_reason(model) is None, name
+        setattr(model.config, name, value)
+        reason = head_fallback_reason(model)
+        assert reason is not None and f"config.{name}={value}" in reason
+        setattr(model.config, name, neutral)
+
+
+def tiny_gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8,
+                          final_logit_softcapping=3.0, sliding_window=6, bos_token_id=None, eos_token_id=0,
+                          pad_token_id=0, initializer_range=0.2, max_position_embeddings=1024)
+    config._attn_implementation = "eager"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return Gemma2ForCausalLM(config).eval()
+
+
+def test_a_softcapping_model_falls_back_to_full_logits_and_stays_exact(monkeypatch):
+    """Gemma2 soft-caps its logits after the head (final_logit_softcapping): the scoring head would
+    skip that, so sequence_logprobs(chunk_tokens=...) runs the full logits and equals the reference
+    (values and gradients); forced through the scoring head it would not (the fallback matters)."""
+    model = tiny_gemma2()
+    assert "final_logit_softcapping" in head_fallback_reason(model)
+    assert "sliding-window layers" in packing_fallback_reason(model)
+    seqs, starts = CHUNK_SEQS, CHUNK_STARTS
+    w = token_weights(seqs, starts)
+    ref_v, ref_g = values_and_grads(model, lambda: naive_logprobs(model, seqs, starts, 0.7), w)
+    v, g = values_and_grads(model, lambda: sequence_logprobs(model, seqs, starts, 0.7, chunk_tokens=4), w)
+    assert_values_close(v, ref_v, 1e-5, "softcapped")
+    assert_grads_close(g, ref_g, 1e-5, "softcapped")
+    import at2po.training.logprobs as logprobs_module
+
+    monkeypatch.setattr(logprobs_module, "head_fallback_reason", lambda m: None)
+    with torch.no_grad():
+        forced = sequence_logprobs(model, seqs, starts, 0.7, chunk_tokens=4)
+    assert max(float((a - b).abs().max()) for a, b in zip(forced, ref_v) if b.numel()) > 1e-2
+
+
+def test_packing_a_sliding_window_model_would_be_wrong():
+    """Why packing_fallback_reason refuses sliding windows: a window of 4 positions cuts a row's
+    attention, and the packed ancestor mask does not (the fallback is what keeps the update exact)."""
+    model = tiny_lm(use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    rows = random_forest(1)
+    seqs, starts = [r.seq for r in rows], [r.start for r in rows]
+    with torch.no_grad():
+        ref = naive_logprobs(model, seqs, starts, 1.0)
+        padded_path = sequence_logprobs(model, seqs, starts, 1.0, chunk_tokens=4)
+        packed = sequence_logprobs(model, seqs, starts, 1.0, chunk_tokens=4, tree_packing=True)
+    assert_values_close(padded_path, ref, 1e-5, "padded, windowed")
+    assert max(float((a - b).abs().max()) for a, b in zip(packed, ref)) > 1e-2
+
+
+@pytest.fixture(scope="module")
+def fallback_assets(assets, tmp_path_factory):
+    """The tiny assets with a model whose config asks for both fallbacks: sliding-window layers
+    and soft-capped logits."""
+    root = tmp_path_factory.mktemp("fallback_assets")
+    shutil.copytree(assets / "model", root / "model")
+    for name in ("corpus.jsonl", "train.jsonl"):
+        shutil.copy(assets / name, root / name)
+    path = root / "model" / "config.json"
+    config = json.loads(path.read_text())
+    config.update(use_sliding_window=True, sliding_window=4, max_window_layers=0,
+                  layer_types=["sliding_attention"] * config["num_hidden_layers"], final_logit_softcapping=30.0)
+    path.write_text(json.dumps(config))
+    return root
+
+
+def test_trainer_turns_both_paths_off_for_a_model_that_cannot_take_them_and_says_why(assets, fallback_assets,
+                                                                                     assets_vocab, tmp_path, capsys):
+    tr = Trainer(make_run_cfg(fallback_assets, tmp_path / "run", val=False))  # defaults: packing on, chunks of 1024
+    out = capsys.readouterr().out
+    assert tr.cfg.trainer.tree_packing and tr.cfg.trainer.logprob_chunk_tokens == 1024
+    assert not tr.tree_packing and tr.chunk_tokens == 0
+    assert ("trainer.tree_packing: off for this model (the model has sliding-window layers (config.layer_types)); "
+            "rows run padded") in out
+    assert ("trainer.logprob_chunk_tokens: off for this model (the model post-processes its logits after the head "
+            "(config.final_logit_softcapping=30.0)); full logits are computed") in out
+    # The trainer's log-probs are the windowed per-row ones.
+    batch = forest_batch(assets_vocab, seed=3, n_trees=2)
+    model = tr.accelerator.unwrap_model(tr.model)
+    with torch.no_grad():
+        got = tr._log_probs(tr.model, batch)
+        want = padded(naive_logprobs(model, batch.sequences, batch.response_starts, 1.0), got.shape[1])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # The same model without those settings takes both: nothing is said, both stay on.
+    on = Trainer(make_run_cfg(assets, tmp_path / "on", val=False))
+    assert on.tree_packing and on.chunk_tokens == 1024 and "off for this model" not in capsys.readouterr().out
+
+
+# == 6. DDP: 2 processes under a token budget ======================================================
+DIST_CORPUS = ["Zorbex was founded by Mila Tarn.", "Mila Tarn was born in Quovia.", "Quovia is a city in Belmark.",
+               "Drelto is a river that flows through Quovia."]
+DIST_QUESTIONS = [("Who founded Zorbex?", "Mila Tarn"), ("Where was Mila Tarn born?", "Quovia"),
+                  ("Which country is Quovia in?", "Belmark"), ("What flows through Quovia?", "Drelto")]
+RUN_TIMEOUT = 150  # seconds per launched run: a hang (unequal collectives) fails instead of blocking
+
+
+@pytest.fixture(scope="module")
+def dist_assets(tmp_path_factory):
+    """tests/training/test_distributed.py's assets (dist_worker.py's scripted turns are keyed to them)."""
+    from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
+    from conftest import write_search_qa_files
+
+    root = tmp_path_factory.mktemp("logprobs_dist_assets")
+    tok = train_tokenizer(synthetic_agent_texts(200) + DIST_CORPUS * 5, vocab_size=600)
+    model = build_tiny_model(tok, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64, seed=0)
+    save_pretrained_dir(model, tok, root / "model")
+    write_search_qa_files(root, DIST_CORPUS, DIST_QUESTIONS)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "GLOO_SOCKET_IFNAME": "lo"}
+
+
+def run_to_end(command: list[str]) -> None:
+    """Run a launcher to its end within RUN_TIMEOUT; on a timeout kill its whole process tree (by
+    id: torchrun starts its workers in sessions of their own) and fail."""
+    import psutil
+
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        out, err = proc.communicate(timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        tree = psutil.Process(proc.pid)
+        for p in [*tree.children(recursive=True), tree]:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        out, err = proc.communicate()
+        pytest.fail(f"{command[-1]} timed out after {RUN_TIMEOUT} s:\n{out[-2000:]}\n{err[-3000:]}")
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+
+
+def accelerate_launch(processes: int, script: Path, *args) -> list[str]:
+    if processes == 1:
+        return [sys.executable, str(script), *map(str, args)]
+    return [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--multi_gpu", "--mixed_precision", "no",
+            "--num_processes", str(processes), "--num_machines", "1", "--dynamo_backend", "no",
+            "--main_process_port", str(_free_port()), str(script), *map(str, args)]
+
+
+def test_two_process_update_under_a_token_budget_equals_the_one_process_reference(dist_assets, tmp_path):
+    """test_distributed.py's 2-process update (scripted rollouts, rank 0 holds 8 rows, rank 1
+    10), now with trainer.micro_batch_tokens (packed rows, chunked head): each rank plans its own
+    micro-batches (different counts: the padded plan runs zero-weight forwards) and the updated
+    weights equal one process's reference update (padded full-logits micro-batches of 2 rows)
+    within 1e-6 (lr 1, so the update is the gradient: pins (c) under DDP as well)."""
+    from conftest import own_processes_end
+
+    common = ["rollout.samples_per_tree=0", "rollout.expansion_rounds=1", "rollout.top_k=2", "rollout.root_fallback=false",
+              "rollout.n_initial=3", "rollout.max_response_tokens=400", "rollout.chunk_tokens=64", "data.shuffle=false",
+              "trainer.prompts_per_step=4", "trainer.mini_batch_prompts=4", "algo.loss_agg=token-mean", "optim.lr=1.0",
+              "optim.grad_clip=1e6", "data.val_file=", "trainer.save_every=0"]
+    reference = [*common, "trainer.micro_batch_rows=2", "trainer.tree_packing=false", "trainer.logprob_chunk_tokens=0"]
+    budget = [*common, f"trainer.micro_batch_tokens={DDP_BUDGET}", "trainer.logprob_chunk_tokens=7"]
+    worker = HERE / "logprobs_ddp_worker.py"
+    with own_processes_end():
+        run_to_end(accelerate_launch(1, worker, "update", dist_assets, tmp_path, "one", *reference))
+        run_to_end(accelerate_launch(2, worker, "update", dist_assets, tmp_path, "two", *budget))
+    one, two = (torch.load(tmp_path / f"{t}_weights.pt") for t in ("one", "two"))
+    m1, m2 = one["metrics"], two["metrics"]
+    ranks = [json.loads((tmp_path / f"two_plan_rank{r}.json").read_text()) for r in (0, 1)]
+    # Each rank's rows once; micro-batches within the budget but for single long rows; unequal counts
+    # (measured: 4 and 5 micro-batches of rows of 571-653 tokens, 5 rows over the 650 budget).
+    counts = []
+    for r in ranks:
+        ((rows, micros),) = r["plans"][0]  # one mini-batch of the 2 prompts a rank holds
+        assert sorted(x for m in micros for x in m) == sorted(rows) == list(range(len(r["lengths"])))
+        assert all(len(m) == 1 for m in micros if any(r["lengths"][x] > DDP_BUDGET for x in m))
+        counts.append(len(micros))
+    assert min(counts) > 1 and counts[0] != counts[1], counts
+    over = sum(n > DDP_BUDGET for r in ranks for n in r["lengths"])
+    assert m2["perf/rows_over_token_budget"] == over > 0 and m1["perf/rows_over_token_budget"] == 0
+    assert m1["rollout/tool_calls"] == m2["rollout/tool_calls"]  # the same rollouts
+    assert m2["perf/update_forward_tokens"] < m1["perf/update_forward_tokens"]  # the packing shares prompts
+    assert m1["loss/policy"] == pytest.approx(m2["loss/policy"], abs=1e-6)
+    assert sum(two["allreduces"]) == 1  # one gradient all-reduce for the one mini-batch (no_sync on the others)
+    from safetensors.torch import load_file
+
+    w0 = load_file(str(dist_assets / "model" / "model.safetensors"))
+    assert max(float((one["weights"][k] - w0[k]).abs().max()) for k in w0) > 1e-4
+    for k in one["weights"]:
+        torch.testing.assert_close(two["weights"][k], one["weights"][k], atol=1e-6, rtol=0, msg=k)
+
+
+DDP_BUDGET = 650  # tokens: the rows are 571-653 tokens (a 570-token prompt shared by a tree's rows)
+
+
+# == 7. FSDP2: 2 processes, sharded parameters =====================================================
+def test_fsdp2_packed_chunked_log_probs_and_gradients_equal_the_one_process_reference(tmp_path):
+    """Each rank runs its own trees through sequence_logprobs(chunk_tokens=3, tree_packing=True) on a
+    fully_shard-ed model (the output head runs, and is re-run in the checkpointed backward, on
+    gathered parameters; tied and untied heads); the gathered gradient (FSDP2 averages over ranks)
+    equals the 1-process gradient of the mean of both ranks' Σ w·log-prob, and each rank's values
+    its rows' reference, within 1e-5."""
+    from conftest import own_processes_end
+
+    models = {"tied": tiny_lm(tie=True), "untied": tiny_lm(tie=False, seed=1)}
+    for name, model in models.items():
+        model.save_pretrained(tmp_path / name)
+    ranks = []
+    for seed in (20, 21):
+        rows = random_forest(seed, n_trees=2)
+        seqs, starts = [r.seq for r in rows], mixed_starts(rows, seed)
+        ranks.append({"sequences": seqs, "starts": starts, "weights": [w.tolist() for w in token_weights(seqs, starts, seed)]})
+    ranks[1]["sequences"] = ranks[1]["sequences"][:-3]  # unequal row counts and packed lengths
+    ranks[1]["starts"], ranks[1]["weights"] = ranks[1]["starts"][:-3], ranks[1]["weights"][:-3]
+    spec = {"temperature": 0.9, "chunk_tokens": 3, "ranks": ranks}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    worker = HERE / "logprobs_fsdp_worker.py"
+    with own_processes_end():
+        run_to_end([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                    str(_free_port()), str(worker), str(tmp_path / "spec.json"), str(tmp_path),
+                    *(str(tmp_path / name) for name in models)])
+    for name, model in models.items():
+        model.zero_grad(set_to_none=True)
+        total = 0
+        for r, part in enumerate(ranks):
+            want = naive_logprobs(model, part["sequences"], part["starts"], 0.9)
+            got = torch.load(tmp_path / f"{name}_values_rank{r}.pt")
+            assert_values_close(got, [x.detach() for x in want], 1e-5, f"{name} rank {r}")
+            total = total + sum((torch.tensor(w) * lp).sum() for w, lp in zip(part["weights"], want)) / 2
+        total.backward()
+        want_g = {n: p.grad for n, p in model.named_parameters()}
+        assert_grads_close(torch.load(tmp_path / f"{name}_grads.pt"), want_g, 1e-5, name)
