@@ -290,6 +290,29 @@ def test_chunked_head_in_bf16_is_within_bf16_rounding():
             assert_grads_close(g, ref_g, 3e-2, f"bf16 chunk {chunk}")
 
 
+def test_chunked_head_with_a_shared_prompt_prefix_equals_the_reference():
+    """Rows sharing a 40-token prompt (≥ min_shared_prefix): the padded path runs the prefix once
+    and its KV cache under the rows (2 forward calls), and the scoring head swapped in for the
+    second call still gives the naive values and gradients (starts differ, one before the end of
+    the shared prompt)."""
+    model = tiny_lm(tie=False)
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(1, VOCAB, 40).tolist()
+    seqs = [prompt + rng.integers(1, VOCAB, n).tolist() for n in (3, 9, 1, 6)]
+    starts = [40, 35, 41, 44]
+    w = token_weights(seqs, starts)
+    ref_v, ref_g = values_and_grads(model, lambda: naive_logprobs(model, seqs, starts, 0.8), w)
+    calls = []
+    handle = model.register_forward_hook(lambda *a: calls.append(1))
+    for chunk in (1, 5):
+        calls.clear()
+        v, g = values_and_grads(model, lambda: sequence_logprobs(model, seqs, starts, 0.8, chunk_tokens=chunk), w)
+        assert len(calls) == 2  # the shared prefix, then the rows
+        assert_values_close(v, ref_v, 1e-5, f"chunk {chunk}")
+        assert_grads_close(g, ref_g, 1e-5, f"chunk {chunk}")
+    handle.remove()
+
+
 def test_chunked_token_logprobs_by_hand():
     """The chunk loop alone, against log_softmax(head(h) / T)[target] written out, for chunk
     sizes around the 10 positions (pins (b): a chunk that skips or shifts a position)."""
