@@ -669,11 +669,6 @@ def test_rows_over_a_tiny_token_budget_run_alone_and_are_counted(assets, assets_
     assert f"warning: {n} row(s) longer than trainer.micro_batch_tokens=3 ran alone (process 0)" in capsys.readouterr().err
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "product bug: Trainer._update counts rows over trainer.micro_batch_tokens in every epoch's plan "
-    "(_epoch_plan adds to self._rows_over_budget, and _update draws ppo_epochs plans before reading it), "
-    "so perf/rows_over_token_budget and the stderr warning say ppo_epochs x the rows (30 for 15 rows), "
-    "while perf/update_forward_tokens beside it is one epoch's"))
 def test_rows_over_the_budget_are_counted_once_whatever_the_ppo_epochs(assets, assets_vocab, tmp_path, capsys):
     """perf/rows_over_token_budget counts rows (and perf/update_forward_tokens one epoch's forwards):
     with algo.ppo_epochs=2 each row over the budget is still one row."""

@@ -657,12 +657,13 @@ class Trainer:
         world = acc.num_processes
         fsdp = is_fsdp(acc)
         self._rows_over_budget = 0
-        plans = [self._epoch_plan(batch, n_trees) for _ in range(tc.ppo_epochs)]
+        plans = [self._epoch_plan(batch, n_trees)]
+        over_budget = self._rows_over_budget  # one epoch's rows, like the forward tokens below
+        plans += [self._epoch_plan(batch, n_trees) for _ in range(tc.ppo_epochs - 1)]
         # What one epoch's forwards run (for tokens/s and the packing's saving): counted on the
         # first epoch's plan, before padding.
         forward_total = sum(forward_tokens([batch.sequences[r] for r in micro], self.tree_packing)
                             for _, micros in plans[0] for micro in micros)
-        over_budget = self._rows_over_budget
         if over_budget:
             print(f"warning: {over_budget} row(s) longer than trainer.micro_batch_tokens="
                   f"{tc.micro_batch_tokens} ran alone (process {acc.process_index})", file=sys.stderr)
