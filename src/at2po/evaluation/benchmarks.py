@@ -322,7 +322,7 @@ def evaluate(
     task = build_task(cfg)
     if getattr(task, "reward", None) == "atpo_em":
         # A run trained with the authors' scorer is evaluated as they validate: without the format gate.
-        task = type(task)(reward="atpo_em_eval")
+        task = type(task)(reward="atpo_em_eval", score_observations=task.score_observations)
     if not {"em", "f1", "format_ok"} <= set(task.metrics):
         raise ValueError(f"at2po eval reports EM/F1 on the QA benchmarks; task.name={cfg.task.name!r} has no em/f1")
     data = {d: rows[:limit] for d, rows in load_eval_datasets(datasets).items()}
