@@ -258,9 +258,10 @@ def save_atomically(out_dir: str | Path, step: int, write: Callable[[Path], None
         write_manifest(tmp)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a half checkpoint must not fill the disk for the next try
-        # torch.save reports a full disk as RuntimeError("... failed writing file ..."), not as OSError.
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e) \
-            or "failed writing" in str(e)
+        # torch.save reports a full disk as a RuntimeError of its stream writer, not as OSError:
+        # "failed writing file ..." or, when a write came up short, "unexpected pos N vs M".
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or \
+            any(m in str(e) for m in ("No space left", "failed writing", "unexpected pos"))
         if not (full or isinstance(e, OSError)):
             raise
         done = completed_checkpoints(out_dir)
