@@ -86,6 +86,28 @@ def test_train_user_errors_are_one_line(tmp_path, capsys):
     assert code == 2 and f"{latin1}: not UTF-8 text" in err and len(err.splitlines()) == 1
 
 
+def test_a_lone_surrogate_in_a_data_row_names_the_file_row_and_field(tmp_path, capsys):
+    """JSON's escape "\\ud800" reads as a lone surrogate, which the tokenizer refused mid-run with
+    "TypeError: TextEncodeInput must be Union[...]", naming neither the file nor the row."""
+    from at2po.datasets import load_qa_file
+    from at2po.tasks.arithmetic import ArithmeticTask
+
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"id": "1", "question": "ok?", "golden_answers": ["a"]}\n'
+                    '{"id": "2", "question": "Who?", "golden_answers": ["Mila \\udc80Tarn"]}\n')
+    code, err = run_cli(["eval", "--dataset", f"x={data}", "model.path=x", f"--out={tmp_path / 'e'}"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{data}:2: field 'golden_answers[0]' holds a lone surrogate (\\udc80)" in err, err
+    array = tmp_path / "rows.json"
+    array.write_text('[{"id": "1", "question": "Who \\ud800?", "golden_answers": ["a"]}]')
+    with pytest.raises(ValueError, match=r"rows.json, row 1: field 'question' holds a lone surrogate \(\\ud800\)"):
+        load_qa_file(array)
+    problems = tmp_path / "problems.jsonl"
+    problems.write_text('{"id": "1", "question": "2 \\ud800+ 2?", "answer": 4}\n')
+    with pytest.raises(ValueError, match=r"problems.jsonl:1: field 'question' holds a lone surrogate"):
+        ArithmeticTask().load(problems)
+
+
 @pytest.mark.parametrize("override", [
     "model.path={a:", "optim.betas=[0.9,", "model.path='abc", "model.path=@x", "model.path=*x",
     "model.path=!!python/name:os.system", "model.path=%x", "model.path=`x", "model.path=\tx",

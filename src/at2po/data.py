@@ -32,11 +32,37 @@ def row_from_dict(d: dict, where: str) -> QARow:
     return QARow(id=str(rid), question=question.strip(), golds=tuple(g.strip() for g in golds))
 
 
+def _lone_surrogate(value: Any, field: str) -> tuple[str, str] | None:
+    """(field, the surrogate) of the first string in ``value`` that holds a lone UTF-16 surrogate
+    (JSON lets an escape such as "\\ud800" write one), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return field, value[e.start]
+    elif isinstance(value, dict):
+        return next((found for k, v in value.items() if (found := _lone_surrogate(v, f"{field}.{k}" if field else str(k)))),
+                    None)
+    elif isinstance(value, list):
+        return next((found for i, v in enumerate(value) if (found := _lone_surrogate(v, f"{field}[{i}]"))), None)
+    return None
+
+
+def check_text(record: Any, where: str) -> None:
+    """Refuse a record whose strings are not all text: a lone surrogate cannot be encoded, and
+    the tokenizer would fail on it mid-run without naming the row."""
+    found = _lone_surrogate(record, "")
+    if found is not None:
+        field, char = found
+        raise ValueError(f"{where}: field {field!r} holds a lone surrogate ({char.encode('unicode_escape').decode()}), "
+                         "which is not text: fix or drop that escape in the file")
+
+
 def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str, Any]]:
     """``(where, record)`` for every non-blank line of a jsonl file; ``where`` is "file:line".
 
-    A missing file, a line that is not JSON and text that is not UTF-8 raise errors that name the
-    file (and the line); what a record must hold is the caller's to check.
+    A missing file, a line that is not JSON, text that is not UTF-8 and a string with a lone
+    surrogate raise errors that name the file (and the line, and the field); what a record must hold is the caller's to check.
     """
     path = Path(path)
     if path.is_dir():
@@ -54,6 +80,7 @@ def read_jsonl(path: str | Path, what: str = "data file") -> Iterator[tuple[str,
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+        check_text(record, f"{path}:{line_no}")
         yield f"{path}:{line_no}", record
 
 

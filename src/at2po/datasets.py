@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from at2po.data import QARow, load_qa_jsonl, row_from_dict, write_qa_jsonl
+from at2po.data import QARow, check_text, load_qa_jsonl, row_from_dict, write_qa_jsonl
 
 __all__ = [
     "BENCHMARKS",
@@ -89,7 +89,10 @@ def _load_json_file(path: Path) -> list[QARow]:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    rows = [row_from_dict(d, f"{path}, row {i}") for i, d in enumerate(records, start=1)]
+    rows = []
+    for i, d in enumerate(records, start=1):
+        check_text(d, f"{path}, row {i}")
+        rows.append(row_from_dict(d, f"{path}, row {i}"))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
