@@ -167,3 +167,65 @@ def test_a_missing_model_dir_or_one_without_a_tokenizer_says_so(tmp_path, capsys
         load_tokenizer(ModelConfig(path="org/name", tokenizer_path=str(weights_only)))
     code, err = run_cli(["train", f"model.path={missing}", "data.train_file=x.jsonl"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and f"model.path={missing} does not exist" in err, err
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny saved model with its tokenizer: the intact original each damage test copies."""
+    from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_texts, train_tokenizer
+
+    root = tmp_path_factory.mktemp("model") / "model"
+    tok = train_tokenizer(synthetic_agent_texts(20), vocab_size=300)
+    save_pretrained_dir(build_tiny_model(tok, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                         intermediate_size=32), tok, root)
+    return root
+
+
+def eval_argv(tmp_path, model, *extra):
+    data = tmp_path / "q.jsonl"
+    data.write_text(json.dumps({"id": "1", "question": "q?", "golden_answers": ["a"]}) + "\n")
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "0", "contents": "a passage"}) + "\n")
+    return ["eval", "--dataset", f"x={data}", f"--out={tmp_path / 'e'}", f"model.path={model}",
+            f"tools.search.corpus_file={corpus}", "trainer.progress=false", *extra]
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda b: b"\xff" * 8 + b[8:], "header too large"),  # a bad header length
+    (lambda b: bytes(reversed(b)), "header"),  # random-looking bytes
+    (lambda b: b[: len(b) - 7], "incomplete metadata, file not fully covered"),  # cut short
+    (lambda b: b"", "header too small"),  # empty
+])
+def test_a_damaged_safetensors_file_is_named(model_dir, tmp_path, capsys, damage, reason):
+    import shutil
+
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    weights = model / "model.safetensors"
+    weights.write_bytes(damage(weights.read_bytes()))
+    code, err = run_cli(eval_argv(tmp_path, model), capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"{weights} is damaged (" in err and reason in err, err
+
+
+def test_a_broken_chat_template_is_named(model_dir, tmp_path, capsys):
+    import shutil
+
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    (model / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content ")
+    code, err = run_cli(eval_argv(tmp_path, model), capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert f"{model / 'chat_template.jinja'}: line 1: not a valid Jinja chat template" in err, err
+
+
+def test_a_model_with_fewer_embedding_rows_than_tokens_is_refused_at_load(model_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    rows = len(AutoTokenizer.from_pretrained(model_dir)) - 50
+    model.resize_token_embeddings(rows)
+    model.save_pretrained(tmp_path / "small")
+    capsys.readouterr()
+    code, err = run_cli(eval_argv(tmp_path, tmp_path / "small", f"model.tokenizer_path={model_dir}"), capsys)
+    assert code == 2 and "Traceback" not in err, err  # the model loads (transformers' progress bar), then this line:
+    err = err.splitlines()[-1]
+    assert err.startswith("at2po eval: error: ") and f"the model's embedding has {rows} rows but the tokenizer ({model_dir}) has {rows + 50} tokens" in err, err
