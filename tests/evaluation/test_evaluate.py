@@ -461,3 +461,26 @@ def test_eval_scores_the_models_own_answer_not_one_quoted_in_a_passage(assets, t
     assert json.loads((out / "results.json").read_text())["datasets"]["bamboogle"]["em"] == em
     if em == 0.0:
         assert [r["prediction"] for r in records] == ["Mila Tarn", None]
+
+
+def test_resume_refuses_records_of_another_file_under_the_same_dataset_name(assets, tmp_path, rolled_out_ids):
+    """A resume under the same name but from another file kept the first file's records for the
+    ids both files have and reported a mix of the two."""
+    first, other = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_qa_file(DATA["nq"][:2], first)
+    moved = DATA["triviaqa"][1:2] + DATA["nq"][1:3]
+    write_qa_file([QARow(f"nq{i}", r.question, r.golds) for i, r in enumerate(moved)], other)
+    cfg, out = make_cfg(assets), tmp_path / "out"
+    evaluate(cfg, {"nq": first}, out, limit=1, progress=False)
+    before = (out / "nq.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"nq.jsonl holds records of another file than dataset 'nq' is now read from "
+                                         r"\(1 of 1 differ; id nq0: 'Which country is Quovia in\?' then, 'What "
+                                         r"flows through Quovia\?' now\): pass --no-resume"):
+        evaluate(cfg, {"nq": other}, out, progress=False)
+    assert (out / "nq.jsonl").read_bytes() == before  # nothing rewritten
+    # The same file resumes (a --limit run is a prefix of it); --no-resume starts the other one over.
+    rolled_out_ids.clear()
+    evaluate(cfg, {"nq": first}, out, progress=False)
+    assert rolled_out_ids == ["nq1"]
+    evaluate(cfg, {"nq": other}, out, resume=False, progress=False)
+    assert [r["prompt"] for r in read_jsonl(out / "nq.jsonl")] == [r.question for r in moved]
