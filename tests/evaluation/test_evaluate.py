@@ -374,6 +374,18 @@ def test_eval_stops_when_the_retriever_fails_every_call_in_a_row(assets, tmp_pat
     assert read_jsonl(out / "nq.jsonl") == [] and not (out / "results.md").exists()
 
 
+def test_an_index_that_fails_mid_eval_stops_it_instead_of_counting_as_the_models_queries(assets, tmp_path):
+    """An index whose hits point past its passages failed every search with "list index out of range",
+    reported as "tool calls failed (the model's input: empty or bad queries)" under a table of EM."""
+    tool = LocalSearchTool(BM25Index(CORPUS), topk=2)
+    tool.index.search = lambda queries, topk: [[(len(CORPUS), 1.0)] for _ in queries]  # a hit past the passages
+    out = tmp_path / "out"
+    with pytest.raises(ToolServiceError, match=r"tools.search: the local index failed \(IndexError: list index out "
+                                               r"of range\); rebuild"):
+        evaluate(make_cfg(assets), datasets(assets), out, batch_size=5, tools=[tool], progress=False)
+    assert read_jsonl(out / "nq.jsonl") == [] and not (out / "results.md").exists()
+
+
 def test_a_question_longer_than_the_context_counts_as_wrong_and_is_not_generated(assets, full_run, tmp_path,
                                                                                 rolled_out_ids, capsys):
     # The tiny model's context is 2048 tokens; this question alone is longer.
