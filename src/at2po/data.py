@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,9 @@ class QARow:
     id: str
     question: str
     golds: tuple[str, ...]
+    # The benchmark a row of a mixed file belongs to (Search-R1's parquet column, kept in jsonl);
+    # not part of a row's identity.
+    data_source: str | None = field(default=None, compare=False)
 
 
 def row_from_dict(d: dict, where: str) -> QARow:
@@ -28,8 +31,11 @@ def row_from_dict(d: dict, where: str) -> QARow:
         golds = [golds]
     if not isinstance(golds, (list, tuple)) or not golds or not all(isinstance(g, str) and g.strip() for g in golds):
         raise ValueError(f"{where}: field 'golden_answers' must be a non-empty list of non-empty strings, got {golds!r}")
+    source = d.get("data_source")
+    if source is not None and (not isinstance(source, str) or not source.strip()):
+        raise ValueError(f"{where}: field 'data_source' must be a non-empty string, got {source!r}")
     rid = d.get("id", where)
-    return QARow(id=str(rid), question=question.strip(), golds=tuple(g.strip() for g in golds))
+    return QARow(id=str(rid), question=question.strip(), golds=tuple(g.strip() for g in golds), data_source=source)
 
 
 def _lone_surrogate(value: Any, field: str) -> tuple[str, str] | None:
@@ -94,4 +100,5 @@ def load_qa_jsonl(path: str | Path) -> list[QARow]:
 def write_qa_jsonl(rows: list[QARow], path: str | Path) -> None:
     with Path(path).open("w", encoding="utf-8") as f:
         for r in rows:
-            f.write(json.dumps({"id": r.id, "question": r.question, "golden_answers": list(r.golds)}) + "\n")
+            source = {"data_source": r.data_source} if r.data_source else {}
+            f.write(json.dumps({"id": r.id, "question": r.question, "golden_answers": list(r.golds), **source}) + "\n")
