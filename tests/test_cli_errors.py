@@ -5,6 +5,7 @@ passes the config."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -56,6 +57,8 @@ def test_a_retriever_url_without_a_scheme_is_refused():
     ("model: [unclosed\n", "bad.yaml:2: not valid YAML"),
     (b"model:\n  path: caf\xe9\n", "bad.yaml: not UTF-8 text"),
     ("- a list\n", "the top level must be a mapping"),
+    ("", "bad.yaml is empty (or only comments): give a YAML mapping of sections"),  # ran on the defaults
+    ("# settings to come\n", "bad.yaml is empty (or only comments)"),
     ("optim:\n  betas: [0.9]\n", "optim.betas must be a list of 2 values"),
 ])
 def test_bad_config_files_are_one_line_errors(tmp_path, capsys, content, message):
@@ -71,6 +74,16 @@ def test_a_config_path_that_is_a_directory_or_missing(tmp_path, capsys):
     assert code == 2 and f"config file {tmp_path} is a directory" in err
     code, err = run_cli(["train", "--config", str(tmp_path / "nope.yaml")], capsys)
     assert code == 2 and "does not exist" in err and len(err.splitlines()) == 1
+    # Not a regular file, but readable: /dev/null is empty (it was said not to exist), a pipe is read.
+    code, err = run_cli(["config", "--config", "/dev/null"], capsys)
+    assert code == 2 and "config file /dev/null is empty (or only comments)" in err and len(err.splitlines()) == 1, err
+    read, write = os.pipe()
+    os.write(write, b"optim: {lr: 0.5}\n")
+    os.close(write)
+    try:
+        assert load_config(f"/dev/fd/{read}").optim.lr == 0.5
+    finally:
+        os.close(read)
 
 
 def test_train_user_errors_are_one_line(tmp_path, capsys):
