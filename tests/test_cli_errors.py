@@ -242,3 +242,23 @@ def test_a_model_with_fewer_embedding_rows_than_tokens_is_refused_at_load(model_
     assert code == 2 and "Traceback" not in err, err  # the model loads (transformers' progress bar), then this line:
     err = err.splitlines()[-1]
     assert err.startswith("at2po eval: error: ") and f"the model's embedding has {rows} rows but the tokenizer ({model_dir}) has {rows + 50} tokens" in err, err
+
+
+def test_quickstart_with_a_backend_that_is_not_installed_fails_before_the_warm_start(tmp_path, capsys, monkeypatch):
+    """`quickstart --set rollout.backend=vllm` without vLLM failed only after the minute of warm start."""
+    import importlib.util
+
+    import at2po.quickstart
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here")
+
+    def warm_start(*args, **kwargs):
+        raise AssertionError("the warm start ran")
+
+    monkeypatch.setattr(at2po.quickstart, "build_quickstart_assets", warm_start)
+    code, err = run_cli(["quickstart", "--out", str(tmp_path / "qs"), "--set", "rollout.backend=vllm"], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "rollout.backend=vllm needs vLLM: pip install" in err, err
+    code, err = run_cli(["quickstart", "--out", str(tmp_path / "qs2"), "--set", "rollout.backend=nope"], capsys)
+    assert code == 2 and "rollout.backend='nope' is not one of hf, vllm" in err, err
