@@ -116,7 +116,8 @@ class Demonstration:
     """An ideal (or deliberately sloppy) trajectory for a warm start, split where the environment
     takes over: ``pieces[i] = (generated, observation)``, a turn the policy writes, then the
     observation the environment appends after it ("" after the final turn). Concatenated they are
-    the response text the reward scores; ``at2po.training.sft.SFTExample`` takes the pieces."""
+    the response text (the reward reads it with each observation's content left out);
+    ``at2po.training.sft.SFTExample`` takes the pieces."""
 
     pieces: tuple[tuple[str, str], ...]
 
