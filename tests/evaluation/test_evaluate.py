@@ -248,6 +248,16 @@ def test_resume_refuses_other_settings_unless_told(assets, full_run, tmp_path):
     assert res["datasets"]["bamboogle"]["n"] == 2 and len(read_jsonl(out / "bamboogle.jsonl")) == 2
 
 
+def test_resume_refuses_results_scored_before_the_reward_read_only_the_models_tokens(assets, tmp_path):
+    out = tmp_path / "out"
+    evaluate(make_cfg(assets), {"bamboogle": assets / "bamboogle.jsonl"}, out, limit=1, progress=False)
+    settings = json.loads((out / "eval_settings.json").read_text())
+    assert settings["task"].pop("scored") == "policy tokens"
+    (out / "eval_settings.json").write_text(json.dumps(settings))  # as an earlier at2po wrote it
+    with pytest.raises(ValueError, match=r"holds results of another setting \(task differ\)"):
+        evaluate(make_cfg(assets), {"bamboogle": assets / "bamboogle.jsonl"}, out, progress=False)
+
+
 def test_dataset_names_and_mixed_search_r1_files(assets, tmp_path):
     # Search-R1's combined test file: one parquet, benchmarks told apart by data_source.
     write_qa_file(DATA["nq"], tmp_path / "a.parquet", data_source="nq")

@@ -157,7 +157,10 @@ def _settings(cfg: Config, system_prompt: str) -> dict[str, Any]:
     search = {k: v for k, v in dataclasses.asdict(t.search).items() if k != "max_consecutive_failures"}
     settings = {
         "model": {"path": cfg.model.path, "tokenizer_path": cfg.model.tokenizer_path, "dtype": cfg.model.dtype},
-        "task": {"name": cfg.task.name, "options": cfg.task.options},
+        # What the reward reads: results saved before it read only the policy's own tokens were
+        # scored on observations too and must not be mixed with these.
+        "task": {"name": cfg.task.name, "options": cfg.task.options,
+                 "scored": "response" if cfg.task.options.get("score_observations") else "policy tokens"},
         "system_prompt": system_prompt,
         "tools": {"enabled": t.enabled, "search": search, "python": dataclasses.asdict(t.python), "options": t.options},
         # Not chunk_tokens: a turn that reaches it goes on in the next call, the answer is the same.
