@@ -226,6 +226,11 @@ def format_observation(body: str, defuse: bool = True) -> str:
     return " <result>\n" + (body.replace("</result>", "</ result>") if defuse else body) + "\n</result>"
 
 
+# What the reward reads in place of an observation: where the environment's output came, without
+# its content (docs/method.md §1).
+EMPTY_OBSERVATION = format_observation("")
+
+
 def format_error_observation(message: str) -> str:
     """Observation telling the model its tool call failed; the trajectory goes on."""
     return format_observation(f"Error: {message}")

@@ -513,16 +513,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         path = Path(path)
         if path.is_dir():
             raise ValueError(f"config file {path} is a directory; give a YAML file")
-        if not path.is_file():
+        if not path.exists():
             raise FileNotFoundError(f"config file {path} does not exist")
-        try:
-            data = _yaml_load(path.read_text(encoding="utf-8")) or {}
+        try:  # read, not only regular files: /dev/null, or a pipe such as bash's <(...)
+            data = _yaml_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
             raise ValueError(f"config file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
             raise ValueError(f"config file {where}: not valid YAML ({_yaml_problem(e)})") from None
+        if data is None:
+            raise ValueError(f"config file {path} is empty (or only comments): give a YAML mapping of sections "
+                             "(model, data, ...), or leave out --config")
         if not isinstance(data, dict):
             raise ValueError(f"{path}: the top level must be a mapping of sections (model, data, ...)")
     data = _merge(data, parse_overrides(overrides or []))

@@ -16,11 +16,11 @@ import argparse
 import json
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from at2po.data import QARow, load_qa_jsonl, row_from_dict, write_qa_jsonl
+from at2po.data import QARow, check_text, load_qa_jsonl, row_from_dict, write_qa_jsonl
 
 __all__ = [
     "BENCHMARKS",
@@ -89,7 +89,10 @@ def _load_json_file(path: Path) -> list[QARow]:
         records = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    rows = [row_from_dict(d, f"{path}, row {i}") for i, d in enumerate(records, start=1)]
+    rows = []
+    for i, d in enumerate(records, start=1):
+        check_text(d, f"{path}, row {i}")
+        rows.append(row_from_dict(d, f"{path}, row {i}"))
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
@@ -127,7 +130,10 @@ def _parquet_record(raw: dict[str, Any], where: str) -> tuple[str | None, QARow]
     if rid is None:
         rid = extra.get("index", where)
     data_source = raw.get("data_source")
-    return data_source, row_from_dict({"id": rid, "question": question, "golden_answers": golds}, where)
+    row = {"id": rid, "question": question, "golden_answers": golds}
+    if data_source is not None:
+        row["data_source"] = data_source
+    return data_source, row_from_dict(row, where)
 
 
 def _read_parquet(path: Path) -> list[tuple[str | None, QARow]]:
@@ -217,7 +223,7 @@ def _write_parquet(rows: list[QARow], data_source: str, split: str, path: Path) 
             "id": row.id,
             "question": row.question,
             "golden_answers": list(row.golds),
-            "data_source": data_source,
+            "data_source": row.data_source or data_source,
             "prompt": _search_r1_prompt(row.question),
             "ability": "fact-reasoning",
             "reward_model": {"style": "rule", "ground_truth": {"target": list(row.golds)}},
@@ -247,7 +253,7 @@ def write_qa_file(
         write_qa_jsonl(rows, path)
         return
     data_source = data_source or _benchmark_in_path(path)
-    if data_source is None:
+    if data_source is None and not all(row.data_source for row in rows):
         raise ValueError(
             f"{path}: cannot tell the benchmark for the parquet column 'data_source' from the path; "
             f"pass data_source (one of: {', '.join(BENCHMARKS)})"
@@ -265,10 +271,26 @@ def convert(src: str | Path, dst: str | Path, data_source: str | None = None, sp
     src, dst = Path(src), Path(dst)
     if (_suffix(src) == _PARQUET) == (_suffix(dst) == _PARQUET):
         raise ValueError(f"{src} -> {dst}: both files have the same format; convert jsonl <-> parquet")
-    rows = load_qa_file(src)
+    rows = _unique_ids(load_qa_file(src), src)
     source = data_source or _benchmark_in_path(dst) or _benchmark_in_path(src)
     write_qa_file(rows, dst, data_source=source, split=split or _split_in_path(src))
     return len(rows)
+
+
+def _unique_ids(rows: list[QARow], src: Path) -> list[QARow]:
+    """Rows whose ids are unique in the file: a file that mixes benchmarks (Search-R1's combined
+    test set numbers each benchmark's rows from 0) gets ids qualified by their data_source
+    ("nq_0"); ids repeated within one benchmark are an error."""
+    seen: dict[tuple[str | None, str], int] = {}
+    for i, row in enumerate(rows, start=1):
+        key = (row.data_source, row.id)
+        if key in seen:
+            within = f" of data_source {row.data_source!r}" if row.data_source else ""
+            raise ValueError(f"{src}: id {row.id!r}{within} is used by rows {seen[key]} and {i}; ids must be unique")
+        seen[key] = i
+    if len({row.id for row in rows}) == len(rows):
+        return rows
+    return [replace(row, id=f"{row.data_source}_{row.id}") for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +430,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Convert SRC to DST, the formats given by the extensions (.jsonl/.json or .parquet), "
             "validating every row. Parquet is written in Search-R1's layout (data_source, prompt, "
-            "reward_model.ground_truth.target, extra_info)."
+            "reward_model.ground_truth.target, extra_info). Each row keeps its data_source; in a file "
+            "that mixes benchmarks with ids repeated across them, ids become <data_source>_<id>."
         ),
     )
     c.add_argument("src", type=Path, help="input file (.jsonl, .json or .parquet)")

@@ -53,7 +53,42 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer_path or cfg.path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    _check_chat_template(tokenizer, field, cfg.tokenizer_path or cfg.path, local)
     return tokenizer
+
+
+def _check_chat_template(tokenizer: Any, field: str, cfg_value: str, local: Path | None) -> None:
+    """A chat template that is not valid Jinja fails when the first prompt is rendered, deep in a
+    run, with a message that names no file: render a one-message chat now and name the file."""
+    from jinja2 import TemplateSyntaxError
+
+    if not getattr(tokenizer, "chat_template", None):
+        return
+    try:
+        tokenizer.apply_chat_template([{"role": "user", "content": "?"}], tokenize=False, add_generation_prompt=True)
+    except TemplateSyntaxError as e:
+        if local is None:
+            where = f"the chat template of {field}={cfg_value}"
+        elif (local / "chat_template.jinja").is_file():
+            where = str(local / "chat_template.jinja")
+        else:
+            where = f"the chat_template of {local / 'tokenizer_config.json'}"
+        raise ValueError(f"{where}: line {e.lineno}: not a valid Jinja chat template ({e.message}): fix it or "
+                         "copy the base model's template") from None
+
+
+def _check_safetensors(path: Path) -> None:
+    """Read the header of every ``*.safetensors`` file of a local model directory, so that a damaged
+    one (cut short, empty, overwritten) is named instead of failing inside transformers."""
+    from safetensors import SafetensorError, safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f} is damaged ({str(e).splitlines()[0]}): copy it again from where it came "
+                             "from (or point model.path at an intact checkpoint)") from None
 
 
 def load_model(cfg: ModelConfig, device: Any = None) -> torch.nn.Module:
@@ -63,7 +98,9 @@ def load_model(cfg: ModelConfig, device: Any = None) -> torch.nn.Module:
 
     if not cfg.path:
         raise ValueError("model.path is empty: point it at a Hugging Face model directory (or hub id)")
-    _local_dir("model.path", cfg.path)
+    local = _local_dir("model.path", cfg.path)
+    if local is not None:
+        _check_safetensors(local)
     model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=getattr(torch, cfg.dtype))
     if cfg.gradient_checkpointing:
         # transformers 5 renamed it; 4.x has only the old name.
@@ -127,6 +164,11 @@ def build_engine(
     from at2po.rollout.engine import TreeRolloutEngine
     from at2po.rollout.generator import build_generator
 
+    rows, tokens = model.get_input_embeddings().num_embeddings, len(tokenizer)
+    if rows < tokens:  # a token id beyond the embedding fails as an IndexError in the first forward pass
+        raise ValueError(f"model.path={cfg.model.path}: the model's embedding has {rows} rows but the tokenizer "
+                         f"({cfg.model.tokenizer_path or cfg.model.path}) has {tokens} tokens: use the tokenizer the "
+                         "model was trained with (model.tokenizer_path), or resize the model's embeddings to it")
     task = task if task is not None else build_task(cfg)
     tools = tools if tools is not None else build_tools(cfg, task)
     generator = build_generator(cfg.rollout.backend, model, tokenizer,

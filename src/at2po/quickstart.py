@@ -235,6 +235,7 @@ def _package_versions() -> dict[str, str]:
 
 def run_quickstart(out_dir: str | Path = "runs/quickstart", seed: int = 0, overrides: list[str] | None = None,
                    progress: bool = True, overwrite: bool = False) -> dict:
+    from at2po.rollout.generator import check_backend
     from at2po.training.run_dir import prepare_fresh
     from at2po.training.trainer import Trainer, plot_metrics
 
@@ -243,6 +244,7 @@ def run_quickstart(out_dir: str | Path = "runs/quickstart", seed: int = 0, overr
     t0 = time.perf_counter()
     assets_dir = out / "assets"
     cfg = quickstart_config(assets_dir, out, seed, overrides or [])  # checks the overrides before the warm start
+    check_backend(cfg.rollout.backend)  # and that the backend is installed: the trainer builds it after the warm start
     print(f"[1/3] world, tokenizer, tiny model and warm start -> {assets_dir}", flush=True)
     build_quickstart_assets(quickstart_assets_config(seed, cfg.rollout.backend), out_dir=assets_dir, progress=progress)
     t_assets = time.perf_counter() - t0

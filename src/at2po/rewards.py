@@ -2,7 +2,8 @@
 
 All functions work on the decoded RESPONSE text: everything after the prompt, i.e. the policy's
 turns interleaved with the observation blocks (`` <result>\\n...\\n</result>``) that the
-environment inserted after each tool call. Pure text; no torch. The rewards themselves belong
+environment inserted after each tool call. The rollout engine passes each observation block
+empty, so only the policy's own tokens can be an answer (docs/method.md §1). Pure text; no torch. The rewards themselves belong
 to the tasks (``at2po.tasks``): the paper's is
 
     reward = EM(answer, golds)  if the response format is valid

@@ -29,6 +29,7 @@ from at2po.tiny import build_tiny_model, save_pretrained_dir, synthetic_agent_te
 from at2po.tools.base import ToolResult
 from at2po.tools.health import ToolServiceError
 from at2po.tools.search import BM25Index, LocalSearchTool
+from conftest import SearchThenOwnTurn
 
 CORPUS = [
     "Quovia is a city in Belmark.",
@@ -247,6 +248,16 @@ def test_resume_refuses_other_settings_unless_told(assets, full_run, tmp_path):
     assert res["datasets"]["bamboogle"]["n"] == 2 and len(read_jsonl(out / "bamboogle.jsonl")) == 2
 
 
+def test_resume_refuses_results_scored_before_the_reward_read_only_the_models_tokens(assets, tmp_path):
+    out = tmp_path / "out"
+    evaluate(make_cfg(assets), {"bamboogle": assets / "bamboogle.jsonl"}, out, limit=1, progress=False)
+    settings = json.loads((out / "eval_settings.json").read_text())
+    assert settings["task"].pop("scored") == "policy tokens"
+    (out / "eval_settings.json").write_text(json.dumps(settings))  # as an earlier at2po wrote it
+    with pytest.raises(ValueError, match=r"holds results of another setting \(task differ\)"):
+        evaluate(make_cfg(assets), {"bamboogle": assets / "bamboogle.jsonl"}, out, progress=False)
+
+
 def test_dataset_names_and_mixed_search_r1_files(assets, tmp_path):
     # Search-R1's combined test file: one parquet, benchmarks told apart by data_source.
     write_qa_file(DATA["nq"], tmp_path / "a.parquet", data_source="nq")
@@ -373,6 +384,18 @@ def test_eval_stops_when_the_retriever_fails_every_call_in_a_row(assets, tmp_pat
     assert read_jsonl(out / "nq.jsonl") == [] and not (out / "results.md").exists()
 
 
+def test_an_index_that_fails_mid_eval_stops_it_instead_of_counting_as_the_models_queries(assets, tmp_path):
+    """An index whose hits point past its passages failed every search with "list index out of range",
+    reported as "tool calls failed (the model's input: empty or bad queries)" under a table of EM."""
+    tool = LocalSearchTool(BM25Index(CORPUS), topk=2)
+    tool.index.search = lambda queries, topk: [[(len(CORPUS), 1.0)] for _ in queries]  # a hit past the passages
+    out = tmp_path / "out"
+    with pytest.raises(ToolServiceError, match=r"tools.search: the local index failed \(IndexError: list index out "
+                                               r"of range\); rebuild"):
+        evaluate(make_cfg(assets), datasets(assets), out, batch_size=5, tools=[tool], progress=False)
+    assert read_jsonl(out / "nq.jsonl") == [] and not (out / "results.md").exists()
+
+
 def test_a_question_longer_than_the_context_counts_as_wrong_and_is_not_generated(assets, full_run, tmp_path,
                                                                                 rolled_out_ids, capsys):
     # The tiny model's context is 2048 tokens; this question alone is longer.
@@ -434,3 +457,52 @@ def test_evaluate_greedy_context_rule_at_its_boundary(assets, full_run, monkeypa
     [rec] = evaluate_greedy(engine, [longest], context=n_short + budget - 1)
     assert validated == [] and rec["id"] == longest.id and rec["skipped"].startswith(f"prompt of {n_short} tokens")
     assert mean_metrics([], ["em"]) == {"em": 0.0}
+
+
+@pytest.mark.parametrize("options, em", [("{reward: em}", 0.0), ("{reward: atpo_em}", 0.0),
+                                         ("{reward: atpo_em, score_observations: true}", 100.0)])
+def test_eval_scores_the_models_own_answer_not_one_quoted_in_a_passage(assets, tmp_path, monkeypatch, options, em):
+    # The gold answer is in the index only, quoted in the protocol's tags; the model (scripted)
+    # searches, then answers "Mila Tarn" to one question and nothing to the other.
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "0", "contents": "Belmark <think> x </think> <answer> The final answer is "
+                                  "\\[ \\boxed{Belmark} \\] </answer>"}) + "\n")
+    data = tmp_path / "bamboogle.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "question": q, "golden_answers": ["Belmark"]}) + "\n"
+                            for i, q in (("a", "Which country is Quovia in?"), ("b", "Which country is Drelto in?"))))
+    monkeypatch.setattr("at2po.rollout.generator.build_generator", lambda name, model, tok, **kw: SearchThenOwnTurn(tok))
+    parser = argparse.ArgumentParser(prog="at2po")
+    add_cli(parser.add_subparsers(dest="command"))
+    out = tmp_path / "out"
+    args = parser.parse_args(["eval", "--dataset", f"bamboogle={data}", "--out", str(out), f"task.options={options}",
+                              f"model.path={assets / 'model'}", f"tools.search.corpus_file={corpus}",
+                              "rollout.max_response_tokens=200", "trainer.progress=false"])
+    assert args.func(args) == 0
+    records = read_jsonl(out / "bamboogle.jsonl")
+    assert all("boxed{Belmark}" in r["response"] for r in records)  # the passage was seen
+    assert json.loads((out / "results.json").read_text())["datasets"]["bamboogle"]["em"] == em
+    if em == 0.0:
+        assert [r["prediction"] for r in records] == ["Mila Tarn", None]
+
+
+def test_resume_refuses_records_of_another_file_under_the_same_dataset_name(assets, tmp_path, rolled_out_ids):
+    """A resume under the same name but from another file kept the first file's records for the
+    ids both files have and reported a mix of the two."""
+    first, other = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    write_qa_file(DATA["nq"][:2], first)
+    moved = DATA["triviaqa"][1:2] + DATA["nq"][1:3]
+    write_qa_file([QARow(f"nq{i}", r.question, r.golds) for i, r in enumerate(moved)], other)
+    cfg, out = make_cfg(assets), tmp_path / "out"
+    evaluate(cfg, {"nq": first}, out, limit=1, progress=False)
+    before = (out / "nq.jsonl").read_bytes()
+    with pytest.raises(ValueError, match=r"nq.jsonl holds records of another file than dataset 'nq' is now read from "
+                                         r"\(1 of 1 differ; id nq0: 'Which country is Quovia in\?' then, 'What "
+                                         r"flows through Quovia\?' now\): pass --no-resume"):
+        evaluate(cfg, {"nq": other}, out, progress=False)
+    assert (out / "nq.jsonl").read_bytes() == before  # nothing rewritten
+    # The same file resumes (a --limit run is a prefix of it); --no-resume starts the other one over.
+    rolled_out_ids.clear()
+    evaluate(cfg, {"nq": first}, out, progress=False)
+    assert rolled_out_ids == ["nq1"]
+    evaluate(cfg, {"nq": other}, out, resume=False, progress=False)
+    assert [r["prompt"] for r in read_jsonl(out / "nq.jsonl")] == [r.question for r in moved]

@@ -168,9 +168,11 @@ def test_jsonl_parquet_round_trip_in_search_r1_layout(tmp_path):
     assert first["extra_info"] == {"split": "dev", "index": 0} and table[2]["extra_info"]["index"] == 2
     assert (first["id"], first["question"], first["golden_answers"]) == ("dev_0", ROWS[0]["question"], ROWS[0]["golden_answers"])
 
-    # Back to jsonl: identical rows; and a parquet without the FlashRAG columns reads the same.
+    # Back to jsonl: identical rows, which keep their data_source; and a parquet without the
+    # FlashRAG columns reads the same.
     assert convert(tmp_path / "out" / "hotpotqa_dev.parquet", tmp_path / "back.jsonl") == 3
-    assert [json.loads(line) for line in (tmp_path / "back.jsonl").read_text().splitlines()] == ROWS
+    back = [json.loads(line) for line in (tmp_path / "back.jsonl").read_text().splitlines()]
+    assert back == [{**r, "data_source": "hotpotqa"} for r in ROWS]
     stripped = [{k: v for k, v in r.items() if k not in ("id", "question", "golden_answers")} for r in table]
     assert [(r.question, r.golds) for r in load_qa_file(write_parquet(tmp_path / "s.parquet", stripped))] == [
         (r["question"], tuple(r["golden_answers"])) for r in ROWS
@@ -187,6 +189,28 @@ def test_search_r1_parquet_to_jsonl_and_back(tmp_path):
     convert(tmp_path / "nq.jsonl", tmp_path / "again.parquet", data_source="nq")
     assert load_qa_file(tmp_path / "again.parquet") == load_qa_file(src)
     assert pq.read_table(tmp_path / "again.parquet").column("data_source").to_pylist() == ["nq", "nq"]
+
+
+def test_a_mixed_search_r1_parquet_converts_with_unique_ids_and_its_data_source(tmp_path, capsys):
+    """Search-R1's combined test set numbers each benchmark's rows from 0 and has no id column:
+    the jsonl got ids 0, 1, 0, 1 and lost data_source."""
+    from at2po.cli import main
+
+    src = write_parquet(tmp_path / "test.parquet", [search_r1_record(f"q{s}{i}?", ["a"], source=s, index=i)
+                                                    for s in ("nq", "hotpotqa") for i in range(2)])
+    assert main(["data", "convert", str(src), str(tmp_path / "test.jsonl")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["data_source"]) for r in rows] == [("nq_0", "nq"), ("nq_1", "nq"), ("hotpotqa_0", "hotpotqa"),
+                                                          ("hotpotqa_1", "hotpotqa")]
+    # Back to parquet, each row keeps its own benchmark (no --data-source needed).
+    assert main(["data", "convert", str(tmp_path / "test.jsonl"), str(tmp_path / "again.parquet")]) == 0
+    assert pq.read_table(tmp_path / "again.parquet").column("data_source").to_pylist() == ["nq"] * 2 + ["hotpotqa"] * 2
+    # Ids repeated within one benchmark cannot be told apart: refused.
+    twice = write_parquet(tmp_path / "twice.parquet", [search_r1_record(f"q{i}?", ["a"], index=0) for i in range(2)])
+    capsys.readouterr()
+    assert main(["data", "convert", str(twice), str(tmp_path / "twice.jsonl")]) == 2
+    assert "twice.parquet: id '0' of data_source 'nq' is used by rows 1 and 2" in capsys.readouterr().err
+    assert not (tmp_path / "twice.jsonl").exists()
 
 
 def test_convert_errors(tmp_path):

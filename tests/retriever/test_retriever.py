@@ -221,6 +221,32 @@ def test_an_index_of_another_format_or_a_damaged_description_is_refused(bm25_dir
         load_retriever(index)
 
 
+def test_an_index_whose_docs_file_was_cut_short_is_refused_at_load(bm25_dir, tmp_path):
+    """docs.jsonl cut at a line break loaded; hits past its end failed as "list index out of range"
+    (counted by at2po eval as the model's bad queries) and `retriever serve` answered /health, then
+    500s."""
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    index = shutil.copytree(bm25_dir, tmp_path / "index")
+    lines = (index / "docs.jsonl").read_text().splitlines(keepends=True)
+    (index / "docs.jsonl").write_text("".join(lines[:2]))
+    message = rf"index: docs.jsonl holds 2 passages but the BM25 index {len(lines)} \(docs.jsonl was cut short"
+    with pytest.raises(ValueError, match=message):
+        load_retriever(index)
+    with pytest.raises(ValueError, match=message):
+        LocalSearchTool(index_dir=index)
+    with socket.socket() as s:  # a free port: the server must not get as far as listening on it
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve = subprocess.run([sys.executable, "-m", "at2po.cli", "retriever", "serve", "--index", str(index),
+                            "--port", str(port)], capture_output=True, text=True, timeout=120)
+    assert serve.returncode == 2 and "Traceback" not in serve.stderr, serve.stderr
+    assert "docs.jsonl holds 2 passages but the BM25 index" in serve.stderr.splitlines()[-1]
+
+
 def test_build_refuses_a_directory_of_other_files_and_rebuilds_an_index_in_place(corpus_path, bm25_dir, tmp_path):
     """`retriever build --out DIR` replaced the user's own docs.jsonl in an existing folder."""
     mine = tmp_path / "mine"

@@ -1,6 +1,7 @@
 """No silent failure in training (issue 14): a dead retriever stops the run before a step is
 trained on its error messages, tool failures are counted per step, and prompts that cannot fit
-the model's context are skipped, counted and named (or stop the run when none fits)."""
+the model's context are skipped, counted and named (or stop the run when none fits). The reward
+judges the policy's own tokens: an answer quoted in a retrieved passage earns nothing (issue 30)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 from at2po.tools.base import Tool, ToolResult
 from at2po.tools.health import ToolServiceError
 from at2po.training.trainer import Trainer, read_metrics
-from conftest import SearchThenAnswer, make_run_cfg, tiny_search_qa_assets
+from conftest import PoisonedSearch, SearchThenAnswer, SearchThenOwnTurn, make_run_cfg, tiny_search_qa_assets
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -107,3 +108,31 @@ def test_prompts_longer_than_the_context_are_skipped_counted_and_named(assets, t
     # A budget that no prompt fits: the run stops at start with the fix.
     with pytest.raises(ValueError, match="data.train_file: no row fits .*lower rollout.max_response_tokens"):
         Trainer(make_run_cfg(assets, tmp_path / "run2", "rollout.max_response_tokens=2040"))
+
+
+@pytest.mark.parametrize("reward", ["em", "f1", "atpo_em", "atpo_em_eval"])
+def test_an_answer_quoted_in_an_observation_earns_no_credit(assets, tmp_path, reward):
+    # Gold "Belmark" sits only in the passage; the policy answers "Mila Tarn" or nothing.
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"id": i, "question": q, "golden_answers": ["Belmark"]}) + "\n"
+                            for i, q in (("a", "Which country is Quovia in?"), ("b", "Which country is Drelto in?"))))
+
+    def run(name, *extra):
+        cfg = make_run_cfg(assets, tmp_path / name, "trainer.steps=1", "rollout.max_response_tokens=200",
+                           f"data.train_file={data}", f"task.options={{reward: {reward}{''.join(extra)}}}", val=False)
+        trainer = Trainer(cfg, tools=[PoisonedSearch()])
+        trainer.engine.generator = trainer.generator = SearchThenOwnTurn(trainer.tokenizer)
+        trainer.fit()
+        return read_metrics(tmp_path / name / "metrics.jsonl")[0]
+
+    own = run("own")
+    assert own["rollout/tool_calls"] > 0
+    assert own["reward/em"] == own["reward/f1"] == 0.0
+    assert own["reward/mean"] <= 0.0
+    if reward in ("em", "f1"):  # the wrong answer has a valid format and scores 0, the missing one -1
+        assert own["reward/mean"] == -0.5 and own["reward/format_ok"] == 0.5
+    # The authors' reading (observations scored too): their validation scorer takes the passage's
+    # answer, the first answer block, for both questions.
+    if reward == "atpo_em_eval":
+        theirs = run("theirs", ", score_observations: true")
+        assert theirs["reward/em"] == 1.0

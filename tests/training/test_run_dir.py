@@ -180,9 +180,31 @@ def test_steps_below_the_checkpoint_refuse_and_operational_changes_resume(assets
     assert latest_checkpoint(run).name == "step_000003"
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_resume_refuses_a_checkpoint_with_non_finite_weights_and_names_the_previous_one(assets, two_steps, tmp_path,
+                                                                                         bad):
+    from safetensors.torch import load_file, save_file
+
+    run = copy_run(two_steps[0], tmp_path / "run")
+    newest = run / "checkpoints" / "step_000002"
+    w = load_file(newest / "model.safetensors")
+    w["model.norm.weight"][0] = bad  # same size: the manifest still holds
+    save_file(w, newest / "model.safetensors", metadata={"format": "pt"})
+    before = snapshot(run)
+    with pytest.raises(RunDirError, match=r"step_000002 holds NaN/inf weights \(model.norm.weight\): .* move it out "
+                                          r"of .*checkpoints to resume from .*step_000001"):
+        Trainer(cfg(assets, run, "trainer.steps=3")).fit(resume=True)
+    assert snapshot(run) == before  # nothing removed or rewritten
+    shutil.move(newest, tmp_path / "diverged")
+    Trainer(cfg(assets, run, "trainer.steps=3")).fit(resume=True)
+    assert latest_checkpoint(run).name == "step_000003"
+
+
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"),
                                    RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter "
-                                                "failed writing file data/0: file write failed")])  # torch.save's
+                                                "failed writing file data/0: file write failed"),  # torch.save's
+                                   RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4288 vs "
+                                                "4180")])  # torch.save's, when a write comes up short
 def test_a_full_disk_during_a_save_leaves_no_temp_dir_and_names_the_last_checkpoint(assets, two_steps, tmp_path,
                                                                                     monkeypatch, error):
     run = copy_run(two_steps[0], tmp_path / "run")

@@ -121,16 +121,27 @@ def read_records(path: PathLike) -> list[dict[str, Any]]:
     return records
 
 
-def _resume_file(path: Path, resume: bool) -> dict[str, dict[str, Any]]:
+def _resume_file(path: Path, resume: bool, rows: Sequence[QARow]) -> dict[str, dict[str, Any]]:
     """Finished records by id; the file is rewritten to just those (appends then start on a fresh line).
     A record with a tool call that failed for infrastructure reasons (the retriever unreachable, a
-    timeout, a 5xx) is not finished: it is dropped and evaluated again. Wrong answers stay."""
+    timeout, a 5xx) is not finished: it is dropped and evaluated again. Wrong answers stay.
+    Records of questions that ``rows`` (the dataset's whole file) does not hold as they were
+    asked are refused before anything is rewritten: the dataset's name now stands for another file."""
     done: dict[str, dict[str, Any]] = {}
     if resume:
         for rec in read_records(path):
             if rec.get("infra_failures", 0):
                 continue
             done.setdefault(str(rec["id"]), rec)
+        asked = {row.id: (row.question, list(row.golds)) for row in rows}
+        other = [rid for rid, rec in done.items() if asked.get(rid) != (rec.get("prompt"), rec.get("target"))]
+        if other:
+            rid = other[0]
+            now = f"{asked[rid][0]!r}" if rid in asked else "no such id"
+            raise ValueError(f"{path} holds records of another file than dataset {path.stem!r} is now read from "
+                             f"({len(other)} of {len(done)} differ; id {rid}: {done[rid].get('prompt')!r} then, "
+                             f"{now} now): pass --no-resume to start it over, or give this file another "
+                             "dataset name or --out")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in done.values()), encoding="utf-8")
     os.replace(tmp, path)
@@ -146,7 +157,10 @@ def _settings(cfg: Config, system_prompt: str) -> dict[str, Any]:
     search = {k: v for k, v in dataclasses.asdict(t.search).items() if k != "max_consecutive_failures"}
     settings = {
         "model": {"path": cfg.model.path, "tokenizer_path": cfg.model.tokenizer_path, "dtype": cfg.model.dtype},
-        "task": {"name": cfg.task.name, "options": cfg.task.options},
+        # What the reward reads: results saved before it read only the policy's own tokens were
+        # scored on observations too and must not be mixed with these.
+        "task": {"name": cfg.task.name, "options": cfg.task.options,
+                 "scored": "response" if cfg.task.options.get("score_observations") else "policy tokens"},
         "system_prompt": system_prompt,
         "tools": {"enabled": t.enabled, "search": search, "python": dataclasses.asdict(t.python), "options": t.options},
         # Not chunk_tokens: a turn that reaches it goes on in the next call, the answer is the same.
@@ -322,17 +336,18 @@ def evaluate(
     task = build_task(cfg)
     if getattr(task, "reward", None) == "atpo_em":
         # A run trained with the authors' scorer is evaluated as they validate: without the format gate.
-        task = type(task)(reward="atpo_em_eval")
+        task = type(task)(reward="atpo_em_eval", score_observations=task.score_observations)
     if not {"em", "f1", "format_ok"} <= set(task.metrics):
         raise ValueError(f"at2po eval reports EM/F1 on the QA benchmarks; task.name={cfg.task.name!r} has no em/f1")
-    data = {d: rows[:limit] for d, rows in load_eval_datasets(datasets).items()}
+    whole = load_eval_datasets(datasets)
+    data = {d: rows[:limit] for d, rows in whole.items()}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tools = tools if tools is not None else build_tools(cfg, task)
     system_prompt = cfg.data.system_prompt or task.system_prompt(tools)
     preflight_tools(tools)  # an unreachable retriever stops here, not after a table of EM 0
     _check_settings(out_dir, _settings(cfg, system_prompt), resume)
-    done = {d: _resume_file(out_dir / f"{d}.jsonl", resume) for d in data}
+    done = {d: _resume_file(out_dir / f"{d}.jsonl", resume, whole[d]) for d in data}
 
     # Nothing left (e.g. re-run to rebuild the tables): no model to load.
     if any(row.id not in done[d] for d, rows in data.items() for row in rows):

@@ -108,4 +108,10 @@ class BM25Index:
         index = cls.__new__(cls)
         index.docs = [row["contents"] for row in load_corpus(directory / _DOCS_FILE)]
         index._retriever = bm25s.BM25.load(str(directory), show_progress=False)
+        # A docs.jsonl cut short at a line break still reads, but its hits would point past its end.
+        indexed = index._retriever.scores.get("num_docs") if isinstance(index._retriever.scores, dict) else None
+        if indexed is not None and indexed != len(index.docs):
+            raise ValueError(f"{directory}: {_DOCS_FILE} holds {len(index.docs)} passages but the BM25 index "
+                             f"{indexed} ({_DOCS_FILE} was cut short or replaced): rebuild the index with "
+                             "`at2po retriever build`")
         return index

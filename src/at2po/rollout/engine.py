@@ -27,6 +27,7 @@ import numpy as np
 
 from at2po.agent import (
     ATPO_TOOL_LIMIT_NOTICE,
+    EMPTY_OBSERVATION,
     TOOL_LIMIT_NOTICE,
     AgentProtocol,
     atpo_tool_input,
@@ -561,7 +562,7 @@ class TreeRolloutEngine:
             tree_rows = []
             for leaf in leaves:
                 seq = tree.leaf_sequence(leaf)
-                score = self.task.score(decode_ids(self.tokenizer, seq.response_ids), prompt.sample, self.protocol)
+                score = self.task.score(self._scored_text(tree, seq), prompt.sample, self.protocol)
                 tree.nodes[leaf].reward = score.reward
                 tree_rows.append(LeafRow(t, seq, score))
             if n and tree_rows and len(tree_rows) < n:
@@ -571,6 +572,25 @@ class TreeRolloutEngine:
                 tree_rows += [LeafRow(t, last.sequence, last.score, duplicate=True) for _ in range(n - len(tree_rows))]
             rows += tree_rows
         return rows
+
+    def _scored_text(self, tree: TurnTree, seq: LeafSequence) -> str:
+        """The response as the task's reward reads it: the policy's own tokens, each observation
+        reduced to an empty ``<result>`` block where it stood and the masked text the environment
+        wrote inside a turn (the ATPO limit notice) left out, so that a passage quoting
+        ``<answer> \\boxed{...} </answer>`` is neither the answer nor a format error
+        (docs/method.md §1). A task with ``score_observations`` reads the whole decoded response,
+        observation contents included, as the ATPO authors' and Search-R1's scorers do."""
+        if self.task.score_observations:
+            return decode_ids(self.tokenizer, seq.response_ids)
+        pieces: list[str] = []
+        for i in seq.path[1:]:
+            node = tree.nodes[i]
+            if node.obs_ids:  # every observation, error or limit notice is one <result> block
+                pieces.append(EMPTY_OBSERVATION)
+            for policy, run in itertools.groupby(zip(node.gen_ids, node.gen_mask), key=lambda t: t[1]):
+                if policy:
+                    pieces.append(decode_ids(self.tokenizer, [t for t, _ in run]))
+        return "".join(pieces)
 
 
 def _takes(method: Any, name: str) -> bool:

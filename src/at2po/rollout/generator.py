@@ -146,16 +146,34 @@ class StreamingGenerator(Protocol):
 # -- backends by name (``rollout.backend``) ------------------------------------------------------------
 GeneratorBuilder = Callable[..., Generator]
 GENERATOR_BACKENDS: dict[str, GeneratorBuilder] = {}
+# What a backend needs beyond the core install, checked without building it: a callable that
+# raises a one-line ValueError saying what to install.
+BACKEND_REQUIREMENTS: dict[str, Callable[[], Any]] = {}
 
 
-def register_backend(name: str) -> Callable[[GeneratorBuilder], GeneratorBuilder]:
-    """Decorator: register ``builder(model, tokenizer, *, seed) -> Generator`` as ``rollout.backend=name``."""
+def register_backend(name: str, requires: Callable[[], Any] | None = None) -> Callable[[GeneratorBuilder], GeneratorBuilder]:
+    """Decorator: register ``builder(model, tokenizer, *, seed) -> Generator`` as ``rollout.backend=name``;
+    ``requires()`` raises when what the backend needs is not installed (``check_backend``)."""
 
     def decorate(builder: GeneratorBuilder) -> GeneratorBuilder:
         GENERATOR_BACKENDS[name] = builder
+        if requires is not None:
+            BACKEND_REQUIREMENTS[name] = requires
         return builder
 
     return decorate
+
+
+def check_backend(name: str) -> None:
+    """Raise the error ``build_generator`` would give for backend ``name`` (unknown, or what it
+    needs is not installed) without building it: a command that builds its generator late (the
+    quickstart, after its warm start) calls this first."""
+    if name not in GENERATOR_BACKENDS:
+        import at2po.rollout.vllm_backend  # noqa: F401  registers "vllm"; vllm itself is imported when built
+    if name not in GENERATOR_BACKENDS:
+        raise ValueError(f"rollout.backend={name!r} is not one of {', '.join(sorted(GENERATOR_BACKENDS))}")
+    if name in BACKEND_REQUIREMENTS:
+        BACKEND_REQUIREMENTS[name]()
 
 
 def build_generator(name: str, model: torch.nn.Module, tokenizer, *, seed: int = 0, config=None) -> Generator:
@@ -164,10 +182,7 @@ def build_generator(name: str, model: torch.nn.Module, tokenizer, *, seed: int =
     ``config`` (the run's :class:`at2po.config.Config`) reaches the builders that take a
     ``config`` keyword (e.g. vllm reads ``rollout.vllm``); the others are called without it.
     """
-    if name not in GENERATOR_BACKENDS:
-        import at2po.rollout.vllm_backend  # noqa: F401  registers "vllm"; vllm itself is imported when built
-    if name not in GENERATOR_BACKENDS:
-        raise ValueError(f"rollout.backend={name!r} is not one of {', '.join(sorted(GENERATOR_BACKENDS))}")
+    check_backend(name)
     builder = GENERATOR_BACKENDS[name]
     if config is not None and "config" in inspect.signature(builder).parameters:
         return builder(model, tokenizer, seed=seed, config=config)

@@ -429,7 +429,7 @@ class VLLMGenerator:
         return Generation(token_ids, logprobs, FINISH_LENGTH)
 
 
-@register_backend("vllm")
+@register_backend("vllm", requires=import_vllm)
 def _vllm_backend(model: torch.nn.Module, tokenizer, *, seed: int = 0, config=None) -> VLLMGenerator:
     from at2po.config import Config
 

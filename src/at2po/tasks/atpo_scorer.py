@@ -11,9 +11,12 @@ What the scorer reads
 In the authors' pipeline the reward function gets the decoded RESPONSE only (the prompt is
 decoded separately and not passed), i.e. every generated turn plus the observation blocks
 `` <result>\\n...\\n</result>`` their environment inserted after each tool call, decoded with
-special tokens skipped. Our functions take the same text: the response as our engine decodes it
-(turns + observation blocks; pad/EOS removed, other special tokens kept, which changes nothing
-here because only the literal tags below are looked at). Their scorer also strips a trailing
+special tokens skipped, so a passage that quotes ``<answer> \\boxed{x} </answer>`` can be scored
+as the answer. Our functions read whatever text they are given; the engine gives them the
+policy's own tokens with every observation an empty ``<result>`` block (pad/EOS removed, other
+special tokens kept, which changes nothing here because only the literal tags below are looked
+at), unless ``task.options.score_observations`` asks for the whole response as theirs reads it
+(docs/method.md §6.7). Their scorer also strips a trailing
 EOS string after the format check; with special tokens skipped there is none, and nothing below
 depends on the end of the text, so that step is left out.
 

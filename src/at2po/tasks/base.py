@@ -60,6 +60,10 @@ class Task(ABC):
     tools: ClassVar[tuple[str, ...]] = ()  # tool names used when tools.enabled is empty
     metrics: ClassVar[tuple[str, ...]] = ()  # the keys of Score.metrics, in report order
     instructions: ClassVar[str] = ""  # the first sentence(s) of the default system prompt
+    # What ``score`` is given: False, the policy's own tokens with each observation reduced to an
+    # empty <result> block (a passage that quotes an answer is not the policy's answer); True,
+    # the whole response, observation contents included (the ATPO authors' and Search-R1's scorers).
+    score_observations: bool = False
 
     # -- data ------------------------------------------------------------------------------------
     def load(self, path: str | Path) -> list[Sample]:
@@ -102,8 +106,9 @@ class Task(ABC):
     # -- reward ----------------------------------------------------------------------------------
     @abstractmethod
     def score(self, response: str, sample: Sample, protocol: AgentProtocol) -> Score:
-        """Score the decoded response (turns and observations after the prompt). Never raises
-        on model output: malformed text is a low reward, not an exception."""
+        """Score the decoded response: the policy's turns after the prompt, each observation
+        as an empty ``<result>`` block (with ``score_observations``, the observations' text
+        too). Never raises on model output: malformed text is a low reward, not an exception."""
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,8 @@ class Demonstration:
     """An ideal (or deliberately sloppy) trajectory for a warm start, split where the environment
     takes over: ``pieces[i] = (generated, observation)``, a turn the policy writes, then the
     observation the environment appends after it ("" after the final turn). Concatenated they are
-    the response text the reward scores; ``at2po.training.sft.SFTExample`` takes the pieces."""
+    the response text (the reward reads it with each observation's content left out);
+    ``at2po.training.sft.SFTExample`` takes the pieces."""
 
     pieces: tuple[tuple[str, str], ...]
 

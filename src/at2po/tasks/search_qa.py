@@ -73,6 +73,11 @@ class SearchQATask(Task):
       extracted, same bonus); use it to compare with the paper's numbers. For both atpo modes
       ``em`` is their EM, ``f1`` our F1 of their extracted answer and ``format_ok`` their
       format verdict (reported, not enforced, in eval mode).
+
+    Every scorer reads the policy's own tokens, observations reduced to empty ``<result>``
+    blocks; ``score_observations=True`` gives it the observations' text as well, as the authors'
+    scorer reads it (a passage quoting ``<answer> \\boxed{x} </answer>`` can then be scored as
+    the answer: docs/method.md §6.7).
     """
 
     name = "search_qa"
@@ -80,10 +85,13 @@ class SearchQATask(Task):
     metrics = ("em", "f1", "format_ok")
     instructions = "Answer the given question step by step."
 
-    def __init__(self, reward: str = "em") -> None:
+    def __init__(self, reward: str = "em", score_observations: bool = False) -> None:
         if reward not in REWARD_METRICS:
             raise ValueError(f"task.options.reward={reward!r} is not one of {', '.join(REWARD_METRICS)}")
+        if not isinstance(score_observations, bool):
+            raise ValueError(f"task.options.score_observations={score_observations!r} must be true or false")
         self.reward = reward
+        self.score_observations = score_observations
 
     def load(self, path: str | Path) -> list[Sample]:
         """jsonl through ``sample_from_dict`` (keeps each row's ``metadata``); parquet and json

@@ -129,21 +129,31 @@ class LocalSearchTool(_SearchTool):
         self.index = index
         self.topk = topk
         self.max_chars = max_chars
+        self._broken: str | None = None
 
     def run(self, query: str) -> ToolResult:
         return self.batch_search([query])[0]
 
+    def failing(self) -> str | None:
+        """Why the index failed, once it has: training and ``at2po eval`` then stop
+        (at2po.tools.health) instead of counting the failure as the model's bad query."""
+        return self._broken
+
     def batch_search(self, queries: list[str]) -> list[ToolResult]:
         prepared = [_prepare_query(q, self.env_compat) for q in queries]
         to_search = [q for q in prepared if q is not None]
-        hits = iter(self.index.search(to_search, self.topk))
+        try:
+            found = iter([[self.index.docs[doc] for doc, _ in hits] for hits in self.index.search(to_search, self.topk)])
+        except Exception as e:  # the index is broken, whatever the query: a failure of the service, not the model
+            self._broken = f"tools.search: the local index failed ({type(e).__name__}: {e}); rebuild or reload it"
+            return [ToolResult(f"search failed: {self._broken}", ok=False, error="exception", infra=True)
+                    for _ in queries]
         results = []
         for query in prepared:
             if query is None:
                 results.append(_empty_query_result())
             else:
-                passages = [self.index.docs[doc] for doc, _ in next(hits)]
-                results.append(_passages_result(query, passages, self.max_chars, self.env_compat))
+                results.append(_passages_result(query, next(found), self.max_chars, self.env_compat))
         return results
 
 

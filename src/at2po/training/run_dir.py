@@ -258,9 +258,10 @@ def save_atomically(out_dir: str | Path, step: int, write: Callable[[Path], None
         write_manifest(tmp)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a half checkpoint must not fill the disk for the next try
-        # torch.save reports a full disk as RuntimeError("... failed writing file ..."), not as OSError.
-        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or "No space left" in str(e) \
-            or "failed writing" in str(e)
+        # torch.save reports a full disk as a RuntimeError of its stream writer, not as OSError:
+        # "failed writing file ..." or, when a write came up short, "unexpected pos N vs M".
+        full = isinstance(e, OSError) and e.errno == errno.ENOSPC or \
+            any(m in str(e) for m in ("No space left", "failed writing", "unexpected pos"))
         if not (full or isinstance(e, OSError)):
             raise
         done = completed_checkpoints(out_dir)
@@ -278,6 +279,23 @@ def save_atomically(out_dir: str | Path, step: int, write: Callable[[Path], None
     return final
 
 
+def check_finite_weights(ckpt: Path, weights: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose weights hold NaN or inf: it reads back, but a run resumed from
+    it samples from NaN probabilities. It is not skipped like a damaged one, because training
+    diverged before it was saved and the user decides what to resume from."""
+    import torch
+
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return
+    earlier = [p for p in completed_checkpoints(ckpt.parent.parent) if p.name < ckpt.name]
+    fix = (f"move it out of {ckpt.parent} to resume from {earlier[-1]}" if earlier
+           else "no earlier checkpoint: start over with --overwrite")
+    more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+    raise RunDirError(f"checkpoint {ckpt} holds NaN/inf weights ({bad[0]}{more}): training diverged before it was "
+                      f"saved; {fix} (a lower optim.lr may keep it from diverging again)")
+
+
 def load_newest_valid(out_dir: str | Path, read: Callable[[Path], Any],
                       say: Callable[[str], None] = print) -> tuple[Path, Any] | None:
     """``(checkpoint, read(checkpoint))`` of the newest checkpoint that reads back completely, or
@@ -289,6 +307,8 @@ def load_newest_valid(out_dir: str | Path, read: Callable[[Path], Any],
                 raise FileNotFoundError(f"no {CHECKPOINT_STATE}")
             check_manifest(ckpt)
             loaded = read(ckpt)
+        except RunDirError:  # readable but unusable (NaN weights): the user decides
+            raise
         except Exception as e:  # any damage (truncation, a lost file, garbage) skips the checkpoint
             reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
             say(f"skipping checkpoint {ckpt}: it does not read back ({reason})")

@@ -42,10 +42,9 @@ from at2po.training.distributed import (
 from at2po.tools.health import check_tools, preflight_tools
 from at2po.training.logprobs import head_fallback_reason, pack_rows, packing_fallback_reason, sequence_logprobs
 from at2po.training.prompt_limits import drop_long_prompts
-from at2po.training.run_dir import (CHECKPOINT_STATE, RunLock, check_data_size, check_fresh, check_not_in_use,
-                                    check_resume_config, completed_checkpoints, load_newest_valid, mark_run,
-                                    prepare_fresh, remove_stale_temps, rewrite_metrics,
-                                    save_atomically)
+from at2po.training.run_dir import (CHECKPOINT_STATE, RunLock, check_data_size, check_finite_weights, check_fresh,
+                                    check_not_in_use, check_resume_config, completed_checkpoints, load_newest_valid,
+                                    mark_run, prepare_fresh, remove_stale_temps, rewrite_metrics, save_atomically)
 
 
 # -- data order ------------------------------------------------------------------------------------
@@ -455,7 +454,9 @@ class Trainer:
         weights = {}
         for f in files:
             weights.update(load_file(str(f)))
-        return weights, torch.load(path / CHECKPOINT_STATE, weights_only=False)
+        state = torch.load(path / CHECKPOINT_STATE, weights_only=False)
+        check_finite_weights(path, weights)
+        return weights, state
 
     def load_checkpoint(self, path: str | Path, loaded: tuple[dict, dict] | None = None) -> None:
         path = Path(path)
