@@ -25,6 +25,9 @@ explains (the others keep their verdict).
 
 --max-mutants N samples N mutants per module with a fixed seed (--seed, default 0), for quick
 runs on the slow modules (the trainer's and the engine's tests take minutes per pass).
+--functions F ... (or an entry's FUNCTIONS) keeps only those functions' mutants (before the
+sampling); an entry "path@label" is a second entry for one file, e.g. "training/trainer.py@update"
+(the update's functions, run with the fast tests that reach them; "trainer@update" on the command line).
 Kill rate = (killed + timed out) / mutants run; the target is >= 90 % per module.
 """
 from __future__ import annotations
@@ -82,10 +85,29 @@ MODULES: dict[str, list[str]] = {
         "tests/training/test_failures.py::test_prompts_longer_than_the_context_are_skipped_counted_and_named",
         "-k", "not test_resume_is_bit_identical and not test_one_step_raises and not test_validation_and_logs",
     ],
+    # The update's log-probs (issue #30): the chunked head, tree packing, fallbacks. The two
+    # multi-process tests of test_logprobs.py (a minute each, and their workers import the installed
+    # package, not mutmut's copy) are left out; they stay in CI.
+    "training/logprobs.py": [
+        "tests/training/test_logprobs.py", "tests/rollout/test_generator_paths.py",
+        "tests/training/test_trainer_parts.py", "-k", "not two_process and not fsdp2",
+    ],
+    # The update's parts of the trainer (issue #30): only these functions' mutants (FUNCTIONS), with
+    # the tests that reach them quickly; the whole module's entry is "training/trainer.py".
+    "training/trainer.py@update": [
+        "tests/training/test_logprobs.py", "tests/training/test_trainer_parts.py", "-k", "not two_process and not fsdp2",
+    ],
     "evaluation/evaluator.py": [
         "tests/evaluation/test_evaluate.py",
         "tests/training/test_glue.py::test_eval_records_turns_and_resume_fills_a_hole_in_the_middle",
     ],
+}
+
+# entry -> the functions (func or Class.method) whose mutants run; other entries: every function.
+# An entry "path@label" mutates path (a second entry for one file, with its own tests and functions).
+FUNCTIONS: dict[str, list[str]] = {
+    "training/trainer.py@update": ["forward_tokens", "token_budget_micro_batches", "response_log_probs",
+                                   "Trainer._epoch_plan", "Trainer._log_probs"],
 }
 
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 2: "check was interrupted by user",
@@ -94,8 +116,14 @@ STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 2: "check was 
           -9: "segfault", 37: "caught by type check"}
 
 
+def source(module: str) -> str:
+    """The file (under src/at2po/) that entry ``module`` mutates: ``path`` or ``path@label``."""
+    return module.split("@", 1)[0]
+
+
 def short(module: str) -> str:
-    return Path(module).stem
+    path, _, label = module.partition("@")
+    return Path(path).stem + (f"@{label}" if label else "")
 
 
 def resolve(names: list[str] | None) -> list[str]:
@@ -145,7 +173,7 @@ def workspace(module: str, tests: list[str], root: Path, timeout_multiplier: flo
     # the rest of the run would count as "timed out", i.e. killed. Each child gets a private lock.
     with open(ws / "tests" / "conftest.py", "a") as f:
         f.write(TQDM_LOCK_FIXTURE)
-    lines = ["[mutmut]", "source_paths = src/", f"only_mutate = src/at2po/{module}",
+    lines = ["[mutmut]", "source_paths = src/", f"only_mutate = src/at2po/{source(module)}",
              "pytest_add_cli_args =", "    -p", "    no:cacheprovider",
              "pytest_add_cli_args_test_selection ="] + [f"    {t}" for t in tests] + [
              f"timeout_multiplier = {timeout_multiplier}", "use_git_change_detection = False", ""]
@@ -185,7 +213,7 @@ def mutant_diffs(ws: Path, module: str, keys: list[str]) -> dict[str, str]:
     """Diffs of many mutants in one process (what `mutmut show NAME` prints, without the reload)."""
     if not keys:
         return {}
-    p = subprocess.run(["nice", "-n", "19", sys.executable, "-c", _DIFFS, f"src/at2po/{module}", *keys],
+    p = subprocess.run(["nice", "-n", "19", sys.executable, "-c", _DIFFS, f"src/at2po/{source(module)}", *keys],
                        cwd=ws, capture_output=True, text=True, timeout=600)
     try:
         return json.loads(p.stdout)
@@ -194,7 +222,7 @@ def mutant_diffs(ws: Path, module: str, keys: list[str]) -> dict[str, str]:
 
 
 def read_meta(ws: Path, module: str) -> dict[str, int | None]:
-    meta = ws / "mutants" / "src" / "at2po" / (module + ".meta")
+    meta = ws / "mutants" / "src" / "at2po" / (source(module) + ".meta")
     if not meta.exists():
         return {}
     return json.loads(meta.read_text())["exit_code_by_key"]
@@ -238,6 +266,7 @@ def run_module(module: str, tests: list[str], args, root: Path, previous: dict |
     ws = workspace(module, tests, root, args.timeout_multiplier)
     deadline = args.module_timeout
     res: dict = {"module": f"src/at2po/{module}", "tests": " ".join(tests)}
+    only = set(args.functions or FUNCTIONS.get(module, ()))
     fresh = set(args.rerun_functions or ())  # changed functions: every mutant runs again
     if previous is not None:
         if args.unclassified_only:  # the rules as they are now decide which survivors are explained
@@ -249,12 +278,20 @@ def run_module(module: str, tests: list[str], args, root: Path, previous: dict |
             chosen += [k for k in read_meta(ws, module) if qualified_function(k) in fresh]
         p = mutmut(ws, ["run", "--max-children", str(args.jobs), *(chosen or ["__none__"])],
                    max(60.0, deadline - (time.time() - t0)))
-    elif args.max_mutants:
-        # generate + collect coverage stats only (a name that matches nothing), then sample
+    elif args.max_mutants or only:
+        # generate + collect coverage stats only (a name that matches nothing), then pick the
+        # functions' mutants (--functions / FUNCTIONS) and sample
         p = mutmut(ws, ["run", "--max-children", str(args.jobs), "__none__"], deadline)
-        keys = sorted(read_meta(ws, module))
+        keys = sorted(k for k in read_meta(ws, module) if not only or qualified_function(k) in only)
         res["generated"] = len(keys)
-        chosen = sorted(random.Random(args.seed).sample(keys, min(args.max_mutants, len(keys))))
+        if only:
+            res["functions"] = sorted(only)
+            res["generated_in_file"] = len(read_meta(ws, module))
+            missing = sorted(set(only) - {qualified_function(k) for k in keys})
+            if missing:
+                res["functions_without_mutants"] = missing
+        n = min(args.max_mutants or len(keys), len(keys))
+        chosen = sorted(random.Random(args.seed).sample(keys, n))
         if chosen:
             p = mutmut(ws, ["run", "--max-children", str(args.jobs), *chosen],
                        max(60.0, deadline - (time.time() - t0)))
@@ -306,16 +343,16 @@ def run_module(module: str, tests: list[str], args, root: Path, previous: dict |
     res["by_function"] = dict(sorted(by_function.items()))
     tested = res["killed"] + res["survived"] + res["timeout"] + res["no_tests"]
     res["kill_rate"] = round(100.0 * (res["killed"] + res["timeout"]) / tested, 1) if tested else None
-    source = (REPO / "src" / "at2po" / module).read_text().splitlines()
+    lines = (REPO / "src" / "at2po" / source(module)).read_text().splitlines()
     survivors = []
     keys = sorted(k for k, s in status.items() if s in ("survived", "no tests"))
     diffs = mutant_diffs(ws, module, keys)
     for k in keys:
         diff = f"# {k}: {status[k]}\n" + diffs.get(k, "")
         func = mutant_function(k)
-        line = locate(diff, source, func)
+        line = locate(diff, lines, func)
         survivors.append({"mutant": k, "status": status[k], "line": line,
-                          "where": f"src/at2po/{module}:{line}", "diff": diff.strip()})
+                          "where": f"src/at2po/{source(module)}:{line}", "diff": diff.strip()})
     res["survivors"] = survivors
     res["wall_s"] = round(time.time() - t0, 1)
     if not args.keep:
@@ -416,6 +453,8 @@ def main() -> None:
     ap.add_argument("--modules", nargs="*", help="short names (credit, losses, ...) or paths; default: all")
     ap.add_argument("--max-mutants", type=int, default=0, help="sample N mutants per module (0 = all)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--functions", nargs="+", metavar="FUNCTION",
+                    help="mutate only these functions (func or Class.method; default: the entry's FUNCTIONS, else all)")
     ap.add_argument("--out", default="mutation-report")
     ap.add_argument("--jobs", type=int, default=2, help="mutmut --max-children")
     ap.add_argument("--timeout-multiplier", type=float, default=15.0, help="mutmut timeout_multiplier")

@@ -1,7 +1,11 @@
 """One AT²PO training step at the paper's shapes, on CPU; launched by test_paper_shape.py in a
 fresh process so that the peak RSS it reports is this step's own.
 
-    python tests/training/paper_shape_step.py WORKDIR [key=value overrides...]
+    python tests/training/paper_shape_step.py WORKDIR [--reduced] [key=value overrides...]
+
+``--reduced`` (the CI test) keeps the model, the tree and the update as they are and shortens
+the trajectories: 1-3 searches of 3 passages cut to 500 characters, think blocks of 20-50 words
+(responses of about 0.5-1.5k tokens instead of 1.2-2.4k).
 
 The model is a random Qwen3 (2 layers, 64 wide, head dim 64) with Qwen3's vocabulary of 151,936
 tokens, saved with a small BPE tokenizer (the model's vocabulary is larger than the tokenizer's,
@@ -63,8 +67,8 @@ def write_assets(root: Path) -> None:
 class ScriptedTurns:
     """Writes each turn as described in the module docstring; ``words`` scales the think blocks."""
 
-    def __init__(self, tokenizer, words: tuple[int, int]):
-        self.tok, self.words = tokenizer, words
+    def __init__(self, tokenizer, words: tuple[int, int], searches: tuple[int, int] = (2, 5)):
+        self.tok, self.words, self.searches = tokenizer, words, searches
         self.eos_token_id = tokenizer.eos_token_id
         self.rng = np.random.default_rng(1)
 
@@ -74,7 +78,7 @@ class ScriptedTurns:
             # Searches so far: results in the response (the system prompt names the tags too).
             searches = self.tok.decode(ctx).split("<|im_start|>assistant\n", 1)[-1].count("<result>")
             think = " ".join(self.rng.choice(WORDS, int(self.rng.integers(*self.words))))
-            if searches < int(self.rng.integers(2, 5)):
+            if searches < int(self.rng.integers(*self.searches)):
                 text = f"<think> {think} </think> <search> {' '.join(self.rng.choice(WORDS, 3))} </search>"
             else:
                 answer = self.rng.choice(["river", "city"])  # right or wrong: rewards differ within a tree
@@ -110,16 +114,20 @@ def naive_distinct_tokens(sequences) -> int:
 
 def main() -> None:
     root = Path(sys.argv[1])
+    reduced = "--reduced" in sys.argv[2:]
+    overrides = [a for a in sys.argv[2:] if a != "--reduced"]
+    if reduced:
+        overrides.insert(0, "tools.search.max_passage_chars=500")
     write_assets(root)
     cfg = load_config(None, [
         f"model.path={root / 'model'}", "model.gradient_checkpointing=true",
         f"data.train_file={root / 'train.jsonl'}", f"tools.search.corpus_file={root / 'corpus.jsonl'}",
         "rollout.n_initial=10", "rollout.expansion_rounds=2", "rollout.top_k=6", "rollout.samples_per_tree=22",
         "rollout.max_response_tokens=4096", "rollout.chunk_tokens=512", "rollout.max_turns=10",
-        "trainer.prompts_per_step=1", "trainer.mini_batch_prompts=1", "trainer.micro_batch_tokens=4096",
+        "trainer.prompts_per_step=1", "trainer.mini_batch_prompts=1", "trainer.micro_batch_tokens=8192",
         "trainer.logprob_chunk_tokens=256", "trainer.val_before_train=false", "trainer.val_every=0",
         "trainer.save_every=0", "trainer.progress=false", "trainer.tensorboard=false", "optim.lr=1e-3",
-        f"trainer.output_dir={root / 'run'}", *sys.argv[2:],
+        f"trainer.output_dir={root / 'run'}", *overrides,
     ])
     torch.set_num_threads(2)
     tr = Trainer(cfg)
@@ -128,7 +136,8 @@ def main() -> None:
     tr.engine.rollout = lambda *a, **kw: results.append(rollout(*a, **kw)) or results[-1]
     tr.engine.generator = ScriptedTurns(tr.tokenizer, (5, 10))
     tr.train_step()  # warm-up: short turns
-    tr.engine.generator = ScriptedTurns(tr.tokenizer, (40, 100))
+    tr.engine.generator = (ScriptedTurns(tr.tokenizer, (20, 50), (1, 4)) if reduced
+                           else ScriptedTurns(tr.tokenizer, (40, 100)))
     before_weights = tr.model.get_input_embeddings().weight.detach().clone()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()

@@ -984,3 +984,151 @@ def test_fsdp2_packed_chunked_log_probs_and_gradients_equal_the_one_process_refe
         total.backward()
         want_g = {n: p.grad for n, p in model.named_parameters()}
         assert_grads_close(torch.load(tmp_path / f"{name}_grads.pt"), want_g, 1e-5, name)
+
+
+# == 11. gaps found by mutation testing (benchmarks/results/mutation-2026-12-07/) ==================
+class ConfiglessLM(torch.nn.Module):
+    """A causal LM that is not a transformers model: no ``config``, no attention. The output at
+    position p is head(embed(token p) + pos(position p)), so the naive per-row forward (positions
+    0..len-1) is a reference the packed sequence reproduces only with each node's depth as its
+    position and its parent's output scoring it."""
+
+    def __init__(self, vocab: int = VOCAB, hidden: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.embed = torch.nn.Embedding(vocab, hidden)
+            self.pos = torch.nn.Embedding(256, hidden)
+            self.head = torch.nn.Linear(hidden, vocab, bias=False)
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+    def forward(self, input_ids, position_ids=None, attention_mask=None, use_cache=None):
+        from types import SimpleNamespace
+
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+        return SimpleNamespace(logits=self.head(self.embed(input_ids) + self.pos(position_ids)))
+
+
+def test_a_model_without_a_config_is_packed_and_scored_exactly():
+    """No ``config`` attribute reads as no config: the packing fallback names the missing attention
+    implementation (it does not raise), and the packed path (full logits and chunked head) runs
+    without one and equals the per-row reference, values and gradients."""
+    model = ConfiglessLM()
+    assert not hasattr(model, "config")
+    assert packing_fallback_reason(model) == "attention implementation None takes no custom 4-D mask (sdpa or eager do)"
+    assert head_fallback_reason(model) is None
+    rows = random_forest(4)
+    seqs, starts = [r.seq for r in rows], mixed_starts(rows, 4)
+    w = token_weights(seqs, starts, 4)
+    ref_v, ref_g = values_and_grads(model, lambda: naive_logprobs(model, seqs, starts, 0.8), w)
+    for chunk in (0, 5):
+        v, g = values_and_grads(
+            model, lambda: sequence_logprobs(model, seqs, starts, 0.8, chunk_tokens=chunk, tree_packing=True), w)
+        assert_values_close(v, ref_v, 1e-5, f"configless, chunk {chunk}")
+        assert_grads_close(g, ref_g, 1e-5, f"configless, chunk {chunk}")
+
+
+def test_packing_fallback_reason_reads_absent_config_fields_as_off():
+    """A config without ``use_sliding_window`` has no sliding window whatever its ``sliding_window``;
+    one with the flag but no ``sliding_window`` field has none either; both flag and window: the
+    reason, word for word."""
+    from types import SimpleNamespace
+
+    def with_config(**fields) -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.config = SimpleNamespace(**fields)
+        return m
+
+    assert packing_fallback_reason(with_config(_attn_implementation="sdpa", sliding_window=8)) is None
+    assert packing_fallback_reason(with_config(_attn_implementation="eager", use_sliding_window=True)) is None
+    assert packing_fallback_reason(with_config(_attn_implementation="sdpa", use_sliding_window=True,
+                                               sliding_window=8)) == \
+        "the model uses sliding-window attention (config.use_sliding_window)"
+    assert packing_fallback_reason(with_config()) == \
+        "attention implementation None takes no custom 4-D mask (sdpa or eager do)"
+
+
+def test_token_budget_plan_by_hand_after_a_row_over_the_budget():
+    """A row over the budget runs alone and the next micro-batch starts empty: the two rows after it
+    (3 new tokens each) fill a budget of 6 exactly, together. Packed: lexicographic order, a shared
+    prefix counted once; padded: longest first, rows × longest."""
+    seqs = [[3, 3, 3], [1] * 8, [2, 2, 2]]
+    assert token_budget_micro_batches(seqs, [0, 1, 2], 6, packed=True) == ([[1], [2, 0]], 1)
+    assert token_budget_micro_batches(seqs, [0, 1, 2], 6, packed=False) == ([[1], [0, 2]], 1)
+    shared = [[5, 5, 1], [5, 5, 2], [5, 5, 3]]  # packed: 3 + 1 + 1 tokens
+    assert token_budget_micro_batches(shared, [0, 1, 2], 5, packed=True) == ([[0, 1, 2]], 0)
+    assert token_budget_micro_batches(shared, [0, 1, 2], 4, packed=True) == ([[0, 1], [2]], 0)
+    assert token_budget_micro_batches(shared, [0, 1, 2], 6, packed=False) == ([[0, 1], [2]], 0)
+
+
+def _trainer_stub(**attrs) -> Trainer:
+    """A Trainer without its __init__ (no model, no run): just the attributes a method reads."""
+    stub = Trainer.__new__(Trainer)
+    for k, v in attrs.items():
+        setattr(stub, k, v)
+    return stub
+
+
+def test_epoch_plan_by_hand():
+    """Trainer._epoch_plan: mini-batches of mini_batch_prompts // processes whole trees (at least 1)
+    in the shuffle generator's order; micro-batches of micro_batch_rows rows, or under
+    micro_batch_tokens the planner's (packed or padded as the trainer runs), its rows over the
+    budget counted."""
+    from types import SimpleNamespace
+
+    seqs = [[1] * 4, [2] * 4, [3] * 4, [4] * 4, [5] * 4, [6] * 9]
+    tree_of_row = np.array([0, 1, 2, 0, 1, 2])
+    batch = SimpleNamespace(sequences=seqs, tree_of_row=tree_of_row)
+    order = torch.randperm(3, generator=torch.Generator().manual_seed(5)).tolist()
+    rows_of = lambda trees: [i for i in range(6) if tree_of_row[i] in trees]  # noqa: E731
+
+    def plan(mini, procs, micro_rows=1, tokens=0, packing=False):
+        tc = SimpleNamespace(mini_batch_prompts=mini, micro_batch_rows=micro_rows, micro_batch_tokens=tokens)
+        stub = _trainer_stub(cfg=SimpleNamespace(trainer=tc), shuffle_rng=torch.Generator().manual_seed(5),
+                             accelerator=SimpleNamespace(num_processes=procs), tree_packing=packing,
+                             _rows_over_budget=0)
+        return Trainer._epoch_plan(stub, batch, 3), stub._rows_over_budget
+
+    first, rest = rows_of(order[:2]), rows_of(order[2:])
+    assert plan(4, 2, micro_rows=3) == ([(first, [first[:3], first[3:]]), (rest, [rest])], 0)
+    assert plan(5, 2, micro_rows=2) == plan(4, 2, micro_rows=2)  # 5 // 2 = 2 trees
+    assert plan(3, 2, micro_rows=1)[0] == plan(1, 2, micro_rows=1)[0] == \
+        [(rows_of([t]), [[r] for r in rows_of([t])]) for t in order]  # at least one tree
+    everything = [0, 1, 2, 3, 4, 5]
+    assert plan(3, 1, tokens=8, packing=True) == ([(everything, [[0, 1], [2, 3], [4], [5]])], 1)
+    assert plan(3, 1, tokens=8, packing=False) == ([(everything, [[5], [0, 1], [2, 3], [4]])], 1)
+
+
+def test_trainer_log_probs_hands_its_paths_to_the_forward(monkeypatch):
+    """Trainer._log_probs: the rollout temperature, the trainer's chunk size and packing (as
+    resolved against the model's fallbacks), and share_prefix=False as an unshareable prefix
+    reach sequence_logprobs; its per-row log-probs come back right-padded in fp32."""
+    import at2po.training.trainer as trainer_module
+    from types import SimpleNamespace
+
+    calls = []
+
+    def spy(model, sequences, starts, temperature=1.0, max_batch_size=None, min_shared_prefix=32, *,
+            chunk_tokens=1024, tree_packing=False):
+        calls.append(dict(model=model, temperature=temperature, min_shared_prefix=min_shared_prefix,
+                          chunk_tokens=chunk_tokens, tree_packing=tree_packing))
+        return [torch.full((len(s) - st,), float(i + 1)) for i, (s, st) in enumerate(zip(sequences, starts))]
+
+    monkeypatch.setattr(trainer_module, "sequence_logprobs", spy)
+    batch = SimpleNamespace(sequences=[[1, 2, 3], [1, 2, 3, 4, 5]], response_starts=[2, 3],
+                            response_mask=torch.ones(2, 3))
+    model = object()
+    for chunk, packing in ((5, True), (0, False)):
+        stub = _trainer_stub(cfg=SimpleNamespace(rollout=SimpleNamespace(temperature=0.7)), chunk_tokens=chunk,
+                             tree_packing=packing)
+        for share, min_shared in ((True, 32), (False, sys.maxsize)):
+            out = Trainer._log_probs(stub, model, batch, share_prefix=share)
+            assert calls.pop() == dict(model=model, temperature=0.7, min_shared_prefix=min_shared,
+                                       chunk_tokens=chunk, tree_packing=packing)
+            assert out.dtype == torch.float32
+            assert torch.equal(out, torch.tensor([[1.0, 0.0, 0.0], [2.0, 2.0, 0.0]]))
+        Trainer._log_probs(stub, model, batch)  # share_prefix defaults to True
+        assert calls.pop()["min_shared_prefix"] == 32

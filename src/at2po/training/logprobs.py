@@ -13,7 +13,7 @@ Two things make this path fit a 151,936-token vocabulary and 22-leaf trees:
 * **Tree packing.** The rows of a micro-batch (a tree's leaves repeat the prompt and every turn
   above their branching point) run as ONE packed sequence in which each distinct prefix token
   appears once: a trie over the rows' token sequences. Each token attends to its own ancestors
-  (a 4-D attention mask through the model's standard SDPA/eager attention), its position id is
+  (an additive 4-D attention mask through the model's standard SDPA/eager attention), its position id is
   its depth, and each row reads its log-probs off its own path in the trie. A token shared by
   several rows is computed once, and its gradient is the sum of the rows' (autograd does it).
 
@@ -305,12 +305,12 @@ def _packed_logprobs(model, sequences, response_starts, temperature: float, chun
     scored = np.unique(np.concatenate([path[start:] for path, start in zip(packed.paths, response_starts)]))
     where = np.full(len(packed.tokens), -1, dtype=np.int64)
     where[scored] = np.arange(len(scored))
-    mask = packed.attention_mask()
-    config = getattr(_unwrapped(model), "config", None)
-    if getattr(config, "_attn_implementation", None) == "eager":
-        # Eager attention adds the mask to its scores: 0 where allowed, the dtype's minimum elsewhere.
-        dtype = next(model.parameters()).dtype
-        mask = torch.zeros(mask.shape, dtype=dtype).masked_fill_(~mask, torch.finfo(dtype).min)
+    # Additive, as eager attention needs it (0 where allowed, the dtype's minimum elsewhere); SDPA
+    # takes it too, and on CPU runs it faster than the same mask as booleans (torch 2.13, one
+    # 4,096-token sequence: 5-7 s against 11-12 s forward + backward).
+    dtype = next(model.parameters()).dtype
+    allowed = packed.attention_mask()
+    mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
     inputs = {
         "input_ids": torch.as_tensor(packed.tokens, device=device)[None],
         "position_ids": torch.as_tensor(packed.depth, device=device)[None],
