@@ -1132,3 +1132,66 @@ def test_trainer_log_probs_hands_its_paths_to_the_forward(monkeypatch):
             assert torch.equal(out, torch.tensor([[1.0, 0.0, 0.0], [2.0, 2.0, 0.0]]))
         Trainer._log_probs(stub, model, batch)  # share_prefix defaults to True
         assert calls.pop()["min_shared_prefix"] == 32
+
+
+def test_no_scored_position_gives_fp32_log_probs_whatever_the_model_dtype():
+    """chunked_token_logprobs over no position returns an empty fp32 tensor (as the docstring
+    promises) also from bf16 hidden states; so does sequence_logprobs for rows without a response
+    token under a bf16 model."""
+    head = torch.nn.Linear(8, 11, bias=False).to(torch.bfloat16)
+    empty = chunked_token_logprobs(head, torch.zeros(0, 8, dtype=torch.bfloat16), torch.zeros(0, dtype=torch.long),
+                                   1.0, 4)
+    assert empty.dtype == torch.float32 and empty.shape == (0,)
+    model = tiny_lm(dtype=torch.bfloat16)
+    seqs = [[5, 6, 7], [5, 6, 8, 9]]
+    for packing in (False, True):
+        with torch.no_grad():
+            out = sequence_logprobs(model, seqs, [3, 4], chunk_tokens=4, tree_packing=packing)
+        assert [(t.dtype, t.shape) for t in out] == [(torch.float32, (0,))] * 2, packing
+
+
+def test_head_fallback_reason_of_a_model_without_an_output_head():
+    """No get_output_embeddings, or one returning None: the reason, word for word."""
+    reason = "the model has no output head (get_output_embeddings() is None)"
+    assert head_fallback_reason(torch.nn.Linear(2, 2)) == reason
+    headless = ConfiglessLM()
+    headless.get_output_embeddings = lambda: None
+    assert head_fallback_reason(headless) == reason
+
+
+def test_the_padded_path_shares_a_prefix_from_min_shared_prefix_tokens_on_and_never_caches_otherwise():
+    """Rows sharing a 10-token prompt prefix: with min_shared_prefix 10 (or less) the prefix runs
+    once (2 forwards, the second on the repeated cache), with 11 or more (the default 32, and
+    sys.maxsize, the trainer's share_prefix=False) one forward with use_cache=False (no KV cache
+    built for nothing); the values are the reference's either way. Packed: one forward, no cache."""
+    model = tiny_lm()
+    prefix = list(range(1, 11))
+    seqs = [prefix + [20, 21, 22], prefix + [30, 31], prefix + [40, 41, 42, 43]]
+    starts = [11, 11, 12]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: calls.append(kw.get("use_cache")), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            ref = naive_logprobs(model, seqs, starts, 1.0)
+            calls.clear()
+            for min_shared, want in ((4, [True, True]), (10, [True, True]), (11, [False]), (32, [False]),
+                                     (sys.maxsize, [False])):
+                out = sequence_logprobs(model, seqs, starts, 1.0, min_shared_prefix=min_shared)
+                assert calls == want, (min_shared, calls)
+                assert_values_close(out, ref, 1e-5, f"min_shared_prefix {min_shared}")
+                calls.clear()
+            sequence_logprobs(model, seqs, starts, 1.0)
+            assert calls == [False]  # the default, 32
+            calls.clear()
+            sequence_logprobs(model, seqs, starts, 1.0, tree_packing=True)
+            assert calls == [False]
+    finally:
+        hook.remove()
+
+
+def test_forward_tokens_by_hand():
+    """No rows: no forward, 0 tokens (both ways); packed: the distinct prefixes; padded: rows × longest."""
+    assert forward_tokens([], packed=True) == forward_tokens([], packed=False) == 0
+    seqs = [[1, 2, 3], [1, 2, 4, 5], [7]]
+    assert forward_tokens(seqs, packed=True) == 3 + 2 + 1
+    assert forward_tokens(seqs, packed=False) == 3 * 4
