@@ -1195,3 +1195,93 @@ def test_forward_tokens_by_hand():
     seqs = [[1, 2, 3], [1, 2, 4, 5], [7]]
     assert forward_tokens(seqs, packed=True) == 3 + 2 + 1
     assert forward_tokens(seqs, packed=False) == 3 * 4
+
+
+def test_chunk_tokens_decides_how_the_output_head_runs_padded_and_packed():
+    """chunk_tokens > 0 runs the real head only on the scored positions, at most chunk_tokens rows a
+    call (never on the full (1, N, H) hidden states), padded and packed alike; 0 runs it once on
+    the full hidden states. The values are the same, so only the calls tell the paths apart."""
+    model = tiny_lm()
+    rows = random_forest(5, n_trees=2)
+    seqs, starts = [r.seq for r in rows], mixed_starts(rows, 5)
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: calls.append(tuple(a[0].shape)))
+    try:
+        for packing in (False, True):
+            n_scored = (len(np.unique(np.concatenate([p[s:] for p, s in zip(pack_rows(seqs).paths, starts)])))
+                        if packing else sum(len(s) - st for s, st in zip(seqs, starts)))
+            with torch.no_grad():
+                sequence_logprobs(model, seqs, starts, chunk_tokens=4, tree_packing=packing)
+            assert calls and all(len(c) == 2 and c[0] <= 4 for c in calls), (packing, calls)
+            assert sum(c[0] for c in calls) == n_scored, packing
+            calls.clear()
+            with torch.no_grad():
+                sequence_logprobs(model, seqs, starts, chunk_tokens=0, tree_packing=packing)
+            assert len(calls) == 1 and len(calls[0]) == 3, (packing, calls)
+            calls.clear()
+    finally:
+        hook.remove()
+
+
+def test_pack_rows_of_no_rows_and_of_empty_rows():
+    """The trie of no rows is empty (int64 arrays, no paths, no segments); an empty row has an
+    empty path and adds no node, and the arrays stay int64 beside it."""
+    empty = pack_rows([])
+    for name in ("tokens", "depth", "parent"):
+        a = getattr(empty, name)
+        assert a.dtype == np.int64 and a.shape == (0,), name
+    assert empty.paths == [] and empty.segments == []
+    assert distinct_tokens([]) == 0
+    assert empty.attention_mask().shape == (0, 0)
+    packed = pack_rows([[4, 5], [], [4, 6]])
+    for name in ("tokens", "depth", "parent"):
+        assert getattr(packed, name).dtype == np.int64, name
+    assert packed.tokens.tolist() == [4, 5, 6] and packed.parent.tolist() == [-1, 0, 0]
+    assert [p.tolist() for p in packed.paths] == [[0, 1], [], [0, 2]]
+    only_empty = pack_rows([[]])
+    assert only_empty.tokens.dtype == np.int64 and only_empty.tokens.shape == (0,)
+    assert [p.tolist() for p in only_empty.paths] == [[]]
+
+
+def test_the_chunked_head_keeps_no_chunk_logits_for_the_backward():
+    """With gradients on, each chunk is checkpointed: nothing of a chunk's (rows, V) logits is saved
+    for the backward outside the checkpoint (the backward recomputes them), and the gradient is
+    the full logits' one."""
+    torch.manual_seed(0)
+    vocab = 1000
+    head = torch.nn.Linear(8, vocab, bias=False)
+    hidden = torch.randn(12, 8, requires_grad=True)
+    targets = torch.randint(0, vocab, (12,))
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        lp = chunked_token_logprobs(head, hidden, targets, 0.9, 4)
+    assert max(saved, default=0) < vocab, saved
+    lp.sum().backward()
+    want_h = hidden.grad.clone()
+    hidden.grad = None
+    ref = torch.log_softmax(head(hidden) / 0.9, dim=-1).gather(1, targets[:, None])[:, 0]
+    ref.sum().backward()
+    assert torch.allclose(lp, ref, atol=1e-6) and torch.allclose(want_h, hidden.grad, atol=1e-6)
+
+
+def test_a_trainable_head_over_a_frozen_body_gets_its_gradient_through_the_chunked_head():
+    """Only the (untied) output head trains, so the hidden states entering the chunked head need no
+    gradient: the head's gradient must still come out, equal to the full-logits reference, padded
+    and packed (a re-entrant checkpoint would lose it)."""
+    model = tiny_lm(tie=False)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("lm_head"))
+    seqs, starts = CHUNK_SEQS, CHUNK_STARTS
+    w = token_weights(seqs, starts)
+    ref_v, ref_g = values_and_grads(model, lambda: naive_logprobs(model, seqs, starts, 0.7), w)
+    assert list(ref_g) == ["lm_head.weight"]
+    for packing in (False, True):
+        v, g = values_and_grads(
+            model, lambda: sequence_logprobs(model, seqs, starts, 0.7, chunk_tokens=4, tree_packing=packing), w)
+        assert_values_close(v, ref_v, 1e-5, f"frozen body, packed={packing}")
+        assert_grads_close(g, ref_g, 1e-5, f"frozen body, packed={packing}")
