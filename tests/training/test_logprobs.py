@@ -1285,3 +1285,16 @@ def test_a_trainable_head_over_a_frozen_body_gets_its_gradient_through_the_chunk
             model, lambda: sequence_logprobs(model, seqs, starts, 0.7, chunk_tokens=4, tree_packing=packing), w)
         assert_values_close(v, ref_v, 1e-5, f"frozen body, packed={packing}")
         assert_grads_close(g, ref_g, 1e-5, f"frozen body, packed={packing}")
+
+
+def test_sequence_logprobs_names_what_is_wrong_with_its_arguments():
+    model = tiny_lm()
+    with pytest.raises(ValueError, match=r"^2 sequences but 1 response starts$"):
+        sequence_logprobs(model, [[1, 2], [3, 4]], [1])
+    for start in (0, 3):
+        with pytest.raises(ValueError, match=rf"^response start {start} outside \[1, 2\]$"):
+            sequence_logprobs(model, [[1, 2]], [start])
+    with pytest.raises(ValueError, match=r"^temperature must be > 0, got 0.0$"):
+        sequence_logprobs(model, [[1, 2]], [1], temperature=0.0)
+    with pytest.raises(ValueError, match=r"^chunk_tokens must be >= 0, got -1$"):
+        sequence_logprobs(model, [[1, 2]], [1], chunk_tokens=-1)
