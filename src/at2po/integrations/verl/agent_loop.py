@@ -90,6 +90,9 @@ class VerlServerGenerator:
         self.tokenizer = tokenizer
         self.eos_token_id: int = tokenizer.eos_token_id
         self.calls = 0
+        # The servers' weight versions (verl's global step) the requests were served with: verl's
+        # trainer reads each row's min/max to measure off-policy staleness.
+        self.weight_steps: list[int] = []
 
     def generate(self, contexts: list[list[int]], params: SamplingParams,
                  max_new_tokens: list[int] | None = None) -> list[Generation]:
@@ -119,6 +122,9 @@ class VerlServerGenerator:
         if out.stop_reason == "aborted":
             raise RuntimeError("verl's LLM server aborted a tree's request (weights were updated mid-rollout?): "
                                "the at2po_tree agent loop needs the synchronous trainer mode (trainer.v1.trainer_mode=at2po)")
+        for key in ("min_global_steps", "max_global_steps", "global_steps"):
+            if out.extra_fields.get(key) is not None:
+                self.weight_steps.append(int(out.extra_fields[key]))
         ids = [int(i) for i in out.token_ids]
         if out.log_probs is None or len(out.log_probs) != len(ids):
             raise RuntimeError("verl's LLM server returned no log-prob per sampled token: the tree's entropy needs them "
@@ -239,7 +245,8 @@ class TreeAgentLoop(AgentLoopBase):
         )
         server = VerlServer(self.server_manager, asyncio.get_running_loop(), self._eos_ids(),
                             top_k=int(sampling_params.get("top_k", -1) or -1))
-        engine = TreeRolloutEngine(VerlServerGenerator(server, self.tokenizer), self.tokenizer, tools, task, rollout_cfg,
+        generator = VerlServerGenerator(server, self.tokenizer)
+        engine = TreeRolloutEngine(generator, self.tokenizer, tools, task, rollout_cfg,
                                    system_prompt=cfg.data.system_prompt or None, prompt_layout=cfg.data.prompt_layout,
                                    atpo_backspace_quirk=cfg.data.atpo_backspace_quirk)
         prompt = engine.prompt(sample_from_row(kwargs))
@@ -249,7 +256,8 @@ class TreeAgentLoop(AgentLoopBase):
         t0 = time.perf_counter()
         result = await asyncio.to_thread(engine.validate if validate else engine.rollout, [prompt])
         seconds = time.perf_counter() - t0
-        return tree_outputs(result, seconds)
+        steps = generator.weight_steps
+        return tree_outputs(result, seconds, (min(steps), max(steps)) if steps else (None, None))
 
     def _eos_ids(self) -> frozenset[int]:
         cached = getattr(type(self), "_eos_cache", None)
@@ -287,8 +295,9 @@ def _check_verl_settings(verl_config, cfg) -> None:
                          "set actor_rollout_ref.rollout.calculate_log_probs=true")
 
 
-def tree_outputs(result, seconds: float = 0.0) -> list[AgentLoopOutput]:
-    """One ``AgentLoopOutput`` per row of a one-tree rollout, with the tree fields."""
+def tree_outputs(result, seconds: float = 0.0, weight_steps: tuple = (None, None)) -> list[AgentLoopOutput]:
+    """One ``AgentLoopOutput`` per row of a one-tree rollout, with the tree fields; ``weight_steps``
+    are the (oldest, newest) weight versions that served the tree's requests."""
     tree = result.trees[0]
     stats = result.stats[0]
     outputs = []
@@ -302,6 +311,8 @@ def tree_outputs(result, seconds: float = 0.0) -> list[AgentLoopOutput]:
             LEAF_REWARD: reward,
             "at2po_duplicate": bool(row.duplicate),
             "reward_extra_info": {k: float(v) for k, v in row.score.metrics.items()},
+            "min_global_steps": weight_steps[0],
+            "max_global_steps": weight_steps[1],
         }
         turns = len(path) - 1
         outputs.append(AgentLoopOutput(

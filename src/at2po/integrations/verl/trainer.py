@@ -75,7 +75,10 @@ class TreeTrainer(PPOTrainerSync):
         return super().init()
 
     def _compute_advantage(self, batch, metrics: dict):
-        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=_FIELDS)
+        dumping = bool(os.environ.get(DUMP_ENV))
+        fields = _FIELDS + (["responses", "reward_model"] if dumping else [])
+        data = tq.kv_batch_get(keys=batch.keys, partition_id=batch.partition_id, select_fields=fields)
+        truths = data.pop("reward_model").tolist() if dumping else None
         nested_mask = data["response_mask"]
         extra = data.pop("extra_fields")
         extra = extra.tolist() if hasattr(extra, "tolist") else list(extra)
@@ -102,7 +105,8 @@ class TreeTrainer(PPOTrainerSync):
             metrics.update(corr_metrics)
 
         proto = compute_advantage(proto, self.config.algorithm, estimator=self.config.algorithm.adv_estimator)
-        _dump(self.global_steps, batch.keys, uids, proto, extra, stock_scores)
+        if dumping:
+            _dump(self.global_steps, batch.keys, uids, proto, extra, stock_scores, truths)
 
         fields = ["advantages", "returns", "rm_scores"]
         proto.batch["rm_scores"] = scores
@@ -114,10 +118,8 @@ class TreeTrainer(PPOTrainerSync):
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
 
 
-def _dump(step, keys, uids, proto, extra, stock_scores) -> None:
-    folder = os.environ.get(DUMP_ENV)
-    if not folder:
-        return
+def _dump(step, keys, uids, proto, extra, stock_scores, truths) -> None:
+    folder = os.environ[DUMP_ENV]
     Path(folder).mkdir(parents=True, exist_ok=True)
     b = proto.batch
     torch.save({
@@ -127,4 +129,5 @@ def _dump(step, keys, uids, proto, extra, stock_scores) -> None:
         "response_mask": b["response_mask"].cpu(), "token_level_rewards": b["token_level_rewards"].cpu(),
         "stock_rm_scores": stock_scores.cpu(), "advantages": b["advantages"].cpu(),
         "old_log_probs": b["old_log_probs"].cpu(), "rollout_log_probs": b["rollout_log_probs"].cpu(),
+        "responses": b["responses"].cpu(), "reward_model": truths,
     }, Path(folder) / f"advantage_step_{step}.pt")
