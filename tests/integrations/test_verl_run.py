@@ -54,7 +54,7 @@ RUN_TIMEOUT = float(os.environ.get("AT2PO_VERL_RUN_TIMEOUT", 480))
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, request):
     reuse = os.environ.get("AT2PO_VERL_RUN_REUSE")  # development: check a finished run's folder again
     if reuse:
         root, rc, seconds, assets = Path(reuse), 0, 0.0, 0.0
@@ -66,7 +66,9 @@ def run(tmp_path_factory):
         assets = time.monotonic() - t0
         rc, seconds, log = verl_run.launch(root, STEPS, RUN_TIMEOUT)
     text = log.read_text(errors="replace")
-    print(f"\nverl run: assets {assets:.0f} s, main_ppo {seconds:.0f} s, rc {rc}")
+    steps_s = ", ".join(re.findall(r"timing_s/step:([0-9.]+)", text))
+    with request.config.pluginmanager.getplugin("capturemanager").global_and_fixture_disabled():
+        print(f"\nverl run: assets {assets:.0f} s, main_ppo {seconds:.0f} s (rc {rc}; steps: {steps_s} s)")
     assert rc == 0, f"main_ppo exited with {rc} (124: timed out after {RUN_TIMEOUT:.0f} s); log tail:\n{text[-4000:]}"
     dump = root / "dump"
     steps = [torch.load(dump / f"advantage_step_{k}.pt", weights_only=False) for k in range(1, STEPS + 1)]
@@ -194,13 +196,15 @@ def reference_turn_loss(call) -> float:
     return total * int(info.get("dp_size") or 1) / float(info.get("global_batch_size") or int(mask.any(dim=1).sum()))
 
 
-def _match_row(steps, old_row, mask_row):
-    """(step, row) of the advantage step whose row has these old log-probs on these tokens."""
+def _match_row(steps, old_row, mask_row, used):
+    """(step, row) of an advantage step's row, not in ``used``, with these old log-probs on these
+    tokens (a short tree's repeated leaf is two equal rows: each is matched once)."""
     length = int(mask_row.sum())
     for s, step in enumerate(steps):
         for r in range(step["response_mask"].shape[0]):
             m = step["response_mask"][r].bool()
-            if int(m.sum()) == length and torch.allclose(step["old_log_probs"][r][m], old_row[mask_row.bool()], atol=1e-6):
+            if (s, r) not in used and int(m.sum()) == length and torch.allclose(
+                    step["old_log_probs"][r][m], old_row[mask_row.bool()], atol=1e-6):
                 return s, r
     raise AssertionError("a row the loss saw is in no advantage step")
 
@@ -212,7 +216,7 @@ def test_the_loss_verl_used_is_the_turn_level_objective(run):
         assert call["loss"] == pytest.approx(reference_turn_loss(call), rel=1e-4, abs=1e-6)
         for r in range(call["response_mask"].shape[0]):
             mask = call["response_mask"][r].bool()
-            s, row = _match_row(run["steps"], call["old_log_prob"][r], call["response_mask"][r])
+            s, row = _match_row(run["steps"], call["old_log_prob"][r], call["response_mask"][r], seen)
             seen.add((s, row))
             # the advantages the loss trained on are the estimator's
             torch.testing.assert_close(call["advantages"][r][mask],
@@ -221,11 +225,12 @@ def test_the_loss_verl_used_is_the_turn_level_objective(run):
 
 
 def test_weights_move_and_the_servers_follow(run):
-    moved = [float((c["log_prob"] - c["old_log_prob"])[c["response_mask"].bool()].abs().max()) for c in run["losses"]]
+    """Each step's later mini-batches see log-probs the earlier updates moved, and at the next
+    step vLLM's log-probs equal the actor's (both fp32) far more closely than the weights moved:
+    every update reached the servers."""
+    moved = [float((c["log_prob"] - c["old_log_prob"])[c["response_mask"].bool()].abs().mean()) for c in run["losses"]]
     assert max(moved) > 1e-3, f"no update changed a log-prob: {moved}"
     for step in run["steps"]:
         mask = step["response_mask"].bool()
         diff = (step["old_log_probs"] - step["rollout_log_probs"])[mask].abs()
-        # vLLM's log-probs vs the actor's recomputation on the weights it sampled with: only
-        # this close if every update reached the servers
-        assert float(diff.mean()) < 2e-3 and float(diff.max()) < 5e-2, (float(diff.mean()), float(diff.max()))
+        assert float(diff.mean()) < max(moved) / 100 and float(diff.max()) < 1e-3, (float(diff.mean()), float(diff.max()))

@@ -311,6 +311,8 @@ def tree_outputs(result, seconds: float = 0.0, weight_steps: tuple = (None, None
             LEAF_REWARD: reward,
             "at2po_duplicate": bool(row.duplicate),
             "reward_extra_info": {k: float(v) for k, v in row.score.metrics.items()},
+            # the tree's sampled tokens, pruned branches included (the same on each of its rows)
+            "at2po_tree_generated_tokens": int(stats.generated_tokens),
             "min_global_steps": weight_steps[0],
             "max_global_steps": weight_steps[1],
         }

@@ -126,6 +126,7 @@ def _dump(step, keys, uids, proto, extra, stock_scores, truths) -> None:
         "keys": list(keys), "uid": list(uids), "tree": list(proto.non_tensor_batch["uid"]),
         NODE_PATH: [e[NODE_PATH] for e in extra], NODE_ENTROPY: [e[NODE_ENTROPY] for e in extra],
         LEAF_REWARD: [e[LEAF_REWARD] for e in extra], "duplicate": [e.get("at2po_duplicate") for e in extra],
+        "tree_generated_tokens": [e.get("at2po_tree_generated_tokens") for e in extra],
         "response_mask": b["response_mask"].cpu(), "token_level_rewards": b["token_level_rewards"].cpu(),
         "stock_rm_scores": stock_scores.cpu(), "advantages": b["advantages"].cpu(),
         "old_log_probs": b["old_log_probs"].cpu(), "rollout_log_probs": b["rollout_log_probs"].cpu(),
