@@ -217,3 +217,10 @@ def test_importing_verl_alone_registers_the_agent_loop_trainer_and_backend():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["at2po.integrations.verl.agent_loop.TreeAgentLoop", "TreeTrainer", "True"]
+
+
+def test_the_verl_server_backend_lives_only_inside_verl(tok):
+    from at2po.rollout.generator import build_generator
+
+    with pytest.raises(ValueError, match="at2po_tree agent loop inside verl"):
+        build_generator("verl_server", torch.nn.Linear(1, 1), tok)

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
 
+from at2po.integrations.verl import NODE_ENTROPY, NODE_PATH
 from at2po.rollout.generator import (
     FINISH_EOS,
     FINISH_LENGTH,
@@ -54,9 +55,6 @@ __all__ = ["TREE_AGENT_LOOP", "LEAF_REWARD", "TreeAgentLoop", "VerlServer", "Ver
 
 TREE_AGENT_LOOP = "at2po_tree"
 LEAF_REWARD = "at2po_leaf_reward"
-# Fields of extra_fields that travel with each row (NODE_PATH / NODE_ENTROPY are imported lazily
-# from the package to avoid a cycle; their names are fixed by docs/verl.md).
-_NODE_PATH, _NODE_ENTROPY = "at2po_node_path", "at2po_node_entropy"
 
 
 @dataclass
@@ -83,13 +81,12 @@ class VerlServerGenerator:
     syncs the servers after each update and seeds them itself.
     """
 
-    def __init__(self, server: VerlServer, tokenizer, *, seed: int = 0) -> None:
+    def __init__(self, server: VerlServer, tokenizer) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError("the tokenizer has no eos_token_id")
         self.server = server
         self.tokenizer = tokenizer
         self.eos_token_id: int = tokenizer.eos_token_id
-        self.calls = 0
         # The servers' weight versions (verl's global step) the requests were served with: verl's
         # trainer reads each row's min/max to measure off-policy staleness.
         self.weight_steps: list[int] = []
@@ -102,7 +99,6 @@ class VerlServerGenerator:
         futures = [None if limit == 0 else
                    asyncio.run_coroutine_threadsafe(self._generate_one(ctx, params, limit), self.server.loop)
                    for ctx, limit in zip(contexts, limits)]
-        self.calls += 1
         return [Generation([], [], FINISH_LENGTH) if f is None else f.result() for f in futures]
 
     async def _generate_one(self, context: list[int], params: SamplingParams, limit: int) -> Generation:
@@ -157,11 +153,12 @@ def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
 
 @register_backend("verl_server")
 def _verl_server_backend(server: VerlServer, tokenizer, *, seed: int = 0) -> VerlServerGenerator:
-    # ``model`` of the builder contract is the handle on verl's servers: the policy lives there.
+    # ``model`` of the builder contract is the handle on verl's servers: the policy lives there,
+    # and so does the sampling seed (``actor_rollout_ref.rollout.seed``): ``seed`` is unused.
     if not isinstance(server, VerlServer):
         raise ValueError("rollout.backend=verl_server generates through verl's LLM servers: it is built by the "
                          "at2po_tree agent loop inside verl (docs/verl.md), not by at2po's own trainer")
-    return VerlServerGenerator(server, tokenizer, seed=seed)
+    return VerlServerGenerator(server, tokenizer)
 
 
 # -- configuration -----------------------------------------------------------------------------------
@@ -236,9 +233,11 @@ class TreeAgentLoop(AgentLoopBase):
 
         cfg, task, tools = load_tree_setup(self.config)
         _check_verl_settings(self.config, cfg)
+        # verl asks for validation with temperature 0: at2po's validation (one greedy chain)
         validate = float(sampling_params.get("temperature", 1.0)) == 0.0
         rollout_cfg = replace(
             cfg.rollout, backend="verl_server",
+            # validation is greedy whatever the temperature, which must stay > 0 in the config
             temperature=float(sampling_params.get("temperature", cfg.rollout.temperature)) or cfg.rollout.temperature,
             top_p=float(sampling_params.get("top_p", cfg.rollout.top_p)),
             seed=tree_seed(cfg.rollout.seed, kwargs.get("uid", ""), kwargs.get("session_id", 0)),
@@ -306,8 +305,8 @@ def tree_outputs(result, seconds: float = 0.0, weight_steps: tuple = (None, None
         reward = float(row.score.reward)
         path = [int(n) for n in seq.path]
         extra = {
-            _NODE_PATH: path,
-            _NODE_ENTROPY: [0.0] + [float(tree.nodes[n].entropy) for n in path[1:]],
+            NODE_PATH: path,
+            NODE_ENTROPY: [0.0] + [float(tree.nodes[n].entropy) for n in path[1:]],
             LEAF_REWARD: reward,
             "at2po_duplicate": bool(row.duplicate),
             "reward_extra_info": {k: float(v) for k, v in row.score.metrics.items()},

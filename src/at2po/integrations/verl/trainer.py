@@ -91,10 +91,8 @@ class TreeTrainer(PPOTrainerSync):
         proto.batch["token_level_scores"] = scores
         proto.batch["token_level_rewards"] = scores
         proto.non_tensor_batch["uid"] = tree_ids_from_keys(batch.keys)
-        proto.non_tensor_batch[NODE_PATH] = np.array([np.asarray(e[NODE_PATH], dtype=np.int64) for e in extra] + [None],
-                                                     dtype=object)[:-1]
-        proto.non_tensor_batch[NODE_ENTROPY] = np.array([np.asarray(e[NODE_ENTROPY], dtype=np.float64) for e in extra]
-                                                        + [None], dtype=object)[:-1]
+        proto.non_tensor_batch[NODE_PATH] = _object_rows([np.asarray(e[NODE_PATH], dtype=np.int64) for e in extra])
+        proto.non_tensor_batch[NODE_ENTROPY] = _object_rows([np.asarray(e[NODE_ENTROPY], dtype=np.float64) for e in extra])
 
         # Rollout correction as verl's own step does it (decoupled mode only).
         corr = self.config.algorithm.get("rollout_correction", None)
@@ -116,6 +114,15 @@ class TreeTrainer(PPOTrainerSync):
                 fields.append("rollout_is_weights")
         out = TensorDict({f: response_to_nested(proto.batch[f], nested_mask) for f in fields}, batch_size=len(batch))
         return tq.kv_batch_put(keys=batch.keys, partition_id=batch.partition_id, fields=out)
+
+
+def _object_rows(arrays: list[np.ndarray]) -> np.ndarray:
+    """A 1-D object array holding one array per row (``np.array`` of equal-length arrays would
+    make a 2-D array instead, which DataProto's row indexing would not keep per row)."""
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
 
 
 def _dump(step, keys, uids, proto, extra, stock_scores, truths) -> None:
