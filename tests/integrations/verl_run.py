@@ -19,9 +19,11 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -144,7 +146,7 @@ def verl_command(root: Path, steps: int) -> list[str]:
     ]
 
 
-def verl_env(root: Path) -> dict[str, str]:
+def verl_env(root: Path, ray_tmp: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update({
         "PYTHONPATH": os.pathsep.join(p for p in (str(HERE), env.get("PYTHONPATH", "")) if p),
@@ -153,7 +155,8 @@ def verl_env(root: Path) -> dict[str, str]:
         "AT2PO_VERL_DUMP_DIR": str(root / "dump"),
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
         "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2", "RAY_DEDUP_LOGS": "0",
-        "RAY_TMPDIR": str(root / "ray"),
+        # Ray's socket paths must stay under 108 bytes: a short folder of its own, not the run's
+        "RAY_TMPDIR": str(ray_tmp),
     })
     return env
 
@@ -162,17 +165,20 @@ def launch(root: Path, steps: int = 3, timeout: float = 540) -> tuple[int, float
     """Run main_ppo in its own process group, bounded by ``timeout``; on the way out the whole
     group (Ray's raylet, workers, vLLM) is killed by its id. Returns (rc, seconds, log path)."""
     log = root / "main_ppo.log"
-    (root / "ray").mkdir(parents=True, exist_ok=True)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
     t0 = time.monotonic()
-    with open(log, "w") as out:
-        proc = subprocess.Popen(verl_command(root, steps), stdout=out, stderr=subprocess.STDOUT, env=verl_env(root),
-                                cwd=root, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = 124
-        finally:
-            _kill_group(proc.pid)
+    try:
+        with open(log, "w") as out:
+            proc = subprocess.Popen(verl_command(root, steps), stdout=out, stderr=subprocess.STDOUT,
+                                    env=verl_env(root, ray_tmp), cwd=root, start_new_session=True)
+            try:
+                rc = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                rc = 124
+            finally:
+                _kill_group(proc.pid)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
     return rc, time.monotonic() - t0, log
 
 
