@@ -7,7 +7,7 @@ go to verl's LLM servers through the agent loop's ``server_manager``.
 
 **Sync engine, async loop.** The engine is synchronous and verl's agent loops are coroutines on
 one event loop per agent-loop worker, shared by every prompt of the batch. ``run()`` therefore
-runs the engine in a worker thread (``asyncio.to_thread``); the generator, called in that thread,
+runs the engine in a worker thread of its own (one per tree); the generator, called in that thread,
 submits one ``server_manager.generate`` coroutine per context to the agent loop's event loop
 (``asyncio.run_coroutine_threadsafe``) and blocks its own thread on their results. The event loop
 never blocks: while one tree waits for its turns, the other trees' requests and verl's own work
@@ -33,6 +33,7 @@ import asyncio
 import time
 import uuid
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -223,6 +224,19 @@ def tree_seed(base: int, *names: Any) -> int:
 
 
 # -- the agent loop ----------------------------------------------------------------------------------
+_TREE_THREADS: ThreadPoolExecutor | None = None
+
+
+def _tree_threads() -> ThreadPoolExecutor:
+    """One thread per tree being grown in this process. Not the event loop's default executor
+    (min(32, CPUs + 4) threads): its trees would wait for a free thread instead of sending their
+    requests, and vLLM would see smaller batches. The threads mostly wait on the servers."""
+    global _TREE_THREADS
+    if _TREE_THREADS is None:
+        _TREE_THREADS = ThreadPoolExecutor(max_workers=512, thread_name_prefix="at2po-tree")
+    return _TREE_THREADS
+
+
 @register(TREE_AGENT_LOOP)
 class TreeAgentLoop(AgentLoopBase):
     """Grows one AT²PO tree per ``run()`` and returns one ``AgentLoopOutput`` per leaf (N of them,
@@ -251,9 +265,11 @@ class TreeAgentLoop(AgentLoopBase):
         prompt = engine.prompt(sample_from_row(kwargs))
         if len(prompt.prompt_ids) > self.rollout_config.prompt_length:
             raise ValueError(f"the tree's prompt has {len(prompt.prompt_ids)} tokens but "
-                             f"actor_rollout_ref.rollout.prompt_length={self.rollout_config.prompt_length}: raise it")
+                             f"actor_rollout_ref.rollout.prompt_length={self.rollout_config.prompt_length}: "
+                             "raise data.max_prompt_length")
         t0 = time.perf_counter()
-        result = await asyncio.to_thread(engine.validate if validate else engine.rollout, [prompt])
+        grow = engine.validate if validate else engine.rollout
+        result = await asyncio.get_running_loop().run_in_executor(_tree_threads(), grow, [prompt])
         seconds = time.perf_counter() - t0
         steps = generator.weight_steps
         return tree_outputs(result, seconds, (min(steps), max(steps)) if steps else (None, None))
