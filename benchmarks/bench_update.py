@@ -17,7 +17,7 @@ Each configuration runs the same rows through ``response_log_probs`` + the ATPO 
 micro-batch by micro-batch as the trainer plans them, and prints the tokens its forwards process,
 its wall time (best of ``--repeats``, configurations interleaved) and the ratios to the per-row
 baseline. Peak memory is measured in a fresh subprocess per configuration: the growth of the
-process's peak RSS (ru_maxrss) over what model and batch already hold.
+process's peak RSS (Linux VmHWM, reset just before the call) over what model and batch hold.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -97,12 +96,12 @@ def paper_trees(n_trees: int, seed: int = 0, prompt_len: int = 500, chains: int 
 # The per-row baselines run one row per micro-batch: no padding (the fewest tokens a per-row
 # update can run) and full logits that fit this machine (4 rows of ~2.7k tokens would need ~16 GB).
 CONFIGS = {
-    # name: (gradient checkpointing, prompt sharing, chunk tokens, tree packing, micro-batch rows, token budget)
-    "per-row, full logits (today, paper config)": (True, False, 0, False, 1, 0),
-    "per-row, chunked": (True, False, 1024, False, 1, 0),
-    "prompt-shared, chunked (no ckpt)": (False, True, 1024, False, 4, 0),
-    "tree-shared, full logits": (True, False, 0, True, 0, 4096),
-    "tree-shared, chunked": (True, False, 1024, True, 0, 8192),
+    # key: (label, gradient checkpointing, prompt sharing, chunk tokens, tree packing, micro-batch rows, token budget)
+    "rows-full": ("per-row, full logits (today, paper config)", True, False, 0, False, 1, 0),
+    "rows-chunked": ("per-row, chunked", True, False, 1024, False, 1, 0),
+    "prompt-chunked": ("prompt-shared, chunked (no ckpt)", False, True, 1024, False, 4, 0),
+    "tree-full": ("tree-shared, full logits", True, False, 0, True, 0, 4096),
+    "tree-chunked": ("tree-shared, chunked", True, False, 1024, True, 0, 8192),
 }
 
 
@@ -115,7 +114,7 @@ def plan(batch: TrainBatch, rows_per_micro: int, budget: int, packed: bool) -> l
 
 def run_update(model, batch: TrainBatch, config) -> tuple[int, float]:
     """One forward + backward over the batch's micro-batches; (forward tokens, seconds)."""
-    _, share, chunk, packed, rows_per_micro, budget = config
+    _, _, share, chunk, packed, rows_per_micro, budget = config
     micros = plan(batch, rows_per_micro, budget, packed)
     tokens = sum(forward_tokens([batch.sequences[r] for r in m], packed) for m in micros)
     n_trained = float(batch.response_mask.sum())
@@ -128,6 +127,18 @@ def run_update(model, batch: TrainBatch, config) -> tuple[int, float]:
                               clip_low=3e-3, clip_high=4e-3, turn_ids=micro.turn_ids, agg="token-mean")
         (loss * float(micro.response_mask.sum()) / n_trained).backward()  # the trainer's token-mean weights
     return tokens, time.perf_counter() - t0
+
+
+def proc_status_kib(field: str) -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Linux: set this process's peak RSS (VmHWM) to its current RSS and return that, in KiB.
+    (ru_maxrss cannot be reset, and a child inherits its parent's through exec.)"""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status_kib("VmRSS")
 
 
 def memory_child(args) -> None:
@@ -144,11 +155,11 @@ def memory_child(args) -> None:
     # Warm up kernels and allocator on a small call, then take the baseline high-water mark.
     response_log_probs(model, batch.rows([0]), 1.0, chunk_tokens=min(chunk, 16) or 16).sum().backward()
     model.zero_grad(set_to_none=True)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    before = reset_peak_rss()
     t0 = time.perf_counter()
     response_log_probs(model, batch, 1.0, share_prefix=False, chunk_tokens=chunk).sum().backward()
     seconds = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = proc_status_kib("VmHWM")
     print(json.dumps({"name": name, "rows": rows, "resp": resp, "chunk": chunk,
                       "peak_growth_mib": (after - before) / 1024, "seconds": seconds}))
 
@@ -167,10 +178,12 @@ def main() -> None:
     ap.add_argument("--trees", type=int, default=2)
     ap.add_argument("--width", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--configs", default="rows-full,rows-chunked,tree-chunked",
+                    help=f"comma-separated, of {', '.join(CONFIGS)} (the first is the baseline)")
     ap.add_argument("--only", choices=["time", "memory"])
     ap.add_argument("--memory-rows", type=int, default=4)
-    ap.add_argument("--memory-resp", default="1024,2048,4096", help="response lengths for the memory table")
-    ap.add_argument("--memory-full-max", type=int, default=2048,
+    ap.add_argument("--memory-resp", default="1024,4096", help="response lengths for the memory table")
+    ap.add_argument("--memory-full-max", type=int, default=1024,
                     help="longest response the full-logits path is measured at (it needs ~5 GiB per 1k x 4 rows)")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -184,30 +197,32 @@ def main() -> None:
         print(f"{args.trees} paper-shaped trees: {len(batch.sequences)} rows, response tokens mean "
               f"{np.mean(lengths):.0f} (min {min(lengths)}, max {max(lengths)}), row tokens "
               f"{sum(map(len, batch.sequences))}")
-        models = {ckpt: paper_model(args.width, checkpointing=ckpt) for ckpt in (True, False)}
+        chosen = args.configs.split(",")
+        unknown = [c for c in chosen if c not in CONFIGS]
+        if unknown:
+            ap.error(f"--configs: unknown {unknown}; choose from {', '.join(CONFIGS)}")
+        models = {ckpt: paper_model(args.width, checkpointing=ckpt) for ckpt in {CONFIGS[c][1] for c in chosen}}
         best: dict[str, float] = {}
         tokens: dict[str, int] = {}
         for _ in range(args.repeats):
-            for name, config in CONFIGS.items():
-                n, s = run_update(models[config[0]], batch, config)
-                tokens[name], best[name] = n, min(best.get(name, float("inf")), s)
-                print(f"  {name}: {n} tokens, {s:.1f} s", flush=True)
-        base = "per-row, full logits (today, paper config)"
-        print(f"\n| configuration | forward tokens | tokens / per-row | wall (best of {args.repeats}) | wall / per-row |")
+            for key in chosen:
+                n, s = run_update(models[CONFIGS[key][1]], batch, CONFIGS[key])
+                tokens[key], best[key] = n, min(best.get(key, float("inf")), s)
+                print(f"  {CONFIGS[key][0]}: {n} tokens, {s:.1f} s (load average {os.getloadavg()[0]:.1f})", flush=True)
+        base = chosen[0]
+        print(f"\n| configuration | forward tokens | tokens / {base} | wall (best of {args.repeats}) | wall / {base} |")
         print("|---|---|---|---|---|")
-        for name in CONFIGS:
-            print(f"| {name} | {tokens[name]} | {tokens[name] / tokens[base]:.3f} | {best[name]:.1f} s | "
-                  f"{best[name] / best[base]:.3f} |")
-        pc, tc = "per-row, chunked", "tree-shared, chunked"
-        print(f"\ntree-shared vs per-row, both chunked: tokens {tokens[tc] / tokens[pc]:.3f}, wall {best[tc] / best[pc]:.3f}")
-        print(f"load average after: {os.getloadavg()}")
+        for key in chosen:
+            print(f"| {CONFIGS[key][0]} | {tokens[key]} | {tokens[key] / tokens[base]:.3f} | {best[key]:.1f} s | "
+                  f"{best[key] / best[base]:.3f} |")
+        print(f"load average after: {os.getloadavg()}", flush=True)
     if args.only != "time":
         print(f"\npeak RSS growth of the log-prob path, {args.memory_rows} rows x (256 prompt + R response) tokens, V={V}:")
-        print("| response tokens R | full logits | chunked (1024) | chunked (256) |")
-        print("|---|---|---|---|")
+        print("| response tokens R | full logits | chunked (1024) |")
+        print("|---|---|---|")
         for resp in map(int, args.memory_resp.split(",")):
             cells = []
-            for chunk in (0, 1024, 256):
+            for chunk in (0, 1024):
                 if chunk == 0 and resp > args.memory_full_max:
                     cells.append("not run (exceeds this machine's memory)")
                     continue

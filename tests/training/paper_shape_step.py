@@ -26,7 +26,6 @@ the optimizer state; the second step is the measured one. Prints one JSON line.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -112,6 +111,10 @@ def naive_distinct_tokens(sequences) -> int:
     return len(children)
 
 
+def proc_status_kib(field: str) -> int:
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+
+
 def main() -> None:
     root = Path(sys.argv[1])
     reduced = "--reduced" in sys.argv[2:]
@@ -139,11 +142,13 @@ def main() -> None:
     tr.engine.generator = (ScriptedTurns(tr.tokenizer, (20, 50), (1, 4)) if reduced
                            else ScriptedTurns(tr.tokenizer, (40, 100)))
     before_weights = tr.model.get_input_embeddings().weight.detach().clone()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # Linux: peak RSS (VmHWM) := current RSS; ru_maxrss cannot be reset
+    before = proc_status_kib("VmRSS")
     t0 = time.perf_counter()
     metrics = tr.train_step()
     seconds = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = proc_status_kib("VmHWM")
     result = results[-1]
     tree = result.trees[0]
     seqs = [tree.prompt_ids + row.sequence.response_ids.tolist() for row in result.rows]

@@ -1,8 +1,10 @@
 """The update's log-prob path at Qwen3's vocabulary (151,936 tokens) keeps its peak memory to a
 few chunks of logits, not the rows' full (rows x T x V) logits.
 
-Measured in a fresh subprocess as the growth of the peak RSS (ru_maxrss) over what the model and
-batch already hold, after a warm-up call: a bound derived from the chunk size, not a timing.
+Measured in a fresh subprocess as the growth of the peak RSS over what the model and batch already
+hold, after a warm-up call: Linux's VmHWM, reset to the current RSS just before the call (writing 5
+to /proc/self/clear_refs; ru_maxrss would not do: exec keeps the parent's high-water mark). A bound
+derived from the chunk size, not a timing.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ V = 151_936
 ROWS, PROMPT, RESPONSE, CHUNK, WIDTH = 2, 128, 1024, 128, 64
 
 CHILD = f"""
-import json, resource, torch
+import json, torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 from at2po.training.logprobs import sequence_logprobs
 torch.manual_seed(0)
@@ -31,10 +33,13 @@ def call(rows, chunk, packed):
     sum(lp.sum() for lp in lps).backward()
     model.zero_grad(set_to_none=True)
 call([s[:{PROMPT} + 32] for s in seqs], 16, MODE)  # warm-up: kernels, allocator, grads' first allocation
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status(field):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(field + ":"))
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # VmHWM := VmRSS
+before = status("VmRSS")
 call(seqs, {CHUNK}, MODE)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"growth_mib": (after - before) / 1024}}))
+print(json.dumps({{"growth_mib": (status("VmHWM") - before) / 1024, "before_mib": before / 1024}}))
 """
 
 
