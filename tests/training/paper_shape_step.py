@@ -38,6 +38,9 @@ from at2po.rollout.generator import Generation
 from at2po.tiny import save_pretrained_dir, synthetic_agent_texts, train_tokenizer
 from at2po.training.trainer import Trainer
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: run as a script, not by pytest
+from conftest import StatelessGenerator  # noqa: E402
+
 V = 151_936
 WORDS = ("river city founded born country capital north south old new king queen bridge tower market "
          "harbour valley mountain forest lake island village castle museum school station garden").split()
@@ -63,7 +66,7 @@ def write_assets(root: Path) -> None:
                                 "golden_answers": ["river"]}) + "\n")
 
 
-class ScriptedTurns:
+class ScriptedTurns(StatelessGenerator):
     """Writes each turn as described in the module docstring; ``words`` scales the think blocks."""
 
     def __init__(self, tokenizer, words: tuple[int, int], searches: tuple[int, int] = (2, 5)):
@@ -90,15 +93,6 @@ class ScriptedTurns:
             lps = (-self.rng.uniform(0.05, 3.0) * self.rng.uniform(0.5, 1.5, len(ids))).tolist()
             out.append(Generation(ids, lps, finish, "</search>" if finish == "stop" else None))
         return out
-
-    def load_weights(self, model):
-        pass
-
-    def get_rng_state(self):
-        return None
-
-    def set_rng_state(self, state):
-        pass
 
 
 def naive_distinct_tokens(sequences) -> int:
