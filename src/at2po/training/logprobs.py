@@ -53,9 +53,9 @@ def head_fallback_reason(model: torch.nn.Module) -> str | None:
     if not hasattr(inner, "get_output_embeddings") or inner.get_output_embeddings() is None:
         return "the model has no output head (get_output_embeddings() is None)"
     config = getattr(inner, "config", None)
-    for name, neutral in (("final_logit_softcapping", None), ("logit_scale", None), ("logits_scaling", 1.0)):
+    for name, neutral in (("final_logit_softcapping", None), ("logit_scale", 1.0), ("logits_scaling", 1.0)):
         value = getattr(config, name, None)
-        if value is not None and value != neutral and not (name == "logit_scale" and value == 1.0):
+        if value is not None and value != neutral:
             return f"the model post-processes its logits after the head (config.{name}={value})"
     return None
 

@@ -26,6 +26,7 @@ from at2po.config import Config, config_to_dict, save_config
 from at2po.evaluation.evaluator import evaluate_greedy
 from at2po.factory import build_engine, build_task, build_tools, load_model, load_tokenizer
 from at2po.rollout.engine import RolloutResult
+from at2po.rollout.generator import common_prefix_length
 from at2po.training.distributed import (
     LocalMetrics,
     all_gather_objects,
@@ -184,8 +185,7 @@ def token_budget_micro_batches(sequences: list[list[int]], rows: list[int], budg
         seq = sequences[r]
         if packed:
             prev = sequences[current[-1]] if current else []
-            shared = next((i for i, (a, b) in enumerate(zip(prev, seq)) if a != b), min(len(prev), len(seq)))
-            grown = cost + len(seq) - shared
+            grown = cost + len(seq) - common_prefix_length([prev, seq], min(len(prev), len(seq)))
         else:
             grown = (len(current) + 1) * (len(sequences[current[0]]) if current else len(seq))
         if current and grown > budget:
