@@ -267,12 +267,13 @@ def test_chunked_head_is_exact_in_float64(tie):
 
 
 def test_chunked_head_in_bf16_is_within_bf16_rounding():
-    """bf16 weights. Measured (tied and untied, chunk sizes 1/7/11): values identical, and every
-    gradient identical but the output head's weight (the embedding when tied), within 0.75%
-    (max |Δ| / max |ref|). Why: that gradient is a sum over the scored positions. The full path
-    forms it in one GEMM that accumulates in fp32 and rounds to bf16 once; the chunked path forms
-    one bf16 partial per chunk (in each checkpointed chunk's backward) and autograd adds the
-    partials in bf16, rounding at every addition (8 significant bits: 2^-8 = 0.39% per rounding).
+    """bf16 weights. Measured (tied and untied, chunk sizes 1/7/11; the linear head's fused path):
+    values within 5e-7 (the fp32 log-softmax's rounding), and every gradient identical but the
+    output head's weight (the embedding when tied), within 0.27-0.54% (max |Δ| / max |ref|). Why:
+    that gradient is a sum over the scored positions. The full path forms it in one GEMM that
+    accumulates in fp32 and rounds to bf16 once; the chunked path forms one bf16 GEMM output per
+    chunk, each rounded to bf16 (8 significant bits: 2^-8 = 0.39% per rounding), and adds them in
+    fp32.
     Tolerances: values 2e-2 absolute (1-2 bf16 ulps of a logit of a few nats, should another CPU
     round a slice's GEMM differently), gradients 3% (a few roundings' worth); a shifted position
     or a dropped chunk is an O(1) change."""
@@ -313,11 +314,13 @@ def test_chunked_head_with_a_shared_prompt_prefix_equals_the_reference():
     handle.remove()
 
 
-def test_chunked_token_logprobs_by_hand():
+@pytest.mark.parametrize("bias", [False, True], ids=["linear-head", "module-head"])
+def test_chunked_token_logprobs_by_hand(bias):
     """The chunk loop alone, against log_softmax(head(h) / T)[target] written out, for chunk
-    sizes around the 10 positions (pins (b): a chunk that skips or shifts a position)."""
+    sizes around the 10 positions (pins (b): a chunk that skips or shifts a position), through
+    both paths: the fused linear head and a head's own forward (a head with a bias)."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(8, 23, bias=False)
+    head = torch.nn.Linear(8, 23, bias=bias)
     hidden = torch.randn(10, 8)
     targets = torch.randint(0, 23, (10,))
     want = torch.log_softmax(head(hidden) / 0.9, dim=-1)[torch.arange(10), targets]
@@ -333,6 +336,22 @@ def test_chunked_token_logprobs_by_hand():
         (ref * torch.arange(1.0, 11.0)).sum().backward()
         torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-6, rtol=0)
     assert chunked_token_logprobs(head, hidden[:0], targets[:0], 1.0, 4).shape == (0,)
+
+
+def test_a_head_with_hooks_runs_its_own_forward():
+    """The fused linear head reads the weight directly, which would skip a hook on the head (a
+    user's, or a wrapper's that gathers or reshards the weight): with a forward hook registered the
+    head's forward runs, once per chunk, and the values still equal the reference."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 23, bias=False)
+    hidden, targets = torch.randn(10, 8), torch.randint(0, 23, (10,))
+    want = torch.log_softmax(head(hidden) / 0.9, dim=-1)[torch.arange(10), targets]
+    calls = []
+    handle = head.register_forward_hook(lambda *a: calls.append(1))
+    got = chunked_token_logprobs(head, hidden, targets, 0.9, 4)
+    handle.remove()
+    assert len(calls) == 3  # chunks of 4, 4, 2
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 # == 2. tree packing ===============================================================================
@@ -1243,30 +1262,35 @@ def test_pack_rows_of_no_rows_and_of_empty_rows():
     assert [p.tolist() for p in only_empty.paths] == [[]]
 
 
-def test_the_chunked_head_keeps_no_chunk_logits_for_the_backward():
-    """With gradients on, each chunk is checkpointed: nothing of a chunk's (rows, V) logits is saved
-    for the backward outside the checkpoint (the backward recomputes them), and the gradient is
-    the full logits' one."""
+@pytest.mark.parametrize("bias", [False, True], ids=["linear-head", "module-head"])
+def test_the_chunked_head_keeps_no_chunk_logits_for_the_backward(bias):
+    """With gradients on, nothing of a chunk's (rows, V) logits is saved for the backward (the
+    backward recomputes them): a bias-free linear head through _LinearHeadLogprobs (it saves the
+    hidden states, the weight itself and one log-sum-exp per position), a head with a bias through
+    its own forward in checkpointed chunks. Both gradients equal the full logits' ones."""
     torch.manual_seed(0)
     vocab = 1000
-    head = torch.nn.Linear(8, vocab, bias=False)
+    head = torch.nn.Linear(8, vocab, bias=bias)
     hidden = torch.randn(12, 8, requires_grad=True)
     targets = torch.randint(0, vocab, (12,))
     saved = []
 
     def pack(t):
-        saved.append(t.numel())
+        if t is not head.weight:  # a parameter saved by reference is no new memory
+            saved.append(t.numel())
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         lp = chunked_token_logprobs(head, hidden, targets, 0.9, 4)
     assert max(saved, default=0) < vocab, saved
-    lp.sum().backward()
-    want_h = hidden.grad.clone()
-    hidden.grad = None
+    (lp * torch.arange(1.0, 13.0)).sum().backward()
+    got_h, got_w = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad = head.weight.grad = None
     ref = torch.log_softmax(head(hidden) / 0.9, dim=-1).gather(1, targets[:, None])[:, 0]
-    ref.sum().backward()
-    assert torch.allclose(lp, ref, atol=1e-6) and torch.allclose(want_h, hidden.grad, atol=1e-6)
+    (ref * torch.arange(1.0, 13.0)).sum().backward()
+    torch.testing.assert_close(lp, ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_h, hidden.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(got_w, head.weight.grad, atol=1e-6, rtol=1e-6)  # entries up to ~15
 
 
 def test_a_trainable_head_over_a_frozen_body_gets_its_gradient_through_the_chunked_head():

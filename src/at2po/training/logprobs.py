@@ -77,16 +77,106 @@ def packing_fallback_reason(model: torch.nn.Module) -> str | None:
 
 
 # -- the chunked scoring head --------------------------------------------------------------------
+def _logit_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Log-softmax runs in fp32 at least: bf16/fp16 logits are upcast, a float64 model keeps float64
+    (the returned log-probs are fp32 either way)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _score_chunk(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-    logits = head(hidden).float() / temperature
-    return F.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    logits = head(hidden)
+    logits = logits.to(_logit_dtype(logits.dtype)) / temperature
+    return F.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1).float()
+
+
+class _LinearHeadLogprobs(torch.autograd.Function):
+    """log_softmax((hidden @ weight.T) / temperature)[targets] for a bias-free linear head,
+    ``chunk`` positions at a time, with a hand-written backward.
+
+    Checkpointing the chunks costs, per chunk, a second forward (logits, division, log-softmax)
+    before autograd's own backward of all three, each a pass over a (chunk, V) tensor. Here the
+    forward keeps only each position's log-sum-exp; the backward recomputes the chunk's logits once and turns them in place into
+    d log p(y) / d logits = e_y - softmax, times the incoming gradient g:
+
+        grad_logits = g * (e_y - exp(logits - lse)) / temperature
+        grad_hidden = grad_logits @ W,    grad_W = grad_logits.T @ hidden
+
+    The matmuls run in the weight's dtype, as the module path's autograd runs them; the logits are
+    upcast after the matmul (:func:`_logit_dtype`) there too. grad_W accumulates over chunks in
+    that dtype."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
+                chunk: int) -> torch.Tensor:
+        compute = _logit_dtype(weight.dtype)
+        out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
+        lse = hidden.new_empty(hidden.shape[0], dtype=compute)
+        for begin in range(0, hidden.shape[0], chunk):
+            end = begin + chunk
+            logits = (hidden[begin:end] @ weight.t()).to(compute)
+            if temperature != 1.0:
+                logits.div_(temperature)
+            # log_softmax's own arithmetic, (z_y - max) - log Σ exp(z - max), in the logits' buffer.
+            peak = logits.amax(dim=-1, keepdim=True)
+            shifted = logits.sub_(peak)
+            picked = shifted.gather(1, targets[begin:end, None]).squeeze(1)
+            log_sum = shifted.exp_().sum(dim=-1).log_()
+            out[begin:end] = picked - log_sum
+            lse[begin:end] = peak.squeeze(1) + log_sum
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        temperature, chunk = ctx.temperature, ctx.chunk
+        want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if want_hidden else None
+        compute = _logit_dtype(weight.dtype)
+        grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if want_weight else None
+        for begin in range(0, hidden.shape[0], chunk):
+            end = begin + chunk
+            h, g = hidden[begin:end], grad_out[begin:end].to(compute)
+            logits = (h @ weight.t()).to(compute)
+            if temperature != 1.0:
+                logits.div_(temperature)
+            # softmax * -g, then + g at the target: g * (e_y - softmax), in the logits' buffer.
+            grad = logits.sub_(lse[begin:end, None]).exp_().mul_(-g[:, None])
+            grad.scatter_add_(1, targets[begin:end, None], g[:, None])
+            if temperature != 1.0:
+                grad.div_(temperature)
+            grad = grad.to(weight.dtype)
+            if want_hidden:
+                grad_hidden[begin:end] = grad @ weight
+            if want_weight:
+                grad_weight += (grad.t() @ h).to(compute)
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+        return grad_hidden, grad_weight, None, None, None
+
+
+def _plain_linear_head(head: torch.nn.Module) -> bool:
+    """Whether ``head`` is exactly a bias-free ``nn.Linear`` with a whole weight and no hooks, so
+    that its weight can be used directly (a LoRA-wrapped or FSDP-sharded head, a head with a
+    bias or hooks goes through its own forward instead)."""
+    from torch.distributed.tensor import DTensor
+
+    return (type(head) is torch.nn.Linear and head.bias is None and not isinstance(head.weight, DTensor)
+            and not head._forward_hooks and not head._forward_pre_hooks)
 
 
 def chunked_token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
                            temperature: float, chunk_tokens: int) -> torch.Tensor:
     """log_softmax(head(hidden) / temperature)[targets], (E,) fp32, from ``hidden`` (E, H), computed
-    ``chunk_tokens`` rows at a time; with gradients on, each chunk is checkpointed (its logits are
-    freed after the forward and recomputed in the backward), so at most one chunk's logits live."""
+    ``chunk_tokens`` rows at a time, so at most one chunk's logits live. A plain linear head runs
+    :class:`_LinearHeadLogprobs` (one forward matmul per chunk, its backward recomputes it once);
+    any other head runs its own forward per chunk, checkpointed when gradients are on (its logits
+    are freed after the forward and recomputed in the backward)."""
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    if _plain_linear_head(head):
+        return _LinearHeadLogprobs.apply(hidden, head.weight, targets, temperature, chunk_tokens)
     grad = torch.is_grad_enabled()
     out = []
     for begin in range(0, hidden.shape[0], chunk_tokens):
@@ -95,7 +185,7 @@ def chunked_token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets:
             out.append(checkpoint(partial(_score_chunk, head), h, t, temperature, use_reentrant=False))
         else:
             out.append(_score_chunk(head, h, t, temperature))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(out)
 
 
 class _ScoringHead(torch.nn.Module):
@@ -137,8 +227,9 @@ def _scores(model, inputs: dict, index: torch.Tensor, targets: torch.Tensor, tem
         with _head_swapped(model, scorer):
             return model(**inputs).logits.reshape(-1)
     logits = model(**inputs).logits
-    flat = logits.reshape(-1, logits.shape[-1]).index_select(0, index).float() / temperature
-    return F.log_softmax(flat, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
+    flat = logits.reshape(-1, logits.shape[-1]).index_select(0, index)
+    flat = flat.to(_logit_dtype(flat.dtype)) / temperature
+    return F.log_softmax(flat, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1).float()
 
 
 # -- tree packing --------------------------------------------------------------------------------
