@@ -197,8 +197,9 @@ def verl_cfg(**over):
     ("trainer.v1.trainer_mode", "sync", "trainer.v1.trainer_mode='sync': the at2po_tree agent loop needs "
                                         "trainer.v1.trainer_mode=at2po (the stock trainers give every leaf the last "
                                         "leaf's reward and no tree fields)"),
-    ("actor_rollout_ref.rollout.n", 2, "actor_rollout_ref.rollout.n=2: one at2po_tree run already returns N leaves "
-                                       "(rollout.samples_per_tree of the at2po config); set actor_rollout_ref.rollout.n=1"),
+    ("actor_rollout_ref.rollout.n", 2,
+     "actor_rollout_ref.rollout.n=2: one at2po_tree run already returns N leaves (rollout.samples_per_tree of the "
+     "at2po config); set actor_rollout_ref.rollout.n=1"),
     ("actor_rollout_ref.rollout.response_length", 299,
      "rollout.max_response_tokens=300 of the at2po config exceeds actor_rollout_ref.rollout.response_length=299: verl "
      "would cut the trees' rows; raise response_length or lower max_response_tokens"),
@@ -243,8 +244,10 @@ NO_CONFIG = ("the at2po_tree agent loop needs an at2po config for the tree shape
              "+at2po.config=PATH to the verl command (docs/verl.md)")
 
 
-@pytest.mark.parametrize("verl_config", [OmegaConf.create({"trainer": {}}), OmegaConf.create({"at2po": {"overrides": []}}),
-                                         OmegaConf.create({"at2po": {"config": ""}}), object()])
+@pytest.mark.parametrize("verl_config", [
+    OmegaConf.create({"trainer": {}}), OmegaConf.create({"at2po": {"overrides": []}}),
+    OmegaConf.create({"at2po": {"config": ""}}), object(),
+])
 def test_the_agent_loop_needs_an_at2po_config(verl_config):
     with pytest.raises(ValueError) as err:
         loop_mod.load_tree_setup(verl_config)
@@ -281,7 +284,8 @@ def test_the_verl_server_backend_lives_only_inside_verl(tok):
 
 QUESTION = "Who founded Zorbex?"
 ROW = {  # one verl row as the agent-loop worker hands it to run(): numpy values, as read from parquet
-    "raw_prompt": np.array([{"role": "user", "content": f"Answer with the tools.\nQuestion: {QUESTION}"}], dtype=object),
+    "raw_prompt": np.array([{"role": "user", "content": f"Answer with the tools.\nQuestion: {QUESTION}"}],
+                           dtype=object),
     "data_source": "nq",
     "ability": "fact-reasoning",
     "reward_model": {"style": "rule", "ground_truth": {"target": np.array(["paris", "Paris City"], dtype=object)}},
@@ -425,7 +429,8 @@ def test_run_grows_one_tree_through_the_servers_and_returns_its_leaves(tok, asse
     assert [p.sample for p in prompts] == [SAMPLE]
     assert prompts[0].prompt_ids == render_prompt(tok, f"Question: {QUESTION}", "You answer with the tools.")
     # every request sampled as verl asked
-    assert servers.requests and all((r["temperature"], r["top_p"], r["top_k"]) == (0.7, 0.8, 5) for r in servers.requests)
+    assert servers.requests
+    assert all((r["temperature"], r["top_p"], r["top_k"]) == (0.7, 0.8, 5) for r in servers.requests)
 
     # the same tree grown by the engine directly, from the same script
     direct_servers = ScriptedServers(tok)
@@ -469,7 +474,7 @@ def test_run_without_sampling_settings_uses_the_configs_and_reports_no_weight_ve
     assert [c[0] for c in engine.calls] == ["rollout"]
     assert all((r["temperature"], r["top_p"], r["top_k"]) == (0.9, 0.95, -1) for r in servers.requests)
     assert len(outputs) == 4
-    assert all((o.extra_fields["min_global_steps"], o.extra_fields["max_global_steps"]) == (None, None) for o in outputs)
+    assert all(o.extra_fields["min_global_steps"] is o.extra_fields["max_global_steps"] is None for o in outputs)
 
 
 def test_run_at_temperature_zero_is_one_greedy_chain(tok, assets, spy):
@@ -485,7 +490,7 @@ def test_run_at_temperature_zero_is_one_greedy_chain(tok, assets, spy):
     assert len(servers.requests) == 2, "one chain: search, then answer"
     assert all((r["temperature"], r["top_p"], r["top_k"]) == (0.0, 1.0, -1) for r in servers.requests)
     (out,) = outputs
-    assert out.reward_score == reward_by_hand(tok, out.response_ids) == 1.0, "the script's second reply (request 1) is paris"
+    assert out.reward_score == reward_by_hand(tok, out.response_ids) == 1.0, "the script's request 1 answers paris"
 
 
 def test_run_passes_the_prompt_layout_and_the_default_system_prompt(tok, assets, spy):
