@@ -185,12 +185,15 @@ def main() -> None:
     ap.add_argument("--memory-resp", default="1024,4096", help="response lengths for the memory table")
     ap.add_argument("--memory-full-max", type=int, default=1024,
                     help="longest response the full-logits path is measured at (it needs ~5 GiB per 1k x 4 rows)")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: one per CPU); 1 keeps the ratios steady on a shared machine")
     ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_child:
         return memory_child(args)
-    torch.set_num_threads(os.cpu_count() or 1)
-    print(f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()}, torch {torch.__version__}")
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    print(f"machine: {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, load average "
+          f"{os.getloadavg()}, torch {torch.__version__}")
     if args.only != "memory":
         batch = paper_trees(args.trees)
         lengths = [len(s) - 500 for s in batch.sequences]

@@ -1094,8 +1094,8 @@ def _trainer_stub(**attrs) -> Trainer:
 def test_epoch_plan_by_hand():
     """Trainer._epoch_plan: mini-batches of mini_batch_prompts // processes whole trees (at least 1)
     in the shuffle generator's order; micro-batches of micro_batch_rows rows, or under
-    micro_batch_tokens the planner's (packed or padded as the trainer runs), its rows over the
-    budget counted."""
+    micro_batch_tokens the planner's (packed or padded as the trainer runs; the rows over the
+    budget, each alone, are counted by the update: test_rows_over_a_tiny_token_budget_*, test_rows_over_the_budget_are_counted_once_*)."""
     from types import SimpleNamespace
 
     seqs = [[1] * 4, [2] * 4, [3] * 4, [4] * 4, [5] * 4, [6] * 9]
@@ -1107,18 +1107,17 @@ def test_epoch_plan_by_hand():
     def plan(mini, procs, micro_rows=1, tokens=0, packing=False):
         tc = SimpleNamespace(mini_batch_prompts=mini, micro_batch_rows=micro_rows, micro_batch_tokens=tokens)
         stub = _trainer_stub(cfg=SimpleNamespace(trainer=tc), shuffle_rng=torch.Generator().manual_seed(5),
-                             accelerator=SimpleNamespace(num_processes=procs), tree_packing=packing,
-                             _rows_over_budget=0)
-        return Trainer._epoch_plan(stub, batch, 3), stub._rows_over_budget
+                             accelerator=SimpleNamespace(num_processes=procs), tree_packing=packing)
+        return Trainer._epoch_plan(stub, batch, 3)
 
     first, rest = rows_of(order[:2]), rows_of(order[2:])
-    assert plan(4, 2, micro_rows=3) == ([(first, [first[:3], first[3:]]), (rest, [rest])], 0)
+    assert plan(4, 2, micro_rows=3) == [(first, [first[:3], first[3:]]), (rest, [rest])]
     assert plan(5, 2, micro_rows=2) == plan(4, 2, micro_rows=2)  # 5 // 2 = 2 trees
-    assert plan(3, 2, micro_rows=1)[0] == plan(1, 2, micro_rows=1)[0] == \
+    assert plan(3, 2, micro_rows=1) == plan(1, 2, micro_rows=1) == \
         [(rows_of([t]), [[r] for r in rows_of([t])]) for t in order]  # at least one tree
     everything = [0, 1, 2, 3, 4, 5]
-    assert plan(3, 1, tokens=8, packing=True) == ([(everything, [[0, 1], [2, 3], [4], [5]])], 1)
-    assert plan(3, 1, tokens=8, packing=False) == ([(everything, [[5], [0, 1], [2, 3], [4]])], 1)
+    assert plan(3, 1, tokens=8, packing=True) == [(everything, [[0, 1], [2, 3], [4], [5]])]
+    assert plan(3, 1, tokens=8, packing=False) == [(everything, [[5], [0, 1], [2, 3], [4]])]
 
 
 def test_trainer_log_probs_hands_its_paths_to_the_forward(monkeypatch):

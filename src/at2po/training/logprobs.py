@@ -5,11 +5,14 @@ Two things make this path fit a 151,936-token vocabulary and 22-leaf trees:
 
 * **No full-vocabulary logits.** The model's output head is swapped, for the duration of one
   forward call, for a scoring head that takes the final hidden states of only the positions
-  that score a token, and runs them through the real head in chunks of ``chunk_tokens``
-  positions: logits, /temperature, log-softmax, gather, under activation checkpointing so the
-  backward recomputes each chunk. The path's peak is O(chunk_tokens × V), not O(rows × T × V).
-  The real head module is called (not its weight), so a LoRA-wrapped head, tied embeddings and
-  a head whose parameters FSDP gathers in its forward all work unchanged.
+  that score a token, and runs them through the head in chunks of ``chunk_tokens`` positions:
+  logits, /temperature, log-softmax, gather; the backward recomputes each chunk's logits. The
+  path's peak is O(chunk_tokens × V), not O(rows × T × V). A bias-free ``nn.Linear`` head (Qwen,
+  Llama; tied or not; its weight whole at call time, as under DDP and root-level FSDP2) runs
+  :class:`_LinearHeadLogprobs`, whose hand-written backward recomputes each chunk's logits once
+  and works in place. Any other head (LoRA-wrapped, with a bias or hooks, sharded on its own)
+  is called as a module per chunk under activation checkpointing, so its own forward (an adapter,
+  FSDP's gather) runs as usual.
 * **Tree packing.** The rows of a micro-batch (a tree's leaves repeat the prompt and every turn
   above their branching point) run as ONE packed sequence in which each distinct prefix token
   appears once: a trie over the rows' token sequences. Each token attends to its own ancestors

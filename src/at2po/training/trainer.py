@@ -361,7 +361,6 @@ class Trainer:
         if reason:
             self.chunk_tokens = 0
             say(f"trainer.logprob_chunk_tokens: off for this model ({reason}); full logits are computed")
-        self._rows_over_budget = 0
         # Under FSDP no process holds the whole policy, and the HF generator's forwards differ in
         # number between processes (collectives would hang): it samples from a full, unsharded
         # copy that receives the gathered weights after every update.
@@ -585,9 +584,8 @@ class Trainer:
             # An empty mini-batch stays in place (processes align mini-batches by position);
             # pad_plans drops it when it is empty on every process.
             if tc.micro_batch_tokens:
-                micros, over = token_budget_micro_batches(batch.sequences, rows, tc.micro_batch_tokens,
-                                                          self.tree_packing)
-                self._rows_over_budget += over
+                micros, _ = token_budget_micro_batches(batch.sequences, rows, tc.micro_batch_tokens,
+                                                       self.tree_packing)
             else:
                 micros = [rows[m:m + tc.micro_batch_rows] for m in range(0, len(rows), tc.micro_batch_rows)]
             plan.append((rows, micros))
@@ -657,10 +655,10 @@ class Trainer:
         model.train()
         world = acc.num_processes
         fsdp = is_fsdp(acc)
-        self._rows_over_budget = 0
-        plans = [self._epoch_plan(batch, n_trees)]
-        over_budget = self._rows_over_budget  # one epoch's rows, like the forward tokens below
-        plans += [self._epoch_plan(batch, n_trees) for _ in range(tc.ppo_epochs - 1)]
+        plans = [self._epoch_plan(batch, n_trees) for _ in range(tc.ppo_epochs)]
+        # Rows over the token budget (each runs alone): one epoch's, like the forward tokens below.
+        over_budget = sum(len(batch.sequences[r]) > tc.micro_batch_tokens for _, micros in plans[0]
+                          for micro in micros for r in micro) if tc.micro_batch_tokens else 0
         # What one epoch's forwards run (for tokens/s and the packing's saving): counted on the
         # first epoch's plan, before padding.
         forward_total = sum(forward_tokens([batch.sequences[r] for r in micro], self.tree_packing)
