@@ -314,28 +314,114 @@ def test_chunked_head_with_a_shared_prompt_prefix_equals_the_reference():
     handle.remove()
 
 
+@pytest.mark.parametrize("temperature", [0.9, 2.0])
 @pytest.mark.parametrize("bias", [False, True], ids=["linear-head", "module-head"])
-def test_chunked_token_logprobs_by_hand(bias):
+def test_chunked_token_logprobs_by_hand(bias, temperature):
     """The chunk loop alone, against log_softmax(head(h) / T)[target] written out, for chunk
-    sizes around the 10 positions (pins (b): a chunk that skips or shifts a position), through
-    both paths: the fused linear head and a head's own forward (a head with a bias)."""
+    sizes around the 10 positions (pins (b): a chunk that skips or shifts a position), values and
+    both gradients, through both paths: the fused linear head and a head's own forward (a head
+    with a bias). T = 2.0 too: a division skipped at one particular temperature shows."""
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 23, bias=bias)
     hidden = torch.randn(10, 8)
     targets = torch.randint(0, 23, (10,))
-    want = torch.log_softmax(head(hidden) / 0.9, dim=-1)[torch.arange(10), targets]
+    want = torch.log_softmax(head(hidden) / temperature, dim=-1)[torch.arange(10), targets]
     for chunk in (1, 3, 4, 9, 10, 11):
         with torch.no_grad():
-            got = chunked_token_logprobs(head, hidden, targets, 0.9, chunk)
+            got = chunked_token_logprobs(head, hidden, targets, temperature, chunk)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
         h = hidden.clone().requires_grad_()
-        got = chunked_token_logprobs(head, h, targets, 0.9, chunk)
+        head.zero_grad(set_to_none=True)
+        got = chunked_token_logprobs(head, h, targets, temperature, chunk)
         (got * torch.arange(1.0, 11.0)).sum().backward()
+        got_w = head.weight.grad.clone()
+        head.zero_grad(set_to_none=True)
         h_ref = hidden.clone().requires_grad_()
-        ref = torch.log_softmax(head(h_ref) / 0.9, dim=-1)[torch.arange(10), targets]
+        ref = torch.log_softmax(head(h_ref) / temperature, dim=-1)[torch.arange(10), targets]
         (ref * torch.arange(1.0, 11.0)).sum().backward()
         torch.testing.assert_close(h.grad, h_ref.grad, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got_w, head.weight.grad, atol=1e-6, rtol=1e-6)
     assert chunked_token_logprobs(head, hidden[:0], targets[:0], 1.0, 4).shape == (0,)
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["linear-head", "module-head"])
+def test_chunked_head_in_bf16_runs_its_log_softmax_in_fp32(bias):
+    """A bf16 head: the logits are upcast before the log-softmax on both paths, so the values
+    equal log_softmax(head(h).float()) to fp32 rounding, not to bf16's (~1e-2 here), and the
+    hidden states' gradient equals the reference's to a bf16 rounding of its own size."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).to(torch.bfloat16)
+    hidden = (3 * torch.randn(12, 16)).to(torch.bfloat16)
+    targets = torch.randint(0, 50, (12,))
+    h_ref = hidden.clone().requires_grad_()
+    want = torch.log_softmax(head(h_ref).float() / 0.7, dim=-1)[torch.arange(12), targets]
+    (want * torch.arange(1.0, 13.0)).sum().backward()
+    h = hidden.clone().requires_grad_()
+    got = chunked_token_logprobs(head, h, targets, 0.7, 5)
+    (got * torch.arange(1.0, 13.0)).sum().backward()
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want.detach(), atol=1e-5, rtol=0)
+    scale = float(h_ref.grad.float().abs().max())
+    assert float((h.grad.float() - h_ref.grad.float()).abs().max()) <= 2 ** -8 * scale
+
+
+def test_rows_whose_logits_lie_hundreds_of_nats_apart():
+    """Each position's log-softmax is shifted by its own maximum: a chunk in which one position's
+    logits are ~500 nats above another's must not underflow the lower one to -inf (a shift by
+    the chunk's maximum would)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(4, 30, bias=False)
+    hidden = torch.randn(6, 4)
+    hidden[3] *= 300.0
+    targets = torch.randint(0, 30, (6,))
+    want = torch.log_softmax(head.double()(hidden.double()), dim=-1)[torch.arange(6), targets].float()
+    head.float()
+    got = chunked_token_logprobs(head, hidden.requires_grad_(), targets, 1.0, 6)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.detach(), want, atol=1e-4, rtol=1e-6)
+    got.sum().backward()
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(head.weight.grad).all()
+
+
+@pytest.mark.parametrize("kind", ["plain", "bias", "forward-hook", "pre-hook", "subclass", "lora"])
+def test_the_fused_head_is_taken_exactly_for_plain_linear_heads(kind, monkeypatch):
+    """Which path a head takes (both exact; the fused one is the fast one, the module one keeps a
+    head's own forward): a bias-free nn.Linear with no hooks is fused; a bias, a forward or
+    forward-pre hook, a Linear subclass (FSDP2 turns a head sharded on its own into one) or a
+    LoRA-wrapped head run the module per chunk. Counted by spying on both paths."""
+    import at2po.training.logprobs as lp_mod
+
+    calls = {"fused": 0, "module": 0}
+    fused, module = lp_mod._LinearHeadLogprobs.apply, lp_mod._score_chunk
+
+    def spy_fused(*args):
+        calls["fused"] += 1
+        return fused(*args)
+
+    def spy_module(*args):
+        calls["module"] += 1
+        return module(*args)
+
+    monkeypatch.setattr(lp_mod._LinearHeadLogprobs, "apply", spy_fused)
+    monkeypatch.setattr(lp_mod, "_score_chunk", spy_module)
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 23, bias=kind == "bias")
+    if kind == "forward-hook":
+        head.register_forward_hook(lambda *a: None)
+    elif kind == "pre-hook":
+        head.register_forward_pre_hook(lambda *a: None)
+    elif kind == "subclass":
+        head = type("ShardedLinear", (torch.nn.Linear,), {})(8, 23, bias=False)
+    elif kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        wrapped = get_peft_model(torch.nn.Sequential(head), LoraConfig(r=2, target_modules=["0"]))
+        head = wrapped.base_model.model[0]
+    hidden, targets = torch.randn(10, 8), torch.randint(0, 23, (10,))
+    want = torch.log_softmax(head(hidden) / 0.9, dim=-1)[torch.arange(10), targets]
+    got = chunked_token_logprobs(head, hidden, targets, 0.9, 4)
+    torch.testing.assert_close(got, want.detach(), atol=1e-6, rtol=0)
+    assert calls == ({"fused": 1, "module": 0} if kind == "plain" else {"fused": 0, "module": 3}), calls
 
 
 def test_a_head_with_hooks_runs_its_own_forward():
@@ -1292,17 +1378,25 @@ def test_the_chunked_head_keeps_no_chunk_logits_for_the_backward(bias):
     torch.testing.assert_close(got_w, head.weight.grad, atol=1e-6, rtol=1e-6)  # entries up to ~15
 
 
-def test_a_trainable_head_over_a_frozen_body_gets_its_gradient_through_the_chunked_head():
+@pytest.mark.parametrize("bias", [False, True], ids=["linear-head", "module-head"])
+def test_a_trainable_head_over_a_frozen_body_gets_its_gradient_through_the_chunked_head(bias):
     """Only the (untied) output head trains, so the hidden states entering the chunked head need no
     gradient: the head's gradient must still come out, equal to the full-logits reference, padded
-    and packed (a re-entrant checkpoint would lose it)."""
+    and packed, through the fused head and through a head with a bias (its checkpointed module
+    path: a re-entrant checkpoint would lose it)."""
     model = tiny_lm(tie=False)
+    if bias:
+        with torch.no_grad():
+            head = torch.nn.Linear(model.lm_head.in_features, model.lm_head.out_features, bias=True)
+            head.weight.copy_(model.lm_head.weight)
+            head.bias.copy_(torch.linspace(-1.0, 1.0, head.out_features))
+        model.lm_head = head
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("lm_head"))
     seqs, starts = CHUNK_SEQS, CHUNK_STARTS
     w = token_weights(seqs, starts)
     ref_v, ref_g = values_and_grads(model, lambda: naive_logprobs(model, seqs, starts, 0.7), w)
-    assert list(ref_g) == ["lm_head.weight"]
+    assert list(ref_g) == (["lm_head.weight", "lm_head.bias"] if bias else ["lm_head.weight"])
     for packing in (False, True):
         v, g = values_and_grads(
             model, lambda: sequence_logprobs(model, seqs, starts, 0.7, chunk_tokens=4, tree_packing=packing), w)
