@@ -98,20 +98,26 @@ class _LinearHeadLogprobs(torch.autograd.Function):
 
     Checkpointing the chunks costs, per chunk, a second forward (logits, division, log-softmax)
     before autograd's own backward of all three, each a pass over a (chunk, V) tensor. Here the
-    forward keeps only each position's log-sum-exp; the backward recomputes the chunk's logits once and turns them in place into
-    d log p(y) / d logits = e_y - softmax, times the incoming gradient g:
+    forward keeps only each position's log-sum-exp; the backward recomputes the chunk's logits
+    once and turns them in place into d log p(y) / d logits = e_y - softmax, times the incoming
+    gradient g:
 
         grad_logits = g * (e_y - exp(logits - lse)) / temperature
         grad_hidden = grad_logits @ W,    grad_W = grad_logits.T @ hidden
 
-    The matmuls run in the weight's dtype, as the module path's autograd runs them; the logits are
-    upcast after the matmul (:func:`_logit_dtype`) there too. grad_W accumulates over chunks in
-    that dtype."""
+    The matmuls run in the dtype the forward's product had (the weight's, or autocast's: the
+    backward runs outside autocast, so it casts to that dtype itself), as the module path's
+    autograd runs them; the logits are upcast after the matmul (:func:`_logit_dtype`) there too.
+    grad_W accumulates over chunks in that dtype."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, temperature: float,
                 chunk: int) -> torch.Tensor:
-        compute = _logit_dtype(weight.dtype)
+        # The product's dtype: the weight's, or autocast's when the model runs under it.
+        product = torch.result_type(hidden, weight)
+        if torch.is_autocast_enabled(hidden.device.type):
+            product = torch.get_autocast_dtype(hidden.device.type)
+        compute = _logit_dtype(product)
         out = hidden.new_empty(hidden.shape[0], dtype=torch.float32)
         lse = hidden.new_empty(hidden.shape[0], dtype=compute)
         for begin in range(0, hidden.shape[0], chunk):
@@ -127,21 +133,22 @@ class _LinearHeadLogprobs(torch.autograd.Function):
             out[begin:end] = picked - log_sum
             lse[begin:end] = peak.squeeze(1) + log_sum
         ctx.save_for_backward(hidden, weight, targets, lse)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.product = temperature, chunk, product
         return out
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         hidden, weight, targets, lse = ctx.saved_tensors
-        temperature, chunk = ctx.temperature, ctx.chunk
+        temperature, chunk, product = ctx.temperature, ctx.chunk, ctx.product
         want_hidden, want_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if want_hidden else None
-        compute = _logit_dtype(weight.dtype)
+        compute = _logit_dtype(product)
+        w = weight.to(product)
+        grad_hidden = hidden.new_empty(hidden.shape, dtype=product) if want_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=compute, device=weight.device) if want_weight else None
         for begin in range(0, hidden.shape[0], chunk):
             end = begin + chunk
-            h, g = hidden[begin:end], grad_out[begin:end].to(compute)
-            logits = (h @ weight.t()).to(compute)
+            h, g = hidden[begin:end].to(product), grad_out[begin:end].to(compute)
+            logits = (h @ w.t()).to(compute)
             if temperature != 1.0:
                 logits.div_(temperature)
             # softmax * -g, then + g at the target: g * (e_y - softmax), in the logits' buffer.
@@ -149,11 +156,14 @@ class _LinearHeadLogprobs(torch.autograd.Function):
             grad.scatter_add_(1, targets[begin:end, None], g[:, None])
             if temperature != 1.0:
                 grad.div_(temperature)
-            grad = grad.to(weight.dtype)
+            grad = grad.to(product)
             if want_hidden:
-                grad_hidden[begin:end] = grad @ weight
+                grad_hidden[begin:end] = grad @ w
             if want_weight:
                 grad_weight += (grad.t() @ h).to(compute)
+        # Each input's gradient in its own dtype (the product's under autocast, as autograd would).
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.to(hidden.dtype)
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
         return grad_hidden, grad_weight, None, None, None
